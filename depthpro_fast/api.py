@@ -1,0 +1,91 @@
+"""``load()``: the drop-in for the official ``create_model_and_transforms``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import backends, checkpoint as ckpt
+from .config import DepthProConfig, resolve_config
+from .inference import Transform
+from .model import DepthPro
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} not supported; torch.float32, torch.float16 or "
+                         "torch.bfloat16")
+    return dtype
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"invalid device {device!r}; e.g. 'cpu', 'cuda', 'cuda:1'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+def build_model(config: DepthProConfig, *, use_fov: bool = True,
+                device: torch.device | str = "meta") -> DepthPro:
+    """An un-loaded model (random init, or no storage at all on ``meta``)."""
+    with torch.device(device):
+        return DepthPro(config, use_fov=use_fov)
+
+
+def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "auto", *,
+         config: DepthProConfig | Mapping[str, Any] | str | os.PathLike | None = None,
+         device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32,
+         backend: str = "auto", use_fov: bool = True) -> tuple[DepthPro, Transform]:
+    """Build DepthPro, load weights and return ``(model, transform)``.
+
+    ``checkpoint``: a path to Apple's ``depth_pro.pt`` (or a ``.safetensors`` in the same key
+    layout, or an in-memory state dict); ``"auto"`` searches ``$DEPTHPRO_CHECKPOINT``,
+    ``./checkpoints/depth_pro.pt`` and the user cache; ``None`` builds random weights.
+    ``config``: a ``DepthProConfig``, a dict of knobs, a preset name or a JSON file path
+    (default: the official model). ``device`` defaults to CUDA when available. The model is
+    returned in eval mode.
+    """
+    cfg = resolve_config(config)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    backend = backends.check_backend(backend)
+    if not isinstance(use_fov, bool):
+        raise TypeError(f"use_fov must be True or False, got {use_fov!r}")
+
+    if checkpoint is None:
+        model = build_model(cfg, use_fov=use_fov, device=dev).to(dtype=dt)
+    else:
+        if isinstance(checkpoint, Mapping):
+            state_dict, source = dict(checkpoint), "(in-memory state dict)"
+        elif isinstance(checkpoint, (str, os.PathLike)):
+            path = ckpt.find_checkpoint() if checkpoint == "auto" else Path(checkpoint)
+            state_dict, source = ckpt.read_state_dict(path), str(path)
+        else:
+            raise TypeError("checkpoint must be 'auto', None, a path or a state dict, got "
+                            f"{type(checkpoint).__name__}")
+        model = build_model(cfg, use_fov=use_fov, device="meta")
+        ckpt.check_keys(model.state_dict(), state_dict, cfg, use_fov, source)
+        wanted = model.state_dict().keys()
+        state_dict = {k: v for k, v in state_dict.items() if k in wanted}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model = model.to(device=dev, dtype=dt)
+    model.eval()
+    model.set_backend(backend)
+    return model, Transform(dev, dt)

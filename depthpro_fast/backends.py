@@ -1,0 +1,153 @@
+"""Backends and per-op dispatch.
+
+A backend chooses the implementation of every op (`depthpro_fast/ops/`):
+
+- ``reference``: pure PyTorch, any device; the correctness baseline.
+- ``triton``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+- ``cuda``: the optional C++/CUDA extension ``depthpro_fast._C`` (CUDA tensors).
+- ``auto``: per op, the fastest implementation available for the tensor's device, falling back
+  to the next one with the reason recorded (see :func:`fallback_log`).
+
+Op files register their implementations with :func:`register`; implementations are loaded
+lazily so that importing the package never imports Triton or the extension.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("reference", "triton", "cuda", "auto")
+# Preference order of "auto" on a CUDA device (fastest first). On CPU "auto" is the reference.
+AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+
+# op name -> backend -> zero-argument loader returning the implementation callable
+_REGISTRY: dict[str, dict[str, Callable[[], Callable[..., Any]]]] = {}
+_LOADED: dict[tuple[str, str], Callable[..., Any]] = {}
+_FALLBACKS: dict[tuple[str, str], str] = {}
+_LOCK = threading.Lock()
+
+
+def register(op: str, backend: str, loader: Callable[[], Callable[..., Any]]) -> None:
+    """Register a lazily loaded implementation of ``op`` for ``backend``."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"cannot register backend {backend!r}; one of {BACKENDS[:3]}")
+    _REGISTRY.setdefault(op, {})[backend] = loader
+
+
+def check_backend(backend: str | None) -> str:
+    """Validate a backend name (None means ``auto``)."""
+    if backend is None:
+        return "auto"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+    return backend
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_status(device: torch.device | None = None) -> tuple[bool, str | None]:
+    """Whether Triton kernels can run on ``device`` (None: on any device), and why not."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if device is not None and device.type == "cpu":
+        if not triton_interpreting():
+            return False, "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
+        return True, None
+    if device is not None and device.type != "cuda":
+        return False, f"Triton kernels need a CUDA device, got {device.type}"
+    if device is None and not torch.cuda.is_available() and not triton_interpreting():
+        return False, "no CUDA device (on CPU Triton needs TRITON_INTERPRET=1)"
+    return True, None
+
+
+def cuda_status(device: torch.device | None = None) -> tuple[bool, str | None]:
+    """Whether the CUDA extension can run on ``device`` (None: on any device), and why not."""
+    if _ext.load() is None:
+        return False, _ext.unavailable_reason()
+    if device is not None and device.type != "cuda":
+        return False, f"the CUDA extension needs CUDA tensors, got {device.type}"
+    if device is None and not torch.cuda.is_available():
+        return False, "the CUDA extension is built but no CUDA device is visible"
+    return True, None
+
+
+def backend_status(backend: str, device: torch.device | None = None) -> tuple[bool, str | None]:
+    if backend == "reference" or backend == "auto":
+        return True, None
+    if backend == "triton":
+        return triton_status(device)
+    if backend == "cuda":
+        return cuda_status(device)
+    raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+
+
+def _load(op: str, backend: str) -> Callable[..., Any]:
+    key = (op, backend)
+    fn = _LOADED.get(key)
+    if fn is None:
+        with _LOCK:
+            fn = _LOADED.get(key)
+            if fn is None:
+                fn = _REGISTRY[op][backend]()
+                _LOADED[key] = fn
+    return fn
+
+
+def implementation(op: str, backend: str | None, device: torch.device) -> Callable[..., Any]:
+    """The implementation of ``op`` to run for ``backend`` on ``device``.
+
+    An explicit backend that cannot run raises ``RuntimeError`` saying why; ``auto`` falls back
+    and records why (``fallback_log``).
+    """
+    backend = check_backend(backend)
+    impls = _REGISTRY.get(op)
+    if impls is None:
+        raise KeyError(f"no op named {op!r}")
+    if backend != "auto":
+        if backend not in impls:
+            raise RuntimeError(f"op {op!r} has no {backend!r} implementation "
+                               f"(it has: {', '.join(sorted(impls))})")
+        ok, why = backend_status(backend, device)
+        if not ok:
+            raise RuntimeError(f"backend {backend!r} cannot run op {op!r} on {device}: {why}")
+        return _load(op, backend)
+    order = AUTO_ORDER_CUDA if device.type == "cuda" else ("reference",)
+    for candidate in order:
+        if candidate not in impls:
+            _note_fallback(op, candidate, "not implemented for this op")
+            continue
+        ok, why = backend_status(candidate, device)
+        if not ok:
+            _note_fallback(op, candidate, why or "unavailable")
+            continue
+        if candidate == "cuda" and not _ext.has_op(op):
+            _note_fallback(op, candidate, f"the built extension has no {op!r} kernel")
+            continue
+        try:
+            return _load(op, candidate)
+        except Exception as e:  # a broken optional backend must not break the model
+            _note_fallback(op, candidate, f"failed to load: {e}")
+    return _load(op, "reference")
+
+
+def _note_fallback(op: str, backend: str, why: str) -> None:
+    _FALLBACKS[(op, backend)] = why
+
+
+def fallback_log() -> dict[str, str]:
+    """``{"op/backend": reason}`` for every implementation that ``auto`` had to skip."""
+    return {f"{op}/{b}": why for (op, b), why in sorted(_FALLBACKS.items())}
+
+
+def registered_ops() -> dict[str, tuple[str, ...]]:
+    return {op: tuple(sorted(impls)) for op, impls in sorted(_REGISTRY.items())}

@@ -1,0 +1,156 @@
+"""Finding and reading checkpoints, and strict key checks with readable errors.
+
+Apple's ``depth_pro.pt`` is a pickled dict of fp16 tensors. It is read with
+``torch.load(weights_only=True)`` (never executes code) and memory-mapped where possible.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .config import DepthProConfig
+
+CHECKPOINT_NAME = "depth_pro.pt"
+CHECKPOINT_URL = "https://ml-site.cdn-apple.com/models/depth-pro/depth_pro.pt"
+ENV_VAR = "DEPTHPRO_CHECKPOINT"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, not a state dict, or wrong keys."""
+
+
+def cache_dir() -> Path:
+    """The user cache folder (``$XDG_CACHE_HOME/depthpro_fast`` or ``~/.cache/depthpro_fast``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "depthpro_fast"
+
+
+def search_paths() -> list[tuple[str, Path | None]]:
+    """Where ``checkpoint="auto"`` looks, in order, as (what, path)."""
+    env = os.environ.get(ENV_VAR)
+    return [(f"${ENV_VAR}", Path(env) if env else None),
+            ("official default place", Path("checkpoints") / CHECKPOINT_NAME),
+            ("user cache", cache_dir() / CHECKPOINT_NAME)]
+
+
+def find_checkpoint() -> Path:
+    """The first existing checkpoint of :func:`search_paths`, or a clear error."""
+    looked = []
+    for what, path in search_paths():
+        if path is None:
+            looked.append(f"  {what}: not set")
+            continue
+        if path.is_file():
+            return path
+        looked.append(f"  {what}: {path.resolve()} (not found)")
+    raise FileNotFoundError(
+        "no DepthPro checkpoint found. Looked at:\n" + "\n".join(looked) + "\n"
+        f"Get Apple's weights ({CHECKPOINT_NAME}, 1.9 GB) from {CHECKPOINT_URL} and put the "
+        f"file in one of those places (or set ${ENV_VAR}), or pass checkpoint=PATH; "
+        "checkpoint=None builds random weights.")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.pt`` (torch.save) or ``.safetensors`` file, safely."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the path of the "
+                              f"{CHECKPOINT_NAME} file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            OSError, AttributeError, TypeError, IndexError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            msg = ("it contains objects other than tensors, which are not loaded for safety "
+                   "(weights_only=True)")
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {msg}") from None
+    return _as_state_dict(obj, path)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"reading {path} needs the 'safetensors' package "
+                              "(pip install safetensors)") from None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model"):  # common training-checkpoint wrappers
+            inner = obj.get(wrapper)
+            if isinstance(inner, Mapping) and inner and all(isinstance(k, str) for k in inner):
+                obj = inner
+                break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                       for k, v in obj.items()):
+            return dict(obj)
+    raise CheckpointError(f"{path} is not a DepthPro checkpoint: expected a dict of tensors "
+                          f"(a state dict), got {type(obj).__name__}"
+                          + (" with non-tensor values" if isinstance(obj, Mapping) else ""))
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def guess_config(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A human-readable guess of the knobs a state dict was made with (for error messages)."""
+    prefix = "encoder.patch_encoder."
+    try:
+        e = state_dict[prefix + "cls_token"].shape[-1]
+        depth = len({k.split(".")[3] for k in state_dict if k.startswith(prefix + "blocks.")})
+        hidden = state_dict[prefix + "blocks.0.mlp.fc1.weight"].shape[0]
+        dims = [state_dict[f"encoder.upsample{i}.0.weight"].shape[0] for i in (0, 1, 2)]
+        d = state_dict["decoder.convs.1.weight"].shape[0]
+        dims = [state_dict["encoder.upsample_latent1.0.weight"].shape[0], *dims]
+    except (KeyError, IndexError):
+        return "it does not look like a DepthPro state dict"
+    return (f"its shapes suggest embed_dim={e}, depth={depth}, mlp_ratio={hidden / e:g}, "
+            f"encoder_feature_dims={dims}, decoder_features={d}, "
+            f"FOV network {'present' if any(k.startswith('fov.') for k in state_dict) else 'absent'}")
+
+
+def check_keys(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
+               config: DepthProConfig, use_fov: bool, source: str) -> None:
+    """Raise one ``CheckpointError`` listing missing, unexpected and wrongly shaped keys."""
+    missing = [k for k in model_state if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_state]
+    if not use_fov:  # a checkpoint with an FOV branch loads into a model without one
+        unexpected = [k for k in unexpected if not k.startswith("fov.")]
+    wrong = [f"{k} {list(state_dict[k].shape)} (expected {list(v.shape)})"
+             for k, v in model_state.items() if k in state_dict and state_dict[k].shape != v.shape]
+    not_float = [f"{k} ({state_dict[k].dtype})" for k in model_state
+                 if k in state_dict and not state_dict[k].is_floating_point()]
+    if not (missing or unexpected or wrong or not_float):
+        return
+    parts = [f"checkpoint {source} does not match the model config {config.to_dict()} "
+             f"(use_fov={use_fov}):"]
+    if missing:
+        parts.append(f"  {len(missing)} missing keys: {_short(missing)}")
+    if unexpected:
+        parts.append(f"  {len(unexpected)} unexpected keys: {_short(unexpected)}")
+    if wrong:
+        parts.append(f"  {len(wrong)} keys with wrong shapes: {_short(wrong, 5)}")
+    if not_float:
+        parts.append(f"  {len(not_float)} non-float tensors: {_short(not_float, 5)}")
+    parts.append(f"  ({guess_config(state_dict)}; pass the matching config=)")
+    raise CheckpointError("\n".join(parts))

@@ -1,0 +1,217 @@
+"""Pre-processing (the ``transform``), input checks and ``infer`` (spec §7-8)."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import IMG_SIZE
+
+if TYPE_CHECKING:
+    from .model import DepthPro
+
+INVERSE_DEPTH_RANGE = (1e-4, 1e4)  # clamp of the inverse depth before the reciprocal
+FOV_RANGE_DEG = (1.0, 179.0)  # estimated FOVs outside are clamped (with a warning)
+_INTERPOLATION_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact", "area")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# transform: image -> normalised CHW float tensor
+# ----------------------------------------------------------------------------------------------
+
+
+def image_to_chw_float(image: Any) -> torch.Tensor:
+    """PIL image, HWC numpy array or CHW tensor -> CHW float32 tensor in [0, 1] (ToTensor)."""
+    try:
+        from PIL import Image
+    except ImportError:  # Pillow is a dependency, but keep tensors usable without it
+        Image = None  # type: ignore[assignment]
+    if Image is not None and isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError("numpy images must be HWC with 3 channels (RGB), got shape "
+                             f"{image.shape}")
+        if image.dtype == np.uint8:
+            t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+            return t.to(torch.float32) / 255.0
+        if np.issubdtype(image.dtype, np.floating):
+            # as torchvision's ToTensor: float arrays are taken as already in [0, 1]
+            return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        raise TypeError(f"numpy image dtype {image.dtype} not accepted; uint8 (0..255) or "
+                        "float (0..1)")
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError("tensor images must be CHW with 3 channels (RGB), got shape "
+                             f"{tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            return image.to(torch.float32) / 255.0
+        if image.dtype.is_floating_point:
+            return image.to(torch.float32)
+        raise TypeError(f"tensor image dtype {image.dtype} not accepted; uint8 (0..255) or "
+                        "float (0..1)")
+    raise TypeError("image must be a PIL image, an HWC numpy array or a CHW tensor, got "
+                    f"{type(image).__name__}")
+
+
+class Transform:
+    """The official pre-processing: ToTensor -> device -> ``2x - 1`` (fp32) -> model dtype."""
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        x = image_to_chw_float(image)
+        if x.shape[1] < 1 or x.shape[2] < 1:
+            raise ValueError(f"empty image: shape {tuple(x.shape)}")
+        x = x.to(self.device)
+        x = (x - 0.5) / 0.5  # Normalize(mean 0.5, std 0.5) in float32
+        return x.to(self.dtype)
+
+    def __repr__(self) -> str:
+        return f"Transform(device={self.device}, dtype={self.dtype})"
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------------------------
+
+
+def check_network_input(x: Any, model: DepthPro) -> None:
+    """What ``DepthPro.forward`` accepts: a (B, 3, 1536, 1536) float tensor on the model's
+    device and in its dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"forward expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != 3 or x.shape[2:] != (IMG_SIZE, IMG_SIZE) or x.shape[0] < 1:
+        raise ValueError(f"forward expects a normalised (B, 3, {IMG_SIZE}, {IMG_SIZE}) batch, "
+                         f"got shape {tuple(x.shape)}; use infer() for other sizes")
+    device, dtype = model_device_dtype(model)
+    if x.dtype != dtype:
+        raise TypeError(f"forward expects {dtype} input (the model's dtype), got {x.dtype}")
+    if x.device != device and not (x.device.type == device.type == "cuda"
+                                   and device.index is None):
+        raise ValueError(f"input is on {x.device} but the model is on {device}")
+
+
+def _check_image_batch(x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("infer expects a normalised float tensor (3, H, W) or (B, 3, H, W) "
+                        f"(use the transform returned by load()), got {type(x).__name__}")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"infer expects (3, H, W) or (B, 3, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != 3:
+        raise ValueError(f"infer expects 3 (RGB) channels, got {x.shape[1]} in shape "
+                         f"{tuple(x.shape)}")
+    if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"infer got an empty tensor of shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"infer expects a normalised float tensor (values in [-1, 1]), got "
+                        f"{x.dtype}; pass images through the transform returned by load()")
+    return x
+
+
+def focal_length_tensor(f_px: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """A user's focal length (float, numpy scalar/array or tensor; one value or one per image)
+    -> float32 tensor (B, 1, 1, 1)."""
+    if isinstance(f_px, torch.Tensor):
+        f = f_px.detach().to(device=device, dtype=torch.float32)
+    elif isinstance(f_px, (numbers.Real, np.ndarray, np.generic)) and not isinstance(f_px, bool):
+        try:
+            f = torch.as_tensor(np.asarray(f_px, dtype=np.float64), dtype=torch.float32,
+                                device=device)
+        except (TypeError, ValueError):
+            raise TypeError(f"f_px must be numeric, got {f_px!r}") from None
+    else:
+        raise TypeError("f_px must be None, a number, a numpy scalar/array or a tensor, got "
+                        f"{type(f_px).__name__}")
+    if f.numel() not in (1, batch):
+        raise ValueError(f"f_px must hold 1 value or one per image ({batch}), got shape "
+                         f"{tuple(f.shape)}")
+    if not bool(torch.isfinite(f).all()) or bool((f <= 0).any()):
+        raise ValueError(f"f_px must be finite and > 0 (pixels), got {f.flatten().tolist()}")
+    return f.reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1)
+
+
+def focal_from_fov(fov_deg: torch.Tensor, width: int) -> torch.Tensor:
+    """``f = 0.5 W / tan(fov / 2)`` in float32 (W is the original image width)."""
+    fov = fov_deg.to(torch.float32)
+    low, high = FOV_RANGE_DEG
+    bad = ~torch.isfinite(fov) | (fov < low) | (fov > high)
+    if bool(bad.any()):
+        warnings.warn(f"estimated field of view {fov.flatten().tolist()} deg is outside "
+                      f"[{low}, {high}]; clamped (pass f_px to override)", RuntimeWarning,
+                      stacklevel=3)
+        fov = torch.nan_to_num(fov, nan=60.0).clamp(low, high)
+    return 0.5 * width / torch.tan(0.5 * torch.deg2rad(fov))
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    align = False if mode in ("bilinear", "bicubic") else None
+    return F.interpolate(x, size=size, mode=mode, align_corners=align)
+
+
+# ----------------------------------------------------------------------------------------------
+# infer
+# ----------------------------------------------------------------------------------------------
+
+
+def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
+          interpolation_mode: str = "bilinear", *, return_inverse_depth: bool = False,
+          ) -> dict[str, torch.Tensor]:
+    """See ``DepthPro.infer``."""
+    if interpolation_mode not in _INTERPOLATION_MODES:
+        raise ValueError(f"interpolation_mode {interpolation_mode!r} not accepted; one of "
+                         f"{', '.join(_INTERPOLATION_MODES)}")
+    x = _check_image_batch(x)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("input contains NaN or Inf values")
+    device, dtype = model_device_dtype(model)
+    batch, _, height, width = x.shape
+    f_given = None if f_px is None else focal_length_tensor(f_px, batch, device)
+    x = x.to(device=device, dtype=dtype)
+    resized = (height, width) != (IMG_SIZE, IMG_SIZE)
+    if resized:
+        x = _resize(x, (IMG_SIZE, IMG_SIZE), interpolation_mode)
+
+    canonical_inverse_depth, fov_deg = model(x)
+
+    if f_given is None:
+        if fov_deg is None:
+            raise ValueError("this model has no FOV network (use_fov=False): pass f_px")
+        f = focal_from_fov(fov_deg, width)
+    else:
+        f = f_given
+    inverse_depth = canonical_inverse_depth * (width / f)
+    if resized:
+        inverse_depth = _resize(inverse_depth, (height, width), interpolation_mode)
+    depth = 1.0 / torch.clamp(inverse_depth, min=INVERSE_DEPTH_RANGE[0],
+                              max=INVERSE_DEPTH_RANGE[1])
+    if fov_deg is None:  # no FOV network: report the FOV implied by the given focal length
+        fov_deg = torch.rad2deg(2 * torch.atan(0.5 * width / f))
+
+    def per_image(t: torch.Tensor, is_map: bool) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, H, W) or (B, 1, 1, 1) -> (B,); no batch axis for one image."""
+        t = t[:, 0] if is_map else t.reshape(batch)
+        return t[0] if batch == 1 else t
+
+    out = {"depth": per_image(depth, True), "focallength_px": per_image(f, False),
+           "fov_deg": per_image(fov_deg.to(torch.float32), False)}
+    if return_inverse_depth:
+        out["inverse_depth"] = per_image(inverse_depth, True)
+    return out

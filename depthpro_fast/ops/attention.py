@@ -1,0 +1,80 @@
+"""Multi-head attention without mask or dropout: ``softmax(q k^T * scale) v``.
+
+q, k, v are (B, H, N, D) with any strides, typically views into the packed qkv GEMM output
+(B, N, 3, H, D). The output has shape (B, H, N, D) and (B, N, H, D)-contiguous memory, so that
+``out.transpose(1, 2).reshape(B, N, H * D)`` feeds the ``proj`` GEMM without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backends
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Bound the fp32 score matrix of the reference to about this many elements per chunk.
+_REFERENCE_CHUNK_ELEMS = 1 << 26
+
+
+def empty_output_like(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, H, N, D) tensor laid out (B, N, H, D)-contiguous."""
+    b, h, n, d = q.shape
+    return torch.empty((b, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Pure-PyTorch attention in fp32 math, cast back to the input dtype."""
+    out = empty_output_like(q)
+    b, h, n, _ = q.shape
+    step = max(1, _REFERENCE_CHUNK_ELEMS // max(1, h * n * k.shape[2]))
+    for start in range(0, b, step):
+        sl = slice(start, start + step)
+        scores = torch.matmul(q[sl].float(), k[sl].float().transpose(-2, -1)) * scale
+        probs = torch.softmax(scores, dim=-1)
+        out[sl] = torch.matmul(probs, v[sl].float()).to(q.dtype)
+    return out
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (B, H, N, D), got shape "
+                             f"{tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"attention: {name} has dtype {t.dtype}; accepted: float32, "
+                            "float16, bfloat16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, "
+                         f"{k.device}, {v.device}")
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError("attention: q, k, v must have the same (B, H, N, D) shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] == 0 or q.shape[3] == 0:
+        raise ValueError(f"attention: N and D must be positive, got shape {tuple(q.shape)}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+              backend: str | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` per (batch, head); ``scale`` defaults to ``D ** -0.5``.
+
+    ``backend`` picks ``reference``, ``triton``, ``cuda`` or ``auto`` (None).
+    """
+    _check(q, k, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be finite, got {scale}")
+    impl = backends.implementation("attention", backend, q.device)
+    return impl(q, k, v, scale)
+
+
+backends.register("attention", "reference", lambda: attention_reference)

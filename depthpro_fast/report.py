@@ -1,0 +1,88 @@
+"""``depthpro_fast.info()``: versions, devices, backends (and why not), checkpoint search."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+import torch
+
+from . import _ext, backends, checkpoint
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def info() -> dict[str, Any]:
+    """A report of what this installation can do, as a plain dict (see ``format_info``)."""
+    from . import __version__
+
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devices.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+                            "memory_gb": round(p.total_memory / 2**30, 1)})
+    backend_report = {}
+    for name in ("reference", "triton", "cuda"):
+        ok, why = backends.backend_status(name)
+        backend_report[name] = {"available": ok, "why_not": why}
+    backend_report["auto"] = {
+        "available": True,
+        "chooses": "per op: cuda > triton > reference on CUDA devices; reference on CPU"}
+    return {
+        "depthpro_fast": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "numpy": _version("numpy"),
+        "cuda_available": torch.cuda.is_available(),
+        "devices": devices,
+        "extension": {"loaded": _ext.load() is not None, "why_not": _ext.unavailable_reason()},
+        "backends": backend_report,
+        "ops": backends.registered_ops(),
+        "auto_fallbacks": backends.fallback_log(),
+        "checkpoint_search": [
+            {"where": what, "path": str(path) if path else None,
+             "exists": bool(path and path.is_file())}
+            for what, path in checkpoint.search_paths()],
+        "checkpoint_url": checkpoint.CHECKPOINT_URL,
+    }
+
+
+def format_info(report: dict[str, Any] | None = None) -> str:
+    """The report as aligned text lines."""
+    r = report or info()
+    lines = [f"depthpro_fast {r['depthpro_fast']}  (python {r['python']}, {r['platform']})",
+             f"torch {r['torch']} (CUDA {r['torch_cuda'] or 'none'}), triton "
+             f"{r['triton'] or 'not installed'}, numpy {r['numpy']}"]
+    if r["devices"]:
+        for d in r["devices"]:
+            lines.append(f"device cuda:{d['index']}: {d['name']} (sm_{d['capability']}, "
+                         f"{d['memory_gb']} GiB)")
+    else:
+        lines.append("device: CPU only (no CUDA device visible)")
+    ext = r["extension"]
+    lines.append("extension depthpro_fast._C: " + ("loaded" if ext["loaded"] else
+                                                   f"not available ({ext['why_not']})"))
+    lines.append("backends:")
+    for name, b in r["backends"].items():
+        state = "available" if b["available"] else f"unavailable: {b.get('why_not')}"
+        extra = f" ({b['chooses']})" if "chooses" in b else ""
+        lines.append(f"  {name:<9} {state}{extra}")
+    lines.append("ops: " + ", ".join(f"{op} [{'/'.join(impls)}]" for op, impls in r["ops"].items()))
+    for key, why in r["auto_fallbacks"].items():
+        lines.append(f"  auto skipped {key}: {why}")
+    lines.append("checkpoint search (load('auto')):")
+    for c in r["checkpoint_search"]:
+        lines.append(f"  {c['where']:<24} {c['path'] or '(not set)'}"
+                     f"{'  [found]' if c['exists'] else ''}")
+    lines.append(f"weights: {r['checkpoint_url']}")
+    return "\n".join(lines)
