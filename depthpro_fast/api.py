@@ -49,6 +49,22 @@ def build_model(config: DepthProConfig, *, use_fov: bool = True,
         return DepthPro(config, use_fov=use_fov)
 
 
+@torch.no_grad()
+def plausible_random_init_(model: DepthPro) -> DepthPro:
+    """Make random weights give outputs in a realistic range (benchmarks, tests, demos).
+
+    PyTorch's default init leaves LayerScale at 1e-5 (the ViT blocks would be near-identity)
+    and the head's output near zero (depth clamped to 1e4 m) with an FOV near 0 degrees.
+    """
+    for name, p in model.named_parameters():
+        if name.endswith((".ls1.gamma", ".ls2.gamma")):
+            p.fill_(0.1)
+    model.head[4].bias.fill_(0.5)  # canonical inverse depth around 0.5 before the ReLU
+    if model.fov is not None:
+        model.fov.head[4].bias.fill_(60.0)  # FOV around 60 degrees
+    return model
+
+
 def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "auto", *,
          config: DepthProConfig | Mapping[str, Any] | str | os.PathLike | None = None,
          device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32,
@@ -70,7 +86,9 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
         raise TypeError(f"use_fov must be True or False, got {use_fov!r}")
 
     if checkpoint is None:
-        model = build_model(cfg, use_fov=use_fov, device=dev).to(dtype=dt)
+        model = build_model(cfg, use_fov=use_fov, device=dev)
+        plausible_random_init_(model)
+        model = model.to(dtype=dt)
     else:
         if isinstance(checkpoint, Mapping):
             state_dict, source = dict(checkpoint), "(in-memory state dict)"

@@ -77,4 +77,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     return impl(q, k, v, scale)
 
 
+def _load_triton():
+    from ..triton.attention import attention_triton
+
+    return attention_triton
+
+
+def _load_cuda():
+    from ..cuda.attention import attention_cuda
+
+    return attention_cuda
+
+
 backends.register("attention", "reference", lambda: attention_reference)
+backends.register("attention", "triton", _load_triton)
+backends.register("attention", "cuda", _load_cuda)

@@ -83,4 +83,18 @@ def merge_patches(tokens: torch.Tensor, *, batch_size: int, grid: int, padding: 
                 channels_last=channels_last)
 
 
+def _load_triton():
+    from ..triton.merge_patches import merge_patches_triton
+
+    return merge_patches_triton
+
+
+def _load_cuda():
+    from ..cuda.merge_patches import merge_patches_cuda
+
+    return merge_patches_cuda
+
+
 backends.register("merge_patches", "reference", lambda: merge_patches_reference)
+backends.register("merge_patches", "triton", _load_triton)
+backends.register("merge_patches", "cuda", _load_cuda)

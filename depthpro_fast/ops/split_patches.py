@@ -115,4 +115,18 @@ def split_patches(image: torch.Tensor, *, prenormalized: bool = False,
     return impl(image, prenormalized=prenormalized, out_dtype=out_dtype)
 
 
+def _load_triton():
+    from ..triton.split_patches import split_patches_triton
+
+    return split_patches_triton
+
+
+def _load_cuda():
+    from ..cuda.split_patches import split_patches_cuda
+
+    return split_patches_cuda
+
+
 backends.register("split_patches", "reference", lambda: split_patches_reference)
+backends.register("split_patches", "triton", _load_triton)
+backends.register("split_patches", "cuda", _load_cuda)

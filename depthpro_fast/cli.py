@@ -1,0 +1,63 @@
+"""The ``depthpro-fast`` command.
+
+Each subcommand lives in its own module ``depthpro_fast/commands/<name>.py`` with two functions:
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit code). Modules are imported only
+when their subcommand runs, so ``depthpro-fast info`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# name -> one-line help; the module is depthpro_fast.commands.<name>
+COMMANDS = {
+    "demo": "run the reference model with random weights on a generated image, write a depth map",
+    "info": "versions, devices, available backends (and why not), checkpoint search paths",
+}
+
+
+def _available_commands() -> dict[str, str]:
+    found = {}
+    for name, help_text in COMMANDS.items():
+        if importlib.util.find_spec(f"depthpro_fast.commands.{name}") is not None:
+            found[name] = help_text
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="depthpro-fast",
+        description="Fast, faithful DepthPro: metric depth and focal length from one image.")
+    parser.add_argument("--version", action="version", version=f"depthpro_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in _available_commands().items():
+        module = importlib.import_module(f"depthpro_fast.commands.{name}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"depthpro_fast.commands.{args.command}")
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        print(f"depthpro-fast {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

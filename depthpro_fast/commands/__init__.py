@@ -1,0 +1,1 @@
+"""Subcommands of ``depthpro-fast`` (see ``depthpro_fast.cli``)."""
