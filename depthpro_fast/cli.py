@@ -14,6 +14,9 @@ import sys
 
 # name -> one-line help; the module is depthpro_fast.commands.<name>
 COMMANDS = {
+    "bench": "latency benchmark: reference vs fast paths side by side (random weights)",
+    "predict": "depth maps for images, folders and globs (npz, 16-bit PNG, colour preview, PLY)",
+    "download": "fetch Apple's depth_pro.pt into the user cache (resumable, checksummed)",
     "demo": "run the reference model with random weights on a generated image, write a depth map",
     "info": "versions, devices, available backends (and why not), checkpoint search paths",
 }
