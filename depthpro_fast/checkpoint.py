@@ -41,6 +41,9 @@ def search_paths() -> list[tuple[str, Path | None]]:
 
 def find_checkpoint() -> Path:
     """The first existing checkpoint of :func:`search_paths`, or a clear error."""
+    env = os.environ.get(ENV_VAR)
+    if env and not Path(env).is_file():  # an explicit choice that is wrong: say so, don't guess
+        raise FileNotFoundError(f"${ENV_VAR} is set to {env!r}, which is not a file")
     looked = []
     for what, path in search_paths():
         if path is None:
@@ -69,7 +72,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            # mmap: 952M parameters are paged in on use instead of read up front
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # legacy (pre-zipfile) serialisation cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             OSError, AttributeError, TypeError, IndexError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -45,6 +45,8 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError("numpy images must be HWC with 3 channels (RGB), got shape "
                              f"{image.shape}")
+        if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable
+            image = image.copy()
         if image.dtype == np.uint8:
             t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
             return t.to(torch.float32) / 255.0

@@ -1,0 +1,153 @@
+"""Public API: transform inputs, f_px spellings, batches, forward's contract, info()."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import depthpro_fast
+
+
+def test_transform_pil_numpy_tensor_identical(tiny_model, tiny_image):
+    _, transform = tiny_model
+    hwc = tiny_image.permute(1, 2, 0).numpy()
+    from_tensor = transform(tiny_image)
+    from_numpy = transform(hwc)
+    from_pil = transform(Image.fromarray(hwc))
+    assert from_tensor.shape == (3, 240, 320) and from_tensor.dtype == torch.float32
+    assert torch.equal(from_tensor, from_numpy)
+    assert torch.equal(from_tensor, from_pil)
+    # the official Normalize(0.5, 0.5) of ToTensor: 2 * (v / 255) - 1, range [-1, 1]
+    expected = (tiny_image.float() / 255 - 0.5) / 0.5
+    assert torch.equal(from_tensor, expected)
+
+
+def test_transform_float_input_and_dtype():
+    _, transform = depthpro_fast.load(None, config="tiny", device="cpu", dtype=torch.float16)
+    x = torch.rand(3, 8, 9)
+    out = transform(x)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, (2 * x - 1).half())
+    # float numpy arrays are taken as already in [0, 1] (torchvision ToTensor semantics)
+    torch.testing.assert_close(transform(x.permute(1, 2, 0).numpy()), out)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (np.zeros((4, 4), np.uint8), ValueError),
+    (np.zeros((4, 4, 4), np.uint8), ValueError),
+    (torch.zeros(1, 4, 4, dtype=torch.uint8), ValueError),
+    (np.zeros((4, 4, 3), np.int32), TypeError),
+    ("image.jpg", TypeError),
+])
+def test_transform_rejects_bad_input(tiny_model, bad, error):
+    _, transform = tiny_model
+    with pytest.raises(error):
+        transform(bad)
+
+
+@pytest.fixture(scope="module")
+def given_runs(tiny_model, tiny_image):
+    model, transform = tiny_model
+    x = transform(tiny_image)
+    return {kind: model.infer(x, f_px=f) for kind, f in
+            (("float", 300.0), ("numpy", np.float32(300.0)), ("tensor", torch.tensor(300.0)))}
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_f_px_spellings_identical(given_runs, kind):
+    ref = given_runs["float"]
+    out = given_runs[kind]
+    assert torch.equal(out["depth"], ref["depth"])
+    assert torch.equal(out["focallength_px"], ref["focallength_px"])
+    assert out["focallength_px"].shape == ()
+
+
+def test_f_px_scales_inverse_depth(given_runs, expected_given):
+    # with a given focal length: inverse depth = canonical * W / f_px (before the clamp)
+    out = given_runs["float"]
+    torch.testing.assert_close(out["depth"], expected_given["depth"], rtol=1e-5, atol=0)
+
+
+def test_batch_of_two_equals_single_calls(tiny_model, tiny_image):
+    model, transform = tiny_model
+    a = transform(tiny_image)
+    b = transform(tiny_image.flip(-1).roll(37, dims=-2))
+    batch = model.infer(torch.stack([a, b]))
+    singles = [model.infer(a), model.infer(b)]
+    assert batch["depth"].shape == (2, 240, 320)
+    assert batch["focallength_px"].shape == (2,)
+    assert batch["fov_deg"].shape == (2,)
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batch["depth"][i], single["depth"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batch["focallength_px"][i], single["focallength_px"],
+                                   rtol=1e-5, atol=0)
+    assert not torch.equal(singles[0]["depth"], singles[1]["depth"])
+    # per-image given focal lengths in a batch
+    given = model.infer(torch.stack([a, b]), f_px=torch.tensor([300.0, 600.0]))
+    assert given["focallength_px"].tolist() == [300.0, 600.0]
+
+
+@pytest.mark.parametrize("f_px, error", [
+    (0.0, ValueError), (-5.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+    ("300", TypeError), (torch.tensor([1.0, 2.0, 3.0]), ValueError), (True, TypeError),
+])
+def test_bad_f_px_rejected(tiny_model, f_px, error):
+    model, _ = tiny_model
+    with pytest.raises(error):
+        model.infer(torch.zeros(3, 8, 8), f_px=f_px)
+
+
+def test_forward_contract(tiny_model):
+    model, _ = tiny_model
+    with pytest.raises(ValueError, match="1536"):
+        model(torch.zeros(1, 3, 384, 384))
+    with pytest.raises(TypeError, match="float32"):
+        model(torch.zeros(1, 3, 1536, 1536, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        model(np.zeros((1, 3, 1536, 1536), np.float32))
+
+
+@pytest.mark.parametrize("bad, error", [
+    (torch.zeros(2, 8, 8), ValueError), (torch.zeros(1, 1, 3, 8, 8), ValueError),
+    (torch.zeros(3, 8, 8, dtype=torch.uint8), TypeError), (torch.zeros(3, 0, 8), ValueError),
+    (np.zeros((3, 8, 8), np.float32), TypeError),
+])
+def test_infer_rejects_bad_input(tiny_model, bad, error):
+    model, _ = tiny_model
+    with pytest.raises(error):
+        model.infer(bad)
+
+
+def test_random_weights_give_plausible_outputs():
+    torch.manual_seed(0)
+    model, transform = depthpro_fast.load(None, config="tiny", device="cpu")
+    assert not model.training
+    x = torch.rand(1, 3, 1536, 1536) * 2 - 1
+    with torch.no_grad():
+        cid, fov = model(x)
+    assert cid.shape == (1, 1, 1536, 1536) and fov.shape == (1, 1, 1, 1)
+    assert float(cid.mean()) > 0.01  # not an all-zero (depth clamped to 1e4 m) map
+    assert 1.0 < float(fov) < 179.0
+
+
+def test_info_reports_backends():
+    report = depthpro_fast.info()
+    assert report["torch"] == torch.__version__
+    assert report["backends"]["reference"]["available"] is True
+    for name in ("triton", "cuda"):
+        b = report["backends"][name]
+        assert b["available"] or b["why_not"]
+    assert {"attention", "split_patches", "merge_patches"} <= set(report["ops"])
+    text = depthpro_fast.report.format_info(report)
+    assert "backends:" in text and "checkpoint search" in text
+
+
+def test_explicit_unavailable_backend_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the cuda backend may be available")
+    with pytest.raises(RuntimeError, match="cuda"):
+        depthpro_fast.ops.attention(*(torch.zeros(1, 1, 4, 8),) * 3, backend="cuda")
+    with pytest.raises(ValueError, match="accepted"):
+        depthpro_fast.ops.attention(*(torch.zeros(1, 1, 4, 8),) * 3, backend="fastest")

@@ -1,0 +1,152 @@
+"""State-dict layout (Apple's keys) and checkpoint loading with clear errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import depthpro_fast
+from depthpro_fast.api import build_model
+from depthpro_fast.checkpoint import CheckpointError
+from depthpro_fast.config import OFFICIAL, TINY
+from tests.conftest import FIXTURES, TINY_DIR
+
+
+def read_key_list(name: str) -> list[tuple[str, list[int]]]:
+    rows = []
+    for line in (FIXTURES / name).read_text().splitlines():
+        key, shape = line.split("\t")
+        rows.append((key, [int(v) for v in shape.strip("[]").split(",") if v.strip()]))
+    return rows
+
+
+@pytest.mark.parametrize("config, key_file, n_keys, n_params", [
+    (OFFICIAL, "state_dict_keys.txt", 1119, 951_991_330),
+    (TINY, "state_dict_keys_tiny.txt", 279, 3_424_350),
+])
+def test_keys_match_official_list_on_meta(config, key_file, n_keys, n_params):
+    model = build_model(config, device="meta")
+    ours = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    expected = read_key_list(key_file)
+    assert len(ours) == n_keys
+    assert ours == expected  # key for key, shape for shape, in state_dict() order
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_saved_state_dict_loads_back_strictly(tmp_path):
+    torch.manual_seed(1)
+    model, _ = depthpro_fast.load(None, config="tiny", device="cpu")
+    path = tmp_path / "ours.pt"
+    torch.save(model.state_dict(), path)
+    again, _ = depthpro_fast.load(path, config="tiny", device="cpu")
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_fixture_loads_fp16_into_fp32(tiny_state_dict):
+    model, _ = depthpro_fast.load(TINY_DIR / "state_dict_fp16.pt", config=TINY, device="cpu")
+    w = model.encoder.patch_encoder.blocks[0].attn.qkv.weight
+    assert w.dtype == torch.float32
+    assert torch.equal(w, tiny_state_dict["encoder.patch_encoder.blocks.0.attn.qkv.weight"].float())
+    half, _ = depthpro_fast.load(TINY_DIR / "state_dict_fp16.pt", config=TINY, device="cpu",
+                                 dtype=torch.float16)
+    assert half.head[0].weight.dtype == torch.float16
+
+
+def test_in_memory_state_dict_and_no_fov(tiny_state_dict):
+    model, _ = depthpro_fast.load(tiny_state_dict, config=TINY, device="cpu", use_fov=False)
+    assert model.fov is None  # the fov.* keys of the checkpoint are accepted and unused
+
+
+def test_wrong_config_lists_keys_and_expected_config(tiny_state_dict, tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        depthpro_fast.load(tiny_state_dict, config=TINY.__class__(
+            **{**TINY.to_dict(), "depth": 3}), device="cpu")
+    msg = str(err.value)
+    assert "unexpected keys" in msg and "blocks.3" in msg and "'depth': 3" in msg
+    assert "depth=4" in msg  # the guess of the checkpoint's own knobs
+    with pytest.raises(CheckpointError) as err:
+        depthpro_fast.load(TINY_DIR / "state_dict_fp16.pt", device="cpu")  # official config
+    msg = str(err.value)
+    assert "wrong shapes" in msg and "embed_dim=128" in msg and "more)" in msg
+
+
+def test_missing_and_wrongly_shaped_keys(tiny_state_dict):
+    sd = dict(tiny_state_dict)
+    del sd["head.0.weight"]
+    sd["head.2.bias"] = torch.zeros(5)
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as err:
+        depthpro_fast.load(sd, config=TINY, device="cpu")
+    msg = str(err.value)
+    assert "1 missing keys: head.0.weight" in msg
+    assert "1 unexpected keys: extra.weight" in msg
+    assert "head.2.bias [5] (expected [32])" in msg
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "empty"),
+    (b"this is not a checkpoint", "not a readable PyTorch checkpoint"),
+    (None, "not a DepthPro checkpoint"),
+    ("evil", "not loaded for safety"),
+    ("evil-zip", "not loaded for safety"),
+])
+def test_not_a_checkpoint(tmp_path, monkeypatch, content, match):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "file.pt"
+    if content is None:
+        torch.save([1, 2, 3], path)
+    elif content == "evil":  # a plain (legacy-format) pickle
+        with open(path, "wb") as f:
+            pickle.dump({"w": _Evil()}, f)
+    elif content == "evil-zip":  # torch.save's zip format around the same payload
+        torch.save({"w": _Evil()}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        depthpro_fast.load(path, config=TINY, device="cpu")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_truncated_checkpoint(tmp_path):
+    full = (TINY_DIR / "state_dict_fp16.pt").read_bytes()
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(full[: len(full) // 2])
+    with pytest.raises(CheckpointError, match="not a readable"):
+        depthpro_fast.load(path, config=TINY, device="cpu")
+
+
+def test_auto_checkpoint_search(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DEPTHPRO_CHECKPOINT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError) as err:
+        depthpro_fast.load("auto", config=TINY, device="cpu")
+    msg = str(err.value)
+    assert "ml-site.cdn-apple.com" in msg and "checkpoints/depth_pro.pt" in msg
+    # the user cache is found ...
+    cache = tmp_path / "cache" / "depthpro_fast"
+    cache.mkdir(parents=True)
+    (cache / "depth_pro.pt").write_bytes((TINY_DIR / "state_dict_fp16.pt").read_bytes())
+    model, _ = depthpro_fast.load("auto", config=TINY, device="cpu")
+    # ... and $DEPTHPRO_CHECKPOINT takes precedence
+    monkeypatch.setenv("DEPTHPRO_CHECKPOINT", str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        depthpro_fast.load("auto", config=TINY, device="cpu")
+
+
+def test_bad_load_arguments():
+    with pytest.raises(ValueError, match="dtype"):
+        depthpro_fast.load(None, config=TINY, device="cpu", dtype=torch.int8)
+    with pytest.raises(ValueError, match="backend"):
+        depthpro_fast.load(None, config=TINY, device="cpu", backend="fast")
+    with pytest.raises(TypeError, match="checkpoint"):
+        depthpro_fast.load(123, config=TINY, device="cpu")
