@@ -26,8 +26,15 @@ def load() -> ModuleType | None:
         except ImportError as e:
             _module = None
             if "No module named" in str(e) and "_C" in str(e):
-                _reason = ("the CUDA extension depthpro_fast._C was not built (install with "
-                           "DEPTHPRO_FAST_BUILD_CUDA=1 on a machine with nvcc and a CUDA torch)")
+                import torch
+
+                if torch.version.cuda is None:
+                    _reason = (f"torch {torch.__version__} is a CPU build; the CUDA extension "
+                               "depthpro_fast._C needs a CUDA torch and nvcc")
+                else:
+                    _reason = ("the CUDA extension depthpro_fast._C was not built (reinstall "
+                               "with DEPTHPRO_FAST_BUILD_CUDA=1 pip install --no-build-isolation"
+                               " -e . on a machine with nvcc)")
             else:
                 _reason = f"depthpro_fast._C failed to import: {e}"
         except OSError as e:  # a shared library it links against is missing

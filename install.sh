@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs depthpro_fast (editable) with a torch that fits this machine.
+#
+#   ./install.sh          the package
+#   ./install.sh dev      the package and the test / benchmark tools
+#
+# On a machine without an NVIDIA GPU it installs PyTorch's CPU build (from a local wheelhouse if
+# pip is configured with one, else from PyTorch's CPU index) so that pip never downloads several
+# GB of CUDA wheels, and Triton >= 3.7 for the kernel tests under TRITON_INTERPRET=1. On a GPU
+# machine it keeps (or installs) a CUDA torch and builds the CUDA extension when nvcc is found.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+EXTRA=""
+[ "${1:-}" = "dev" ] && EXTRA="[dev]"
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  if has_gpu; then
+    pip_install "torch>=2.4"
+  elif pip_install --no-index --no-deps "torch>=2.4" 2>/dev/null; then
+    pip_install "torch>=2.4"  # the CPU wheel came from the local wheelhouse; now its deps
+  else
+    pip_install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu \
+      --extra-index-url https://pypi.org/simple
+  fi
+fi
+
+if has_gpu; then
+  # build the CUDA extension against the installed torch (needs nvcc; skipped with a reason if not)
+  pip_install --no-build-isolation -e ".$EXTRA"
+else
+  "$PY" -c "import triton, sys; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) < (3, 7))" \
+    >/dev/null 2>&1 || pip_install "triton>=3.7"
+  DEPTHPRO_FAST_BUILD_CUDA=${DEPTHPRO_FAST_BUILD_CUDA:-0} pip_install -e ".$EXTRA"
+fi
+
+"$PY" - <<'PY'
+import torch
+from depthpro_fast import _ext
+why = _ext.unavailable_reason()
+print(f"depthpro_fast installed (torch {torch.__version__}): "
+      + ("CUDA extension built" if why is None else f"pure-Python install, no CUDA extension ({why})"))
+PY
