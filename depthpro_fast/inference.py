@@ -52,7 +52,8 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
             return t.to(torch.float32) / 255.0
         if np.issubdtype(image.dtype, np.floating):
             # as torchvision's ToTensor: float arrays are taken as already in [0, 1]
-            return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+            return _check_unit_range(
+                torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float())
         raise TypeError(f"numpy image dtype {image.dtype} not accepted; uint8 (0..255) or "
                         "float (0..1)")
     if isinstance(image, torch.Tensor):
@@ -62,11 +63,25 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
         if image.dtype == torch.uint8:
             return image.to(torch.float32) / 255.0
         if image.dtype.is_floating_point:
-            return image.to(torch.float32)
+            return _check_unit_range(image.to(torch.float32))
         raise TypeError(f"tensor image dtype {image.dtype} not accepted; uint8 (0..255) or "
                         "float (0..1)")
     raise TypeError("image must be a PIL image, an HWC numpy array or a CHW tensor, got "
                     f"{type(image).__name__}")
+
+
+def _check_unit_range(x: torch.Tensor, slack: float = 1e-3) -> torch.Tensor:
+    """Float images must hold finite values in [0, 1]; anything else is a mistake upstream
+    (0..255 floats, an ImageNet-normalised tensor, NaNs), which would give silent garbage."""
+    if x.numel() == 0:
+        return x
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("float image contains NaN or Inf values")
+    low, high = float(x.min()), float(x.max())
+    if low < -slack or high > 1 + slack:
+        raise ValueError(f"float images must hold values in [0, 1], got [{low:.4g}, {high:.4g}]"
+                         "; pass uint8 (0..255) or divide by 255")
+    return x
 
 
 class Transform:
@@ -183,6 +198,10 @@ def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
     x = _check_image_batch(x)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("input contains NaN or Inf values")
+    low, high = float(x.min()), float(x.max())
+    if low < -1.01 or high > 1.01:
+        raise ValueError(f"infer expects a normalised image with values in [-1, 1] (the output "
+                         f"of the transform returned by load()), got [{low:.4g}, {high:.4g}]")
     device, dtype = model_device_dtype(model)
     batch, _, height, width = x.shape
     f_given = None if f_px is None else focal_length_tensor(f_px, batch, device)

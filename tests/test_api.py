@@ -40,6 +40,9 @@ def test_transform_float_input_and_dtype():
     (torch.zeros(1, 4, 4, dtype=torch.uint8), ValueError),
     (np.zeros((4, 4, 3), np.int32), TypeError),
     ("image.jpg", TypeError),
+    (np.full((4, 4, 3), 255.0, np.float32), ValueError),  # 0..255 floats
+    (torch.full((3, 4, 4), -0.5), ValueError),
+    (torch.full((3, 4, 4), float("nan")), ValueError),
 ])
 def test_transform_rejects_bad_input(tiny_model, bad, error):
     _, transform = tiny_model
@@ -113,6 +116,8 @@ def test_forward_contract(tiny_model):
     (torch.zeros(2, 8, 8), ValueError), (torch.zeros(1, 1, 3, 8, 8), ValueError),
     (torch.zeros(3, 8, 8, dtype=torch.uint8), TypeError), (torch.zeros(3, 0, 8), ValueError),
     (np.zeros((3, 8, 8), np.float32), TypeError),
+    (torch.full((3, 8, 8), 255.0), ValueError),  # not normalised
+    (torch.full((3, 8, 8), float("inf")), ValueError),
 ])
 def test_infer_rejects_bad_input(tiny_model, bad, error):
     model, _ = tiny_model
