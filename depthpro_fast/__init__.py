@@ -14,7 +14,8 @@ from .api import load
 from .config import OFFICIAL, TINY, DepthProConfig
 from .report import info
 from .inference import Transform
+from .io import load_image
 from .model import DepthPro
 
 __all__ = ["DepthPro", "DepthProConfig", "OFFICIAL", "TINY", "Transform", "__version__", "info",
-           "load"]
+           "load", "load_image"]

@@ -72,8 +72,10 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     """Build DepthPro, load weights and return ``(model, transform)``.
 
     ``checkpoint``: a path to Apple's ``depth_pro.pt`` (or a ``.safetensors`` in the same key
-    layout, or an in-memory state dict); ``"auto"`` searches ``$DEPTHPRO_CHECKPOINT``,
-    ``./checkpoints/depth_pro.pt`` and the user cache; ``None`` builds random weights.
+    layout, or an in-memory state dict; Hugging Face ``DepthPro-hf`` weights, their folder or
+    its ``model.safetensors``, are mapped to Apple's keys); ``"auto"`` searches
+    ``$DEPTHPRO_CHECKPOINT``, ``./checkpoints/depth_pro.pt`` and the user cache; ``None`` builds
+    random weights.
     ``config``: a ``DepthProConfig``, a dict of knobs, a preset name or a JSON file path
     (default: the official model). ``device`` defaults to CUDA when available. The model is
     returned in eval mode.
@@ -91,7 +93,8 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
         model = model.to(dtype=dt)
     else:
         if isinstance(checkpoint, Mapping):
-            state_dict, source = dict(checkpoint), "(in-memory state dict)"
+            source = "(in-memory state dict)"
+            state_dict = ckpt.to_apple_keys(dict(checkpoint), source)  # HF layout accepted
         elif isinstance(checkpoint, (str, os.PathLike)):
             path = ckpt.find_checkpoint() if checkpoint == "auto" else Path(checkpoint)
             state_dict, source = ckpt.read_state_dict(path), str(path)

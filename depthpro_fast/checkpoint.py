@@ -59,14 +59,42 @@ def find_checkpoint() -> Path:
         "checkpoint=None builds random weights.")
 
 
+HF_WEIGHTS_NAME = "model.safetensors"  # the Hugging Face (DepthPro-hf) weights file
+HF_INDEX_NAME = "model.safetensors.index.json"  # its sharded variant
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from a ``.pt`` (torch.save) or ``.safetensors`` file, safely."""
-    path = Path(path)
+    """Read a state dict from a ``.pt`` (torch.save) or ``.safetensors`` file, safely.
+
+    A Hugging Face ``DepthPro-hf`` folder (``model.safetensors``, or sharded with its index)
+    is accepted too; state dicts in the HF key layout are converted to Apple's keys."""
+    return to_apple_keys(_read_any(Path(path)), str(path))
+
+
+def to_apple_keys(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Convert a Hugging Face layout state dict to Apple's keys; others pass unchanged."""
+    from . import hf
+
+    if not hf.is_hf_state_dict(state_dict):
+        return state_dict
+    try:
+        return hf.hf_to_apple(state_dict)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {source} looks like Hugging Face DepthPro-hf weights "
+                              f"but cannot be mapped to DepthPro's keys: {e}") from None
+
+
+def _read_any(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
+        if (path / HF_WEIGHTS_NAME).is_file():
+            return _read_safetensors(path / HF_WEIGHTS_NAME)
+        if (path / HF_INDEX_NAME).is_file():
+            return _read_hf_shards(path / HF_INDEX_NAME)
         raise CheckpointError(f"checkpoint {path} is a folder; pass the path of the "
-                              f"{CHECKPOINT_NAME} file")
+                              f"{CHECKPOINT_NAME} file (or of a Hugging Face DepthPro-hf folder "
+                              f"containing {HF_WEIGHTS_NAME})")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
@@ -100,6 +128,24 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def _read_hf_shards(index: Path) -> dict[str, torch.Tensor]:
+    """A sharded safetensors checkpoint: ``weight_map`` of the index names each key's file."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a readable safetensors index: {e}") from None
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in files:
+        shard = index.parent / name
+        if not shard.is_file():
+            raise CheckpointError(f"{index} names the shard {name}, which is missing")
+        state_dict.update(_read_safetensors(shard))
+    return state_dict
 
 
 def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:

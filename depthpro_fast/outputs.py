@@ -1,0 +1,235 @@
+"""Writing predictions: NPZ, 16-bit PNG (millimetres), colour preview, PLY point cloud.
+
+Every writer is atomic: the data goes to a hidden temporary file in the destination folder
+(``.<name>.<random>.tmp``), is flushed and fsynced, and only then renamed over the final name
+with ``os.replace``. An interrupted or failing write therefore never leaves a half-written
+output under the final name (an older complete file stays as it was), and the temporary file
+is removed on any error. (A process killed with SIGKILL may leave a hidden ``.tmp`` file, never
+a broken output.)
+
+Formats (``FORMATS`` gives the file suffix of each):
+
+* ``npz``: ``depth`` (H, W) float32 metres, ``focallength_px`` and ``fov_deg`` (float32
+  scalars), ``image_size`` [H, W] and, when known, ``focallength_source`` (``"estimated"``,
+  ``"exif"`` or ``"given"``). ``np.load(path)`` opens it without pickle.
+* ``png16``: 16-bit grayscale PNG of the depth in millimetres, rounded to the nearest mm. The
+  range of uint16 caps it: depths beyond 65.535 m are stored as 65535 (saturated), depths below
+  0.5 mm (and any non-finite value) as 0. Read back with ``depth_m = png / 1000``.
+* ``color``: 8-bit RGB PNG, same size as the image, of the inverse depth through a turbo-style
+  colormap (near = red, far = blue). The inverse depth is normalised between its own minimum and
+  maximum within [1/250, 1/0.1] 1/m, i.e. depths outside 0.1 .. 250 m saturate the colours.
+* ``ply``: coloured point cloud (``x y z`` float32 metres, ``red green blue`` uint8), binary
+  little-endian by default or ASCII. Pinhole unprojection with the focal length ``f`` (pixels)
+  and the principal point at the image centre: pixel (row v, column u) has its centre at
+  (u + 0.5, v + 0.5), and ``x = (u + 0.5 - W / 2) * z / f``, ``y = (v + 0.5 - H / 2) * z / f``,
+  ``z = depth`` (OpenCV camera axes: x right, y down, z forward). ``stride`` keeps every
+  stride-th row and column: ``ceil(H / stride) * ceil(W / stride)`` points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+FORMATS = {"npz": ".npz", "png16": ".depth_mm.png", "color": ".color.png", "ply": ".ply"}
+PNG16_MAX_MM = 65535
+COLOR_DEPTH_RANGE_M = (0.1, 250.0)  # depths outside saturate the preview's colours
+_PNG_COMPRESS_LEVEL = 3  # zlib 3: most of the size gain of 6 at a fraction of the time
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic files
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Open a temporary file next to ``path`` for binary writing; rename it to ``path`` when the
+    block succeeds, delete it when the block raises (including KeyboardInterrupt)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # "xb": never clobber; the file gets the usual permissions (umask), unlike mkstemp's 0600
+    f = open(tmp, "xb")  # noqa: SIM115 (closed below on every path)
+    try:
+        try:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        finally:
+            f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# conversions
+# ----------------------------------------------------------------------------------------------
+
+
+def as_depth_array(depth: Any) -> np.ndarray:
+    """A (H, W) depth map (numpy array or torch tensor) as a float32 numpy array."""
+    if hasattr(depth, "detach") and hasattr(depth, "cpu"):  # torch.Tensor, without importing it
+        depth = depth.detach().float().cpu().numpy()
+    if not isinstance(depth, np.ndarray):
+        raise TypeError(f"depth must be a numpy array or a torch tensor, got "
+                        f"{type(depth).__name__}")
+    if depth.ndim != 2 or depth.shape[0] < 1 or depth.shape[1] < 1:
+        raise ValueError(f"depth must be a non-empty (H, W) map, got shape {depth.shape}")
+    if not np.issubdtype(depth.dtype, np.floating):
+        raise TypeError(f"depth must be a float array (metres), got {depth.dtype}")
+    return np.ascontiguousarray(depth, dtype=np.float32)
+
+
+def _as_rgb(rgb: Any, shape: tuple[int, int]) -> np.ndarray:
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
+        raise TypeError("rgb must be a uint8 numpy array (H, W, 3), got "
+                        f"{getattr(rgb, 'dtype', type(rgb).__name__)}")
+    if rgb.shape != (*shape, 3):
+        raise ValueError(f"rgb must have shape {(*shape, 3)} (the depth map's size), got "
+                         f"{rgb.shape}")
+    return rgb
+
+
+def _positive_float(value: Any, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {v}")
+    return v
+
+
+def depth_to_millimetres(depth: Any) -> np.ndarray:
+    """Depth in metres -> uint16 millimetres, rounded, clipped to 0..65535 (non-finite -> 0)."""
+    d = as_depth_array(depth).astype(np.float64)
+    mm = np.rint(np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0) * 1000.0)
+    return np.clip(mm, 0, PNG16_MAX_MM).astype(np.uint16)
+
+
+# Turbo colormap, polynomial approximation: each channel is a degree-5 polynomial in t
+# (coefficients of 1, t, t^2, ..., t^5), the published fit of Google's Turbo (2019).
+_TURBO_POLY = np.array([
+    [0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
+    [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
+    [0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973],
+])
+
+
+def turbo(t: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (clipped) -> uint8 RGB of shape ``t.shape + (3,)``; 0 blue, 1 red."""
+    t = np.clip(np.nan_to_num(np.asarray(t, dtype=np.float64), nan=0.0), 0.0, 1.0)
+    powers = np.stack([t ** k for k in range(6)], axis=-1)  # (..., 6)
+    rgb = powers @ _TURBO_POLY.T  # (..., 3)
+    return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def colorize_inverse_depth(depth: Any) -> np.ndarray:
+    """The preview image: (H, W) depth in metres -> (H, W, 3) uint8, near red, far blue."""
+    d = as_depth_array(depth)
+    near, far = COLOR_DEPTH_RANGE_M
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / np.clip(np.nan_to_num(d, nan=far, posinf=far), near, far)
+    high, low = float(inv.max()), float(inv.min())
+    span = high - low
+    t = (inv - low) / span if span > 1e-12 else np.zeros_like(inv)
+    return turbo(t)
+
+
+def point_cloud(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Unproject a depth map: -> (points (N, 3) float32 metres, colours (N, 3) uint8)."""
+    d = as_depth_array(depth)
+    rgb = _as_rgb(rgb, d.shape)
+    f = _positive_float(f_px, "f_px")
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride!r}")
+    height, width = d.shape
+    z = d[::stride, ::stride].astype(np.float64)
+    v = np.arange(0, height, stride, dtype=np.float64)[:, None] + 0.5
+    u = np.arange(0, width, stride, dtype=np.float64)[None, :] + 0.5
+    x = (u - width / 2.0) * z / f
+    y = (v - height / 2.0) * z / f
+    points = np.stack([x, y, z], axis=-1).reshape(-1, 3).astype(np.float32)
+    colours = np.ascontiguousarray(rgb[::stride, ::stride].reshape(-1, 3))
+    return points, colours
+
+
+# ----------------------------------------------------------------------------------------------
+# writers
+# ----------------------------------------------------------------------------------------------
+
+
+def write_npz(path: str | os.PathLike, depth: Any, focallength_px: float, fov_deg: float,
+              focallength_source: str | None = None) -> None:
+    """Depth (float32 metres), focal length (px), FOV (degrees) and image size, atomically."""
+    d = as_depth_array(depth)
+    arrays = {"depth": d,
+              "focallength_px": np.float32(_positive_float(focallength_px, "focallength_px")),
+              "fov_deg": np.float32(float(fov_deg)),
+              "image_size": np.array(d.shape, dtype=np.int32)}
+    if focallength_source is not None:
+        arrays["focallength_source"] = np.array(str(focallength_source))
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+def _write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    with atomic_write(path) as f:
+        image.save(f, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+
+
+def write_png16(path: str | os.PathLike, depth: Any) -> None:
+    """16-bit grayscale PNG of the depth in millimetres (see the module docstring)."""
+    _write_png(path, depth_to_millimetres(depth))
+
+
+def write_color(path: str | os.PathLike, depth: Any) -> None:
+    """8-bit RGB PNG preview of the inverse depth (turbo-style colormap)."""
+    _write_png(path, colorize_inverse_depth(depth))
+
+
+def write_ply(path: str | os.PathLike, depth: Any, rgb: np.ndarray, f_px: float,
+              stride: int = 1, binary: bool = True) -> int:
+    """Coloured point cloud (see the module docstring); returns the number of points."""
+    points, colours = point_cloud(depth, rgb, f_px, stride)
+    n = len(points)
+    header = ("ply\n"
+              f"format {'binary_little_endian' if binary else 'ascii'} 1.0\n"
+              "comment depthpro_fast: pinhole unprojection, principal point at the image centre,"
+              " OpenCV axes (x right, y down, z forward), metres\n"
+              f"comment focal_length_px {float(f_px):.6f} stride {stride}\n"
+              f"element vertex {n}\n"
+              "property float x\nproperty float y\nproperty float z\n"
+              "property uchar red\nproperty uchar green\nproperty uchar blue\n"
+              "end_header\n").encode("ascii")
+    with atomic_write(path) as f:
+        f.write(header)
+        if binary:
+            vertex = np.empty(n, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                                        ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+            vertex["x"], vertex["y"], vertex["z"] = points[:, 0], points[:, 1], points[:, 2]
+            vertex["red"], vertex["green"], vertex["blue"] = (colours[:, 0], colours[:, 1],
+                                                              colours[:, 2])
+            f.write(vertex.tobytes())
+        else:
+            chunk = 1 << 16  # bounded memory for the text formatting of large clouds
+            for start in range(0, n, chunk):
+                p, c = points[start:start + chunk], colours[start:start + chunk]
+                lines = [f"{a:.6g} {b:.6g} {z:.6g} {r} {g} {bl}\n"
+                         for (a, b, z), (r, g, bl) in zip(p.tolist(), c.tolist(), strict=True)]
+                f.write("".join(lines).encode("ascii"))
+    return n

@@ -1,0 +1,337 @@
+"""``depthpro-fast predict``: inputs and names, batching, outputs, skip / overwrite, failures.
+
+Most runs use a cheap stand-in network (same ``infer`` post-processing, a forward that costs
+nothing) to exercise the command's logic; one run uses the tiny fixture model end to end and
+compares the files with ``model.infer``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from depthpro_fast import cli, outputs
+from depthpro_fast.commands import predict
+from depthpro_fast.inference import Transform
+from depthpro_fast.io import load_image
+from tests.conftest import TINY_DIR
+from tests.test_io import exif_with, noisy_rgb, smooth_rgb
+from tests.test_outputs import read_ply
+
+
+class FakeDepthPro(torch.nn.Module):
+    """Stands in for DepthPro: content-dependent outputs, ~free forward, the real ``infer``."""
+
+    backend = "reference"
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.calls: list[int] = []  # batch size of each forward
+
+    def forward(self, x):
+        assert x.shape[1:] == (3, 1536, 1536)
+        self.calls.append(x.shape[0])
+        cid = (x.mean(1, keepdim=True) + 1.5) * self.scale
+        fov = 40.0 + 10.0 * (x.mean(dim=(1, 2, 3)) + 1.0).reshape(-1, 1, 1, 1)
+        return cid, fov
+
+    @torch.no_grad()
+    def infer(self, x, f_px=None):
+        from depthpro_fast.inference import infer
+
+        return infer(self, x, f_px)
+
+
+@pytest.fixture
+def fake_model(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a mistaken default -o lands in the test's folder
+    model = FakeDepthPro()
+    loads = []
+
+    def fake_load(checkpoint, **kwargs):
+        loads.append((checkpoint, kwargs))
+        return model, Transform("cpu", torch.float32)
+
+    monkeypatch.setattr("depthpro_fast.api.load", fake_load)
+    model.loads = loads
+    return model
+
+
+def make_tree(root: Path) -> dict[str, Path]:
+    """A folder of mixed images: EXIF focal + rotation, a name collision, sub-folders, a corrupt
+    file, and files that must be ignored."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    files = {
+        "a.jpg": root / "a.jpg",
+        "a.png": root / "a.png",
+        "gray16": root / "sub" / "gray16.png",
+        "deep": root / "sub" / "deeper" / "x.webp",
+        "broken": root / "broken.jpg",
+    }
+    Image.fromarray(smooth_rgb(24, 36)).save(files["a.jpg"], quality=95,
+                                             exif=exif_with(6, f35=28))
+    Image.fromarray(noisy_rgb(20, 30, seed=1)).save(files["a.png"])
+    g16 = (np.arange(18 * 26).reshape(18, 26) * 137 % 65536).astype(np.uint16)
+    Image.fromarray(g16).save(files["gray16"])
+    Image.fromarray(noisy_rgb(16, 16, seed=2)).save(files["deep"], lossless=True)
+    files["broken"].write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    Image.fromarray(noisy_rgb(8, 8)).save(root / ".hidden.png")
+    return files
+
+
+def tmp_files(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs, names, options
+# ----------------------------------------------------------------------------------------------
+
+
+def test_collect_sources_and_unique_names(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    make_tree(root)
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(noisy_rgb(8, 8)).save(other / "a.png")  # same relative path as in/a.png
+    Image.fromarray(noisy_rgb(8, 8)).save(other / "kept.color.png")  # looks like our output
+    out = root / "results"  # the output folder inside the input folder is not an input
+    out.mkdir()
+    Image.fromarray(noisy_rgb(8, 8)).save(out / "old.png")
+
+    sources, problems = predict.collect_sources([str(root), str(other), str(root / "a.png"),
+                                                 str(tmp_path / "nope")],
+                                                recursive=True, outdir=out)
+    rels = sorted(str(s.rel) for s in sources)
+    assert rels == ["a.jpg", "a.png", "a.png", "broken.jpg", "sub/deeper/x.webp",
+                    "sub/gray16.png"]  # in/a.png given twice is taken once
+    assert problems == [(str(tmp_path / "nope"), "no such file or folder")]
+    names = dict((str(s.path), n) for s, n in predict.assign_names(sources))
+    assert names[str(root / "a.jpg")] == "a.jpg"  # a.jpg / a.png collide on "a"
+    assert {names[str(root / "a.png")], names[str(other / "a.png")]} == {"a.png", "a.png~2"}
+    assert names[str(root / "sub" / "gray16.png")] == "sub/gray16"
+    assert names[str(root / "broken.jpg")] == "broken"
+    assert len(set(names.values())) == len(names)
+
+    flat, _ = predict.collect_sources([str(root)], recursive=False)
+    assert sorted(str(s.rel) for s in flat) == ["a.jpg", "a.png", "broken.jpg"]
+
+    globbed, problems = predict.collect_sources([str(root / "sub" / "*.png"),
+                                                 str(root / "**" / "*.webp"),
+                                                 str(root / "*.gif")])
+    assert sorted(str(s.rel) for s in globbed) == ["gray16.png", "sub/deeper/x.webp"]
+    assert problems == [(str(root / "*.gif"), "no image matches this pattern")]
+
+    paths = predict.output_paths(tmp_path / "o", "sub/gray16", ["npz", "png16", "color", "ply"])
+    assert paths == {"npz": tmp_path / "o" / "sub" / "gray16.npz",
+                     "png16": tmp_path / "o" / "sub" / "gray16.depth_mm.png",
+                     "color": tmp_path / "o" / "sub" / "gray16.color.png",
+                     "ply": tmp_path / "o" / "sub" / "gray16.ply"}
+
+
+def test_parse_save():
+    assert predict.parse_save("npz,color") == ["npz", "color"]
+    assert predict.parse_save(" PLY , npz,ply") == ["ply", "npz"]
+    assert predict.parse_save("all") == list(outputs.FORMATS)
+    with pytest.raises(ValueError, match="jpeg"):
+        predict.parse_save("npz,jpeg")
+
+
+def test_bad_options_exit_cleanly(tmp_path, capsys):
+    for extra in (["--save", "exr"], ["--f-px", "-3"], ["--batch-size", "0"],
+                  ["--ply-stride", "0"]):
+        assert cli.main(["predict", str(tmp_path), "-o", str(tmp_path / "o"), *extra]) == 1
+        assert "error" in capsys.readouterr().err
+    # nothing to do at all: a clear error
+    assert cli.main(["predict", str(tmp_path), "-o", str(tmp_path / "o")]) == 1
+    assert "no images found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# batching (stand-in network)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_infer_batch_equals_infer_per_image():
+    model = FakeDepthPro()
+    transform = Transform()
+    images = [transform(noisy_rgb(20, 30, seed=3)),
+              transform(torch.rand(3, 1536, 1536)),  # no resize at all
+              transform(noisy_rgb(33, 17, seed=4))]
+    f_pxs = [None, 900.0, 25.0]
+    batched = predict.infer_batch(model, images, f_pxs)
+    assert model.calls == [3]
+    for x, f, got in zip(images, f_pxs, batched, strict=True):
+        want = model.infer(x, f_px=f)
+        assert got["depth"].shape == want["depth"].shape == x.shape[1:]
+        for key in ("depth", "focallength_px", "fov_deg"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command (stand-in network)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_folder_run_corrupt_file_skip_and_overwrite(tmp_path, fake_model, capsys):
+    root = tmp_path / "in"
+    root.mkdir()
+    files = make_tree(root)
+    out = tmp_path / "out"
+    args = ["predict", str(root), "-o", str(out), "--recursive", "--save", "all",
+            "--batch-size", "2", "--quiet", "--checkpoint", "some.pt", "--config", "tiny"]
+
+    assert cli.main(args) == 1  # one file failed
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "corrupt" in captured.err
+    assert "5 images: 4 written, 0 skipped (outputs exist), 1 failed" in captured.out
+    assert fake_model.loads[0][0] == "some.pt" and fake_model.loads[0][1]["config"] == "tiny"
+    assert fake_model.loads[0][1]["dtype"] == "float32"  # auto on CPU
+    assert sorted(fake_model.calls) == [2, 2]  # 4 readable images in batches of 2
+
+    expected = ["a.jpg", "a.png", "sub/gray16", "sub/deeper/x"]
+    for name in expected:
+        for suffix in outputs.FORMATS.values():
+            assert (out / (name + suffix)).is_file(), name + suffix
+    assert not list(out.glob("broken*"))
+    assert tmp_files(out) == []
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert len(written) == 4 * len(outputs.FORMATS)
+
+    # values: the npz equals infer on the loaded image with the EXIF focal length
+    rgb, f_exif = load_image(files["a.jpg"])
+    assert rgb.shape == (36, 24, 3)  # EXIF orientation 6 applied
+    assert f_exif == pytest.approx(28 * math.hypot(24, 36) / math.hypot(36, 24))
+    want = fake_model.infer(Transform()(rgb), f_px=f_exif)
+    with np.load(out / "a.jpg.npz") as z:
+        assert z["depth"].shape == (36, 24) and z["image_size"].tolist() == [36, 24]
+        np.testing.assert_allclose(z["depth"], want["depth"].numpy(), rtol=1e-6)
+        assert float(z["focallength_px"]) == pytest.approx(f_exif, rel=1e-6)
+        assert str(z["focallength_source"]) == "exif"
+    with np.load(out / "a.png.npz") as z:
+        assert str(z["focallength_source"]) == "estimated"
+    with Image.open(out / "a.jpg.color.png") as im:
+        assert im.size == (24, 36)  # same size as the (upright) input
+    header, rows = read_ply(out / "sub" / "gray16.ply")
+    assert header["count"] == 18 * 26
+
+    # rerun: everything done is skipped, untouched; the broken file fails again
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    fake_model.calls.clear()
+    assert cli.main(args) == 1
+    assert "4 skipped" in capsys.readouterr().out
+    assert fake_model.calls == []
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+
+    # a missing output makes the image run again; --overwrite runs everything
+    (out / "a.png.color.png").unlink()
+    assert cli.main(["predict", str(files["a.png"])] + args[2:]) == 0
+    assert "1 written" in capsys.readouterr().out
+    assert cli.main(["predict", str(files["a.jpg"]), "-o", str(out), "--save", "npz",
+                     "--overwrite", "--f-px", "100", "--quiet"]) == 0
+    with np.load(out / "a.npz") as z:  # given alone, the file is not in a collision
+        assert float(z["focallength_px"]) == 100.0
+        assert str(z["focallength_source"]) == "given"
+    assert cli.main(["predict", str(files["a.jpg"]), "-o", str(out), "--save", "npz",
+                     "--overwrite", "--ignore-exif", "--quiet"]) == 0
+    with np.load(out / "a.npz") as z:
+        assert str(z["focallength_source"]) == "estimated"
+
+
+def test_missing_argument_is_a_failure_but_others_run(tmp_path, fake_model, capsys):
+    img = tmp_path / "ok.png"
+    Image.fromarray(noisy_rgb(10, 12)).save(img)
+    rc = cli.main(["predict", str(img), str(tmp_path / "missing.jpg"), "-o",
+                   str(tmp_path / "out"), "--quiet"])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "missing.jpg: no such file or folder" in captured.err
+    assert (tmp_path / "out" / "ok.npz").is_file() and (tmp_path / "out" / "ok.color.png").is_file()
+
+
+def test_failed_write_is_reported_and_leaves_no_partial_file(tmp_path, fake_model, monkeypatch,
+                                                             capsys):
+    for i in range(3):
+        Image.fromarray(noisy_rgb(10, 12, seed=i)).save(tmp_path / f"img{i}.png")
+    real = outputs.write_ply
+
+    def flaky_write_ply(path, *args, **kwargs):
+        if "img1" in str(path):
+            with outputs.atomic_write(path) as f:
+                f.write(b"ply\npartial")
+                raise OSError(28, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "write_ply", flaky_write_ply)
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(tmp_path), "-o", str(out), "--save", "npz,ply",
+                     "--quiet"]) == 1
+    assert "img1.png" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["img0.npz", "img0.ply", "img1.npz",
+                                                    "img2.npz", "img2.ply"]
+    # img1 is incomplete (no ply), so the next run computes it again
+    monkeypatch.setattr(outputs, "write_ply", real)
+    assert cli.main(["predict", str(tmp_path), "-o", str(out), "--save", "npz,ply",
+                     "--quiet"]) == 0
+    assert "1 written, 2 skipped" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end with the tiny fixture model
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_end_to_end_batched(tmp_path, tiny_model, capsys):
+    """Real network, batch of 2, all formats; files read back equal ``model.infer``."""
+    model, transform = tiny_model
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    jpg = root / "cam.jpg"
+    Image.fromarray(smooth_rgb(30, 40)).save(jpg, quality=95, exif=exif_with(8, f35=35))
+    png = root / "sub" / "scan.png"
+    Image.fromarray((np.arange(24 * 20).reshape(24, 20) * 97 % 65536).astype(np.uint16)).save(png)
+    (root / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    out = tmp_path / "out"
+    rc = cli.main(["predict", str(root), "-o", str(out), "--recursive", "--save", "all",
+                   "--batch-size", "2", "--ply-stride", "2", "--quiet", "--device", "cpu",
+                   "--backend", "reference", "--checkpoint", str(TINY_DIR / "state_dict_fp16.pt"),
+                   "--config", str(TINY_DIR / "config.json")])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "zz_corrupt.png" in captured.err
+    assert "3 images: 2 written, 0 skipped (outputs exist), 1 failed" in captured.out
+
+    for src, name, source in ((jpg, "cam", "exif"), (png, "sub/scan", "estimated")):
+        rgb, f_exif = load_image(src)
+        want = model.infer(transform(rgb), f_px=f_exif)
+        want_depth = want["depth"].numpy()
+        with np.load(out / f"{name}.npz") as z:
+            depth = z["depth"]
+            assert depth.dtype == np.float32 and depth.shape == rgb.shape[:2]
+            np.testing.assert_allclose(depth, want_depth, rtol=1e-4)  # batched vs one image
+            assert float(z["focallength_px"]) == pytest.approx(float(want["focallength_px"]),
+                                                               rel=1e-5)
+            assert float(z["fov_deg"]) == pytest.approx(float(want["fov_deg"]), rel=1e-5)
+            assert str(z["focallength_source"]) == source
+        with Image.open(out / f"{name}.depth_mm.png") as im:
+            mm = np.asarray(im).astype(np.int64)
+        ok = depth <= 65.535
+        assert np.abs(mm[ok] / 1000.0 - depth[ok]).max() <= 0.001  # within 1 mm
+        assert (mm[~ok] == 65535).all()
+        with Image.open(out / f"{name}.color.png") as im:
+            assert im.mode == "RGB" and im.size == (rgb.shape[1], rgb.shape[0])
+        header, rows = read_ply(out / f"{name}.ply")
+        assert header["count"] == math.ceil(rgb.shape[0] / 2) * math.ceil(rgb.shape[1] / 2)
+        np.testing.assert_allclose(rows["z"], depth[::2, ::2].ravel(), rtol=1e-6)
+    assert tmp_files(out) == []
+    assert not list(out.glob("zz_corrupt*"))
+    assert os.path.isdir(out / "sub")
