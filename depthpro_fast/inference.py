@@ -32,7 +32,9 @@ def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtyp
 
 
 def image_to_chw_float(image: Any) -> torch.Tensor:
-    """PIL image, HWC numpy array or CHW tensor -> CHW float32 tensor in [0, 1] (ToTensor)."""
+    """PIL image, HWC numpy array or CHW tensor -> CHW float32 tensor in [0, 1] (ToTensor).
+
+    The result never shares memory with ``image`` (callers may modify it in place)."""
     try:
         from PIL import Image
     except ImportError:  # Pillow is a dependency, but keep tensors usable without it
@@ -52,8 +54,8 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
             return t.to(torch.float32) / 255.0
         if np.issubdtype(image.dtype, np.floating):
             # as torchvision's ToTensor: float arrays are taken as already in [0, 1]
-            return _check_unit_range(
-                torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float())
+            return _check_unit_range(torch.from_numpy(np.ascontiguousarray(image))
+                                     .permute(2, 0, 1).to(torch.float32, copy=True))
         raise TypeError(f"numpy image dtype {image.dtype} not accepted; uint8 (0..255) or "
                         "float (0..1)")
     if isinstance(image, torch.Tensor):
@@ -63,7 +65,7 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
         if image.dtype == torch.uint8:
             return image.to(torch.float32) / 255.0
         if image.dtype.is_floating_point:
-            return _check_unit_range(image.to(torch.float32))
+            return _check_unit_range(image.to(torch.float32, copy=True))
         raise TypeError(f"tensor image dtype {image.dtype} not accepted; uint8 (0..255) or "
                         "float (0..1)")
     raise TypeError("image must be a PIL image, an HWC numpy array or a CHW tensor, got "
@@ -96,7 +98,8 @@ class Transform:
         if x.shape[1] < 1 or x.shape[2] < 1:
             raise ValueError(f"empty image: shape {tuple(x.shape)}")
         x = x.to(self.device)
-        x = (x - 0.5) / 0.5  # Normalize(mean 0.5, std 0.5) in float32
+        # Normalize(mean 0.5, std 0.5) in float32, in place: a 20000x20000 image is 4.8 GB
+        x = x.sub_(0.5).div_(0.5)
         return x.to(self.dtype)
 
     def __repr__(self) -> str:
@@ -187,6 +190,36 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
 # infer
 # ----------------------------------------------------------------------------------------------
 
+# float32 maps at the original resolution that infer holds at its peak: the resized inverse
+# depth, the clamped copy and the depth
+_OUTPUT_MAPS = 3
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (CUDA: the driver's free memory; CPU: MemAvailable), or None."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
+
+
+def check_output_memory(batch: int, height: int, width: int, device: torch.device) -> None:
+    """Refuse, before any work, an output that cannot fit, saying how much it needs."""
+    needed = _OUTPUT_MAPS * 4 * batch * height * width
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise MemoryError(
+            f"a {batch}x{height}x{width} input needs about {needed / 2**30:.1f} GiB for its "
+            f"full-resolution depth outputs on {device}, but only {free / 2**30:.1f} GiB is "
+            "free; downscale the image (the network itself always runs at 1536x1536) or use a "
+            "smaller batch")
+
 
 def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
           interpolation_mode: str = "bilinear", *, return_inverse_depth: bool = False,
@@ -204,6 +237,7 @@ def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
                          f"of the transform returned by load()), got [{low:.4g}, {high:.4g}]")
     device, dtype = model_device_dtype(model)
     batch, _, height, width = x.shape
+    check_output_memory(batch, height, width, device)
     f_given = None if f_px is None else focal_length_tensor(f_px, batch, device)
     x = x.to(device=device, dtype=dtype)
     resized = (height, width) != (IMG_SIZE, IMG_SIZE)
