@@ -240,12 +240,23 @@ def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
     check_output_memory(batch, height, width, device)
     f_given = None if f_px is None else focal_length_tensor(f_px, batch, device)
     x = x.to(device=device, dtype=dtype)
-    resized = (height, width) != (IMG_SIZE, IMG_SIZE)
-    if resized:
+    if (height, width) != (IMG_SIZE, IMG_SIZE):
         x = _resize(x, (IMG_SIZE, IMG_SIZE), interpolation_mode)
 
     canonical_inverse_depth, fov_deg = model(x)
+    return postprocess(canonical_inverse_depth, fov_deg, f_given, height, width,
+                       interpolation_mode, return_inverse_depth=return_inverse_depth)
 
+
+def postprocess(canonical_inverse_depth: torch.Tensor, fov_deg: torch.Tensor | None,
+                f_given: torch.Tensor | None, height: int, width: int,
+                interpolation_mode: str = "bilinear", *, return_inverse_depth: bool = False,
+                ) -> dict[str, torch.Tensor]:
+    """Network outputs (B, 1, 1536, 1536) and (B, 1, 1, 1) -> infer's result at (height, width).
+
+    ``f_given``: the user's focal lengths as from :func:`focal_length_tensor`, or None to use
+    the FOV estimate (spec §7 steps 4-9)."""
+    batch = canonical_inverse_depth.shape[0]
     if f_given is None:
         if fov_deg is None:
             raise ValueError("this model has no FOV network (use_fov=False): pass f_px")
@@ -253,7 +264,7 @@ def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
     else:
         f = f_given
     inverse_depth = canonical_inverse_depth * (width / f)
-    if resized:
+    if (height, width) != (IMG_SIZE, IMG_SIZE):
         inverse_depth = _resize(inverse_depth, (height, width), interpolation_mode)
     depth = 1.0 / torch.clamp(inverse_depth, min=INVERSE_DEPTH_RANGE[0],
                               max=INVERSE_DEPTH_RANGE[1])

@@ -228,29 +228,12 @@ def parse_save(text: str) -> list[str]:
 
 def _post_process(cid: Any, fov_deg: Any, f_px: float | None, height: int, width: int,
                   ) -> dict[str, Any]:
-    """One image's network output (1, 1, 1536, 1536) -> infer's result at (height, width).
+    """One image's network output (1, 1, 1536, 1536) -> infer's result at (height, width)."""
+    from ..inference import check_output_memory, focal_length_tensor, postprocess
 
-    The same arithmetic as ``inference.infer`` (spec §7), step for step."""
-    import torch
-
-    from ..config import IMG_SIZE
-    from ..inference import INVERSE_DEPTH_RANGE, _resize, focal_from_fov, focal_length_tensor
-
-    if f_px is None:
-        if fov_deg is None:
-            raise ValueError("this model has no FOV network (use_fov=False): pass --f-px")
-        f = focal_from_fov(fov_deg, width)
-    else:
-        f = focal_length_tensor(f_px, 1, cid.device)
-    inverse_depth = cid * (width / f)
-    if (height, width) != (IMG_SIZE, IMG_SIZE):
-        inverse_depth = _resize(inverse_depth, (height, width), "bilinear")
-    depth = 1.0 / torch.clamp(inverse_depth, min=INVERSE_DEPTH_RANGE[0],
-                              max=INVERSE_DEPTH_RANGE[1])
-    if fov_deg is None:
-        fov_deg = torch.rad2deg(2 * torch.atan(0.5 * width / f))
-    return {"depth": depth[0, 0], "focallength_px": f.reshape(()),
-            "fov_deg": fov_deg.to(torch.float32).reshape(())}
+    check_output_memory(1, height, width, cid.device)
+    f = None if f_px is None else focal_length_tensor(f_px, 1, cid.device)
+    return postprocess(cid, fov_deg, f, height, width)
 
 
 def infer_batch(model: Any, images: Sequence[Any], f_pxs: Sequence[float | None],
