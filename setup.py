@@ -31,12 +31,14 @@ def cuda_extension():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}, ("torch is not importable in the build environment "
-                        "(pip install --no-build-isolation -e . builds against the installed torch)")
+                        "(pip install --no-build-isolation -e . builds against the installed "
+                        "torch)")
     if torch.version.cuda is None:
         return [], {}, f"torch {torch.__version__} is a CPU build"
     if CUDA_HOME is None:
         return [], {}, "nvcc / CUDA_HOME not found"
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("kernels", "*.cu")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))
+                     + glob.glob(os.path.join("kernels", "*.cu")))
     if not sources:
         return [], {}, "no sources in csrc/ and kernels/"
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from . import backends, checkpoint as ckpt
+from . import backends
+from . import checkpoint as ckpt
 from .config import DepthProConfig, resolve_config
 from .inference import Transform
 from .model import DepthPro

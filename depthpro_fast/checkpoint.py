@@ -180,9 +180,10 @@ def guess_config(state_dict: Mapping[str, torch.Tensor]) -> str:
         dims = [state_dict["encoder.upsample_latent1.0.weight"].shape[0], *dims]
     except (KeyError, IndexError):
         return "it does not look like a DepthPro state dict"
+    has_fov = any(k.startswith("fov.") for k in state_dict)
     return (f"its shapes suggest embed_dim={e}, depth={depth}, mlp_ratio={hidden / e:g}, "
             f"encoder_feature_dims={dims}, decoder_features={d}, "
-            f"FOV network {'present' if any(k.startswith('fov.') for k in state_dict) else 'absent'}")
+            f"FOV network {'present' if has_fov else 'absent'}")
 
 
 def check_keys(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],

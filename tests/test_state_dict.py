@@ -42,7 +42,8 @@ def test_saved_state_dict_loads_back_strictly(tmp_path):
     path = tmp_path / "ours.pt"
     torch.save(model.state_dict(), path)
     again, _ = depthpro_fast.load(path, config="tiny", device="cpu")
-    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items(),
+                                    strict=True):
         assert k == k2 and torch.equal(a, b)
 
 

@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"config {args.config}, device {device}, backend {args.backend}, random weights")
     print(f"built in {t1 - t0:.2f} s; infer on a {height}x{width} image in {t2 - t1:.2f} s")
     print(f"depth {depth.shape} in [{depth.min():.3g}, {depth.max():.3g}] m, focal length "
-          f"{float(prediction['focallength_px']):.1f} px, FOV {float(prediction['fov_deg']):.2f} deg")
+          f"{float(prediction['focallength_px']):.1f} px, "
+          f"FOV {float(prediction['fov_deg']):.2f} deg")
     print(f"wrote {args.out}")
     return 0
