@@ -140,6 +140,19 @@ def implementation(op: str, backend: str | None, device: torch.device) -> Callab
     return _load(op, "reference")
 
 
+def preload(backend: str | None, device: torch.device) -> None:
+    """Resolve (import, compile-free) every op's implementation for ``backend`` on ``device``.
+
+    ``torch.compile(fullgraph=True)`` cannot trace a first-time load (an import under a lock),
+    so models call this when their backend is set. Failures are left for the call to report.
+    """
+    for op in _REGISTRY:
+        try:
+            implementation(op, backend, device)
+        except Exception:  # noqa: BLE001  (reported again, with the reason, at call time)
+            pass
+
+
 def _note_fallback(op: str, backend: str, why: str) -> None:
     _FALLBACKS[(op, backend)] = why
 

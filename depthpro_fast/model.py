@@ -303,6 +303,11 @@ class DepthPro(nn.Module):
             nn.Conv2d(32, 1, 1), nn.ReLU())
         self.fov = FOVNetwork(config) if use_fov else None
         self._backend = "reference"
+        # Skip the FOV branch when the caller says its result is unused (``need_fov=False``;
+        # ``infer`` passes that when given ``f_px``). Off by default: the official ``infer``
+        # always computes (and we report) the estimated FOV. The fast path turns it on.
+        self.skip_unused_fov = False
+        self._fast_engine = None  # a plain object (not a submodule): see prepare_fast()
 
     @property
     def img_size(self) -> int:
@@ -314,26 +319,63 @@ class DepthPro(nn.Module):
 
     def set_backend(self, backend: str) -> DepthPro:
         """Route every op of this model through ``backend`` (reference, triton, cuda, auto)."""
-        from .backends import check_backend
+        from .backends import check_backend, preload
 
         backend = check_backend(backend)
         self._backend = backend
+        device = next(self.parameters()).device
+        if device.type != "meta":
+            preload(backend, device)
         for m in self.modules():
             if isinstance(m, _UsesBackend):
                 m.backend = backend
         return self
 
-    def forward(self, x: torch.Tensor, intermediates: Intermediates | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # -- fast path --------------------------------------------------------------------------
+
+    def prepare_fast(self, options=True) -> DepthPro:
+        """Attach the fast engine (``depthpro_fast.fast``): folded conv weights, fused ViT
+        epilogues, channels_last, and on CUDA a second stream and CUDA graphs.
+
+        ``options``: ``True`` (defaults), a dict of ``FastOptions`` fields or a ``FastOptions``;
+        ``False`` detaches it. Calls without gradients and without ``intermediates`` then run
+        on the engine; call again after replacing parameters by new tensor objects.
+        """
+        from .fast.engine import FastEngine, FastOptions
+
+        opts = FastOptions.resolve(options)
+        if opts is None:
+            self._fast_engine = None
+            self.skip_unused_fov = False
+            return self
+        self._fast_engine = FastEngine(self, opts)
+        self.skip_unused_fov = opts.skip_unused_fov
+        return self
+
+    @property
+    def fast_engine(self):
+        """The attached ``FastEngine``, or None (reference modules only)."""
+        return self._fast_engine
+
+    def forward(self, x: torch.Tensor, intermediates: Intermediates | None = None, *,
+                need_fov: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, 1536, 1536) normalised -> (canonical inverse depth (B, 1, 1536, 1536),
-        FOV in degrees (B, 1, 1, 1), or None without the FOV network)."""
+        FOV in degrees (B, 1, 1, 1), or None without the FOV network).
+
+        ``need_fov=False`` tells the model the FOV is not used; it then returns None for it
+        when ``skip_unused_fov`` is set (the fast path), saving the FOV branch.
+        """
         from .inference import check_network_input
 
         check_network_input(x, self)
+        engine = self._fast_engine
+        if engine is not None and intermediates is None and not torch.is_grad_enabled():
+            return engine(x, need_fov=need_fov)
         encodings = self.encoder(x, intermediates)
         features, lowres = self.decoder(encodings)
         canonical_inverse_depth = self.head(features)
-        fov_deg = self.fov(x, lowres.detach(), intermediates) if self.fov is not None else None
+        compute_fov = self.fov is not None and (need_fov or not self.skip_unused_fov)
+        fov_deg = self.fov(x, lowres.detach(), intermediates) if compute_fov else None
         if intermediates is not None:
             for i, e in enumerate(encodings):
                 intermediates[f"encoder.outputs.{i}"] = e
