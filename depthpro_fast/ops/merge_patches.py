@@ -2,8 +2,30 @@
 
 Input: the encoder tokens of ``grid * grid * batch_size`` windows, (n, 1 + h*w, C) with the class
 token first (as the ViT emits them), or already (n, C, h, w) maps; window-major, image-minor
-(index ``(row * grid + col) * batch_size + b``). ``blend=0`` is the official hard crop: at each
-interior window border ``padding`` tokens are dropped and the rest concatenated.
+(index ``(row * grid + col) * batch_size + b``). Output: (batch_size, C, H, W) with
+``H = grid * h - 2 * padding * (grid - 1)`` (same for W); window ``j`` of an axis starts at
+``j * s`` in the output, ``s = h - 2 * padding`` (the window stride in tokens), and neighbouring
+windows overlap by ``o = h - s = 2 * padding`` tokens.
+
+``blend=0`` is the official hard crop (spec §2.4): at each interior window border ``padding``
+tokens are dropped and the rest concatenated, i.e. the boundary between windows ``j`` and
+``j + 1`` lies at ``c = (j + 1) * s + padding``, the middle of their overlap band, and every
+output token is copied from exactly one window.
+
+``blend=k > 0`` is an overlap-blend (an option for studies; the official model is trained with
+the crop). On each axis, across the boundary ``c`` between windows ``j`` and ``j + 1``, the
+weight of window ``j`` at output token ``Y`` (token centre ``Y + 1/2``) is the linear ramp of
+width ``k`` centred on ``c``::
+
+    w_j(Y) = clamp(1/2 + (c - (Y + 1/2)) / k, 0, 1)          w_{j+1}(Y) = 1 - w_j(Y)
+
+so the tokens whose centres lie within ``k/2`` of the boundary mix the two windows, all others
+come from the crop's window. A window's weight is the product of its two axes' weights, and the
+weights of all windows sum to one at every output token (up to four windows mix at a corner).
+``k = 1`` puts the ramp's ends on the two token centres next to the boundary, so it equals the
+crop; ``k`` may be at most ``min(2 * padding, s)``: the ramp then stays inside the overlap band
+and a window's two ramps do not meet. Windows that agree on their overlap (e.g. crops of one
+image) merge to that image for every ``k``.
 """
 
 from __future__ import annotations
@@ -22,12 +44,55 @@ def tokens_to_maps(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, 1:].reshape(n, side, side, c).permute(0, 3, 1, 2)
 
 
+def merged_size(window: int, grid: int, padding: int) -> int:
+    """Length of the merged axis: ``grid`` windows of ``window`` tokens, stride window - 2p."""
+    return grid * window - 2 * padding * (grid - 1)
+
+
+def max_blend(h: int, w: int, grid: int, padding: int) -> int:
+    """Largest accepted ``blend``: the ramp must fit the overlap (2p) and the stride (h - 2p)."""
+    if grid == 1:
+        return 0
+    return min(2 * padding, h - 2 * padding, w - 2 * padding)
+
+
+def blend_weights(window: int, grid: int, padding: int, blend: int) -> torch.Tensor:
+    """(grid, window) float64: the weight of window ``j`` at its local token ``y`` on one axis.
+
+    ``blend=0`` gives the crop's 0/1 mask; ``blend=k`` the ramps of the module docstring.
+    """
+    y = torch.arange(window, dtype=torch.float64)
+    if blend == 0:
+        lo = (y >= padding).double()  # towards the previous window (boundary at local p)
+        hi = (y < window - padding).double()  # towards the next one (boundary at window - p)
+    else:
+        # At a boundary c, token Y: t = 2 (c - Y) - 1 (odd; > 0 on the lower window's side)
+        # and the lower window's weight is (k + t) / 2k, clamped; the upper one gets the rest.
+        def lower_weight(t: torch.Tensor) -> torch.Tensor:
+            return ((blend + t) / (2 * blend)).clamp(0, 1)
+
+        hi = lower_weight(2 * (window - padding - y) - 1)
+        lo = 1 - lower_weight(2 * (padding - y) - 1)
+    weights = torch.ones(grid, window, dtype=torch.float64)
+    if grid > 1:
+        weights[1:] *= lo
+        weights[:-1] *= hi
+    return weights
+
+
 def merge_patches_reference(tokens: torch.Tensor, *, batch_size: int, grid: int, padding: int,
                             blend: int = 0, channels_last: bool = False) -> torch.Tensor:
-    """Crop-and-concatenate, exactly as the official ``merge``."""
-    if blend:
-        raise NotImplementedError("merge_patches: blend > 0 is not implemented yet")
+    """Crop-and-concatenate exactly as the official ``merge`` (``blend=0``), or the blend.
+
+    The blend is written as what it is, a weighted sum of the windows placed at their offsets,
+    accumulated in float32 and cast back to the tokens' dtype.
+    """
     maps = tokens_to_maps(tokens) if tokens.dim() == 3 else tokens
+    if blend:
+        out = _blend_reference(maps, batch_size, grid, padding, blend)
+        if channels_last:
+            return out.contiguous(memory_format=torch.channels_last)
+        return out
     rows = []
     for j in range(grid):
         cols = []
@@ -44,6 +109,22 @@ def merge_patches_reference(tokens: torch.Tensor, *, batch_size: int, grid: int,
     if channels_last:
         return out.contiguous(memory_format=torch.channels_last)
     return out.contiguous()
+
+
+def _blend_reference(maps: torch.Tensor, batch_size: int, grid: int, padding: int,
+                     blend: int) -> torch.Tensor:
+    n, c, h, w = maps.shape
+    wy = blend_weights(h, grid, padding, blend).float().to(maps.device)
+    wx = blend_weights(w, grid, padding, blend).float().to(maps.device)
+    sy, sx = h - 2 * padding, w - 2 * padding
+    out = torch.zeros(batch_size, c, merged_size(h, grid, padding), merged_size(w, grid, padding),
+                      dtype=torch.float32, device=maps.device)
+    for j in range(grid):
+        for i in range(grid):
+            win = maps[(j * grid + i) * batch_size:(j * grid + i + 1) * batch_size].float()
+            weight = wy[j][:, None] * wx[i][None, :]
+            out[..., j * sy:j * sy + h, i * sx:i * sx + w] += win * weight
+    return out.to(maps.dtype)
 
 
 def _check(tokens: torch.Tensor, batch_size: int, grid: int, padding: int, blend: int) -> None:
@@ -71,12 +152,25 @@ def _check(tokens: torch.Tensor, batch_size: int, grid: int, padding: int, blend
                          f" windows, got {n}")
     if grid > 1 and 2 * padding >= min(h, w):
         raise ValueError(f"merge_patches: padding {padding} leaves nothing of a {h}x{w} window")
+    if blend > max(max_blend(h, w, grid, padding), 1):
+        raise ValueError(f"merge_patches: blend {blend} too wide for {h}x{w} windows with "
+                         f"padding {padding}; accepted: 0 to "
+                         f"{max(max_blend(h, w, grid, padding), 1)} "
+                         "(the overlap 2*padding and the stride h - 2*padding bound it; 0 and 1 "
+                         "are the crop)")
 
 
 def merge_patches(tokens: torch.Tensor, *, batch_size: int, grid: int, padding: int,
                   blend: int = 0, channels_last: bool = False,
                   backend: str | None = None) -> torch.Tensor:
-    """Stitch ``grid x grid`` windows per image into a (batch_size, C, H, W) map."""
+    """Stitch ``grid x grid`` windows per image into a (batch_size, C, H, W) map.
+
+    ``tokens``: (grid^2 * batch_size, 1 + h*w, C) tokens, class token first, or
+    (grid^2 * batch_size, C, h, w) maps; window-major, image-minor. ``padding``: tokens the crop
+    drops at each interior border. ``blend``: 0 (the official crop) or the width in tokens of the
+    linear overlap ramp (module docstring). ``channels_last``: return the (B, C, H, W) result in
+    channels_last memory format. The result has the tokens' dtype.
+    """
     _check(tokens, batch_size, grid, padding, blend)
     impl = backends.implementation("merge_patches", backend, tokens.device)
     return impl(tokens, batch_size=batch_size, grid=grid, padding=padding, blend=blend,
