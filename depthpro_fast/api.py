@@ -20,7 +20,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bf16": torch.bfloat16}
 
 
+_FP8_NAMES = ("fp8", "float8", "float8_e4m3fn", "float8_e4m3", "e4m3", "float8_e5m2")
+
+
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    fp8 = (isinstance(dtype, str) and dtype.lower() in _FP8_NAMES) or (
+        isinstance(dtype, torch.dtype) and "float8" in str(dtype))
+    if fp8:
+        raise ValueError(f"dtype {dtype!r}: FP8 inference is not implemented; use "
+                         "torch.bfloat16 or torch.float16 (with fast=True for the fast path)")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
@@ -69,7 +77,8 @@ def plausible_random_init_(model: DepthPro) -> DepthPro:
 def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "auto", *,
          config: DepthProConfig | Mapping[str, Any] | str | os.PathLike | None = None,
          device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32,
-         backend: str = "auto", use_fov: bool = True) -> tuple[DepthPro, Transform]:
+         backend: str = "auto", use_fov: bool = True,
+         fast: bool | Mapping[str, Any] | Any = False) -> tuple[DepthPro, Transform]:
     """Build DepthPro, load weights and return ``(model, transform)``.
 
     ``checkpoint``: a path to Apple's ``depth_pro.pt`` (or a ``.safetensors`` in the same key
@@ -80,6 +89,11 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     ``config``: a ``DepthProConfig``, a dict of knobs, a preset name or a JSON file path
     (default: the official model). ``device`` defaults to CUDA when available. The model is
     returned in eval mode.
+    ``fast``: ``True`` (or a dict of ``depthpro_fast.fast.FastOptions`` fields) prepares the
+    fast path once, here: exact conv folds, fused ViT epilogues, channels_last, and on CUDA a
+    second stream, cuDNN autotuning and CUDA graphs; the FOV branch is then skipped when
+    ``infer`` is given ``f_px`` (``fov_deg`` is the FOV implied by ``f_px``). Use it with
+    ``dtype=torch.bfloat16`` or ``torch.float16`` on a GPU.
     """
     cfg = resolve_config(config)
     dev = resolve_device(device)
@@ -87,6 +101,9 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     backend = backends.check_backend(backend)
     if not isinstance(use_fov, bool):
         raise TypeError(f"use_fov must be True or False, got {use_fov!r}")
+    from .fast.engine import FastOptions
+
+    fast_options = FastOptions.resolve(fast)  # checked before the (slow) weight loading
 
     if checkpoint is None:
         model = build_model(cfg, use_fov=use_fov, device=dev)
@@ -110,4 +127,6 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
         model = model.to(device=dev, dtype=dt)
     model.eval()
     model.set_backend(backend)
+    if fast_options is not None:
+        model.prepare_fast(fast_options)
     return model, Transform(dev, dt)

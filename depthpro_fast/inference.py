@@ -243,7 +243,8 @@ def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
     if (height, width) != (IMG_SIZE, IMG_SIZE):
         x = _resize(x, (IMG_SIZE, IMG_SIZE), interpolation_mode)
 
-    canonical_inverse_depth, fov_deg = model(x)
+    # need_fov=False lets a model that skips unused work (the fast path) drop the FOV branch
+    canonical_inverse_depth, fov_deg = model(x, need_fov=f_given is None)
     return postprocess(canonical_inverse_depth, fov_deg, f_given, height, width,
                        interpolation_mode, return_inverse_depth=return_inverse_depth)
 

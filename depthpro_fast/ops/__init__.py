@@ -5,14 +5,30 @@ dispatch to the implementations of the selected backend (see ``depthpro_fast.bac
 """
 
 from .attention import attention, attention_reference
+from .bias_gelu import bias_gelu, bias_gelu_reference
+from .layer_norm import (
+    add_layer_norm,
+    add_layer_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+)
 from .merge_patches import merge_patches, merge_patches_reference
+from .residual_layerscale import residual_layerscale, residual_layerscale_reference
 from .split_patches import split_patches, split_patches_reference
 
 __all__ = [
+    "add_layer_norm",
+    "add_layer_norm_reference",
     "attention",
     "attention_reference",
+    "bias_gelu",
+    "bias_gelu_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "merge_patches",
     "merge_patches_reference",
+    "residual_layerscale",
+    "residual_layerscale_reference",
     "split_patches",
     "split_patches_reference",
 ]

@@ -1,0 +1,488 @@
+"""The fast forward: how a loaded DepthPro is prepared for, and run on, the fast path.
+
+``FastEngine(model, options)`` is attached to a model by ``DepthPro.prepare_fast`` (or
+``depthpro_fast.load(..., fast=True)``); ``DepthPro.forward`` then hands it every call made
+without gradients and without an ``intermediates`` dict. It computes the same function as the
+reference modules (same weights, same ops), reorganised:
+
+- ViTs: GEMMs without bias + fused epilogue ops (``fast/vit.py``), or ``torch.compile`` of each
+  block (``epilogues="compile"``), or the reference modules (``epilogues="torch"``).
+- Convolutional parts: exact folds of linear chains (``fast/folds.py``), weights in
+  channels_last, cuDNN autotuning (``torch.backends.cudnn.benchmark`` on during the forward).
+- Concurrency (CUDA): the image encoder and the FOV encoder run on a second stream while the
+  patch encoder (35 windows per image) runs on the caller's stream; their inputs are the level-2
+  windows produced by ``split_patches`` (spec §15: the same tensor as the FOV's 0.25 resize).
+  Stream discipline: the side stream waits for the split, the caller's stream waits for an event
+  recorded after each side result before using it, and tensors crossing streams are marked with
+  ``record_stream`` so the caching allocator never hands their memory out too early.
+- The FOV branch is skipped when its result is unused (``need_fov=False``, which ``infer``
+  passes when the caller gives ``f_px``); ``infer`` then reports the FOV implied by the given
+  focal length, ``2 atan(W / (2 f_px))`` (the same rule as for models without an FOV network).
+- CUDA graphs (CUDA): the whole fixed-shape forward is captured once per (batch, dtype, FOV
+  needed, backend) and replayed (``fast/graphs.py``); the input is copied into the graph's
+  static buffer; ``infer``'s resize and checks stay outside.
+
+Weights: folded / channels_last copies are made once, at preparation, in float64 and rounded
+once to the model dtype. The engine notices when the model moved (device, dtype) or when the
+source weights of the folds changed (in place, e.g. ``load_state_dict``) and prepares again
+(dropping its graphs). Replacing the ViT parameters by new tensor objects
+(``load_state_dict(assign=True)``) is not detected: call ``model.prepare_fast()`` again.
+
+Threading: the eager engine is re-entrant; a CUDA-graph runner serves one call at a time (a
+lock), see ``fast/graphs.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends, ops
+from ..ops.merge_patches import tokens_to_maps
+from . import folds
+from .graphs import GraphRunner
+from .vit import compiled_forward_with_hooks, fused_forward_with_hooks
+
+if TYPE_CHECKING:
+    from ..model import DepthPro, VisionTransformer
+
+EPILOGUES = ("fused", "torch", "compile")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastOptions:
+    """Switches of the fast path (each can be turned off to measure what it buys).
+
+    - ``epilogues``: ``"fused"`` (ViT GEMMs + the fused epilogue ops), ``"torch"`` (the
+      reference ViT modules), ``"compile"`` (``torch.compile`` of each block's math).
+    - ``epilogue_backend``: backend of the epilogue ops (None: the model's backend).
+    - ``fuse_layer_norm``: LayerNorm fused with the residual write (else two passes).
+    - ``fold_convs``: the exact folds of ``fast/folds.py`` (1, 2 where it pays, 4, 5).
+    - ``head_subpixel``: fold 6 (the depth head's deconv + 3x3 as a sub-pixel conv).
+    - ``fold_deconv_chains``: fold 3 (encoder deconv chains as one k4s4 / k8s8 deconv).
+    - ``channels_last``: conv weights and activations in channels_last.
+    - ``streams``: image / FOV encoders on a second CUDA stream.
+    - ``cuda_graphs``: capture and replay the forward (CUDA).
+    - ``cudnn_benchmark``: cuDNN autotuning during the forward (CUDA).
+    - ``skip_unused_fov``: skip the FOV branch when the caller does not need it.
+    - ``compile_mode``: ``torch.compile`` mode for ``epilogues="compile"``.
+    - ``max_graphs``: CUDA graphs kept (one per batch size / FOV need).
+    """
+
+    epilogues: str = "fused"
+    epilogue_backend: str | None = None
+    fuse_layer_norm: bool = True
+    fold_convs: bool = True
+    head_subpixel: bool = True
+    fold_deconv_chains: bool = False
+    channels_last: bool = True
+    streams: bool = True
+    cuda_graphs: bool = True
+    cudnn_benchmark: bool = True
+    skip_unused_fov: bool = True
+    compile_mode: str | None = None
+    max_graphs: int = 4
+
+    def __post_init__(self) -> None:
+        if self.epilogues not in EPILOGUES:
+            raise ValueError(f"epilogues must be one of {', '.join(EPILOGUES)}, got "
+                             f"{self.epilogues!r}")
+        if self.epilogue_backend is not None:
+            backends.check_backend(self.epilogue_backend)
+        for f in dataclasses.fields(self):
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise TypeError(f"fast option {f.name} must be True or False, got "
+                                f"{getattr(self, f.name)!r}")
+        if isinstance(self.max_graphs, bool) or not isinstance(self.max_graphs, int) \
+                or self.max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
+
+    @classmethod
+    def resolve(cls, value: bool | Mapping[str, Any] | FastOptions | None) -> FastOptions | None:
+        """``True``/``{}``: the defaults; a mapping: those fields; ``False``/``None``: off."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ValueError(f"unknown fast options {unknown}; accepted: {sorted(names)}")
+            return cls(**value)
+        raise TypeError("fast must be True, False, a dict of fast options or a FastOptions, got "
+                        f"{type(value).__name__}")
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark = True`` for the duration (restored afterwards)."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+# ----------------------------------------------------------------------------------------------
+# prepared (folded, converted) conv weights
+# ----------------------------------------------------------------------------------------------
+
+
+class _Prepared:
+    """The conv layers of the fast path, built from the model's modules."""
+
+    def __init__(self, model: DepthPro, opts: FastOptions):
+        p = next(model.parameters())
+        cast = dict(dtype=p.dtype, device=p.device, channels_last=opts.channels_last)
+        enc, dec = model.encoder, model.decoder
+        fold = opts.fold_convs
+        self.folds: list[str] = []
+
+        def conv(m):
+            return folds.conv_of(m, **cast)
+
+        def upsample(name: str) -> list:
+            block = getattr(enc, name)
+            if fold or opts.fold_deconv_chains:
+                layers = folds.fold_project_upsample(
+                    block, fold_1x1=None if fold else False, fold_chain=opts.fold_deconv_chains,
+                    **cast)
+                n_convs = sum(isinstance(layer, folds.Conv) for layer in layers)
+                if not n_convs:
+                    self.folds.append(f"encoder.{name}: 1x1 conv folded into the deconv")
+                if opts.fold_deconv_chains and len(block) > 2:
+                    self.folds.append(f"encoder.{name}: deconv chain as one deconv")
+                return layers
+            return [conv(block[0])] + [folds.Deconv(d.weight.detach(), None, **cast)
+                                       for d in list(block)[1:]]
+
+        self.upsample_latent0 = upsample("upsample_latent0")
+        self.upsample_latent1 = upsample("upsample_latent1")
+        self.upsample0 = upsample("upsample0")
+        self.upsample1 = upsample("upsample1")
+        if fold:
+            self.lowres = folds.fold_lowres(enc.upsample2, enc.upsample_lowres, enc.fuse_lowres,
+                                            **cast)
+            self.folds.append("encoder: upsample2 + upsample_lowres + fuse_lowres as one deconv")
+        else:
+            self.lowres = None
+            self.upsample2 = upsample("upsample2")
+            self.upsample_lowres = folds.Deconv(enc.upsample_lowres.weight.detach(),
+                                                enc.upsample_lowres.bias.detach(), **cast)
+            self.fuse_lowres = conv(enc.fuse_lowres)
+
+        self.dec_convs = [None if isinstance(c, torch.nn.Identity) else conv(c)
+                          for c in dec.convs]
+        self.fusions = []
+        last = len(dec.fusions) - 1
+        for i, fb in enumerate(dec.fusions):
+            res1 = None if i == last else (conv(fb.resnet1.residual[1]),
+                                           conv(fb.resnet1.residual[3]))
+            res2 = (conv(fb.resnet2.residual[1]), conv(fb.resnet2.residual[3]))
+            if fb.deconv is not None and fold:
+                tail = folds.fold_deconv_1x1(fb.deconv, fb.out_conv, **cast)
+                self.folds.append(f"decoder.fusions.{i}: deconv + out_conv as one deconv")
+                tail_layers = [tail]
+            elif fb.deconv is not None:
+                tail_layers = [folds.Deconv(fb.deconv.weight.detach(), None, **cast),
+                               conv(fb.out_conv)]
+            elif fold:
+                tail_layers = []  # out_conv goes into head[0] (fold 5)
+            else:
+                tail_layers = [conv(fb.out_conv)]
+            self.fusions.append((res1, res2, tail_layers))
+
+        head = model.head
+        if fold:
+            self.head0 = folds.fold_1x1_conv3x3(dec.fusions[0].out_conv, head[0], **cast)
+            self.folds.append("decoder.fusions.0.out_conv + head.0 as one 3x3 conv")
+        else:
+            self.head0 = conv(head[0])
+        if opts.head_subpixel:
+            self.subpixel = folds.SubpixelHead(head[1], head[2], head[4], **cast)
+            self.folds.append("head.1 (deconv) + head.2 (3x3) as a sub-pixel conv")
+            self.head_rest = None
+        else:
+            self.subpixel = None
+            self.head_rest = (folds.Deconv(head[1].weight.detach(), head[1].bias.detach(),
+                                           **cast), conv(head[2]), conv(head[4]))
+        if model.fov is not None:
+            self.fov_down = conv(model.fov.downsample[0])
+            self.fov_head = [conv(model.fov.head[i]) for i in (0, 2, 4)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the prepared layers own (kept alive by CUDA graphs)."""
+        out: list[torch.Tensor] = []
+
+        def walk(obj):
+            if isinstance(obj, folds.FoldedLayer):
+                out.extend(obj.tensors().values())
+            elif isinstance(obj, (list, tuple)):
+                for o in obj:
+                    walk(o)
+
+        for v in vars(self).values():
+            walk(v)
+        return out
+
+
+def _fold_sources(model: DepthPro) -> list[torch.Tensor]:
+    """Parameters that the prepared layers are derived from (everything but the ViTs)."""
+    enc = model.encoder
+    mods = [enc.upsample_latent0, enc.upsample_latent1, enc.upsample0, enc.upsample1,
+            enc.upsample2, enc.upsample_lowres, enc.fuse_lowres, model.decoder, model.head]
+    if model.fov is not None:
+        mods += [model.fov.downsample, model.fov.head]
+    return [p for m in mods for p in m.parameters()]
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine
+# ----------------------------------------------------------------------------------------------
+
+
+class FastEngine:
+    """The fast forward of one DepthPro model (a plain object: never part of the state dict)."""
+
+    def __init__(self, model: DepthPro, options: FastOptions | None = None, *,
+                 lazy: bool = False):
+        self.model = model
+        self.options = options or FastOptions()
+        self._lock = threading.Lock()
+        self._prepared: _Prepared | None = None
+        self._fingerprint: tuple | None = None
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.graphs = GraphRunner(max_graphs=self.options.max_graphs)
+        self.notes: dict[str, str] = {}
+        self.calls = 0
+        if not lazy:
+            self.prepare()
+
+    # copy / pickle: a fresh (lazy) engine for the copied model; streams and graphs never copy
+    def __deepcopy__(self, memo: dict) -> FastEngine:
+        return FastEngine(memo.get(id(self.model), self.model), self.options, lazy=True)
+
+    def __reduce__(self):
+        return (_lazy_engine, (self.model, self.options))
+
+    # -- preparation --------------------------------------------------------------------------
+
+    def _current_fingerprint(self) -> tuple:
+        p = next(self.model.parameters())
+        return (p.device, p.dtype,
+                tuple((t.data_ptr(), t._version) for t in _fold_sources(self.model)))
+
+    def prepare(self) -> None:
+        """(Re)build the folded / converted layers from the model's current weights."""
+        with self._lock:
+            self._prepare_locked()
+
+    def _prepare_locked(self) -> None:
+        with torch.no_grad():
+            self._prepared = _Prepared(self.model, self.options)
+        self._fingerprint = self._current_fingerprint()
+        self.graphs.reset()
+
+    def _ensure_prepared(self) -> _Prepared:
+        fp = self._current_fingerprint()
+        if self._prepared is None or fp != self._fingerprint:
+            with self._lock:
+                if self._prepared is None or self._current_fingerprint() != self._fingerprint:
+                    self._prepare_locked()
+        assert self._prepared is not None
+        return self._prepared
+
+    # -- public -------------------------------------------------------------------------------
+
+    def uses_graphs(self, device: torch.device) -> bool:
+        return self.options.cuda_graphs and device.type == "cuda"
+
+    def __call__(self, x: torch.Tensor, *, need_fov: bool = True,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, 1536, 1536) network input (checked by the caller) -> (cid, fov or None)."""
+        prepared = self._ensure_prepared()
+        model = self.model
+        compute_fov = model.fov is not None and (need_fov or not self.options.skip_unused_fov)
+        self.calls += 1
+        if not self.uses_graphs(x.device):
+            if x.device.type != "cuda":
+                self.notes.setdefault("cuda_graphs", "off: not on a CUDA device")
+            return self._forward(x, prepared, compute_fov)
+        key = (tuple(x.shape), x.dtype, str(x.device), compute_fov, model.backend,
+               self.options.epilogue_backend)
+
+        def run(inp: torch.Tensor):
+            return self._forward(inp, prepared, compute_fov)
+
+        def keep_alive() -> tuple:
+            return tuple(prepared.tensors()) + tuple(model.parameters())
+
+        cid, fov = self.graphs.run(key, run, x, keep_alive=keep_alive)
+        return cid, fov
+
+    def status(self) -> dict[str, Any]:
+        """What the engine does and does not use, and why (for reports and benchmarks)."""
+        return {"options": dataclasses.asdict(self.options),
+                "folds": list(self._prepared.folds) if self._prepared else [],
+                "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls}
+
+    # -- the forward --------------------------------------------------------------------------
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        if not (self.options.streams and device.type == "cuda"):
+            return None
+        s = self._side_streams.get(device)
+        if s is None:
+            s = torch.cuda.Stream(device=device)
+            self._side_streams[device] = s
+        return s
+
+    def _vit(self, vit: VisionTransformer, x: torch.Tensor, hook_ids=()):
+        o = self.options
+        backend = self.model.backend
+        if o.epilogues == "fused":
+            epi = o.epilogue_backend or backend
+            return fused_forward_with_hooks(vit, x, hook_ids, backend=backend,
+                                            epilogue_backend=epi,
+                                            fuse_layer_norm=o.fuse_layer_norm)
+        if o.epilogues == "compile":
+            return compiled_forward_with_hooks(vit, x, hook_ids, backend=backend,
+                                               mode=o.compile_mode)
+        return vit.forward_with_hooks(x, hook_ids)
+
+    def _cl(self, t: torch.Tensor) -> torch.Tensor:
+        if self.options.channels_last and t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def _fov_tokens(self, level2: torch.Tensor) -> torch.Tensor:
+        """The FOV encoder's final-normed tokens through its Linear: (B, 577, D/2)."""
+        vit, linear = self.model.fov.encoder[0], self.model.fov.encoder[1]
+        return F.linear(self._vit(vit, level2)[0], linear.weight, linear.bias)
+
+    @staticmethod
+    def _residual(x: torch.Tensor, convs) -> torch.Tensor:
+        t = convs[0](F.relu(x))
+        return convs[1](t.relu_()).add_(x)
+
+    def _forward(self, x: torch.Tensor, p: _Prepared, compute_fov: bool,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        model = self.model
+        enc = model.encoder
+        with cudnn_benchmark(self.options.cudnn_benchmark and x.device.type == "cuda"):
+            b = x.shape[0]
+            n0 = enc.LEVEL0[0] ** 2 * b
+            n1 = enc.LEVEL1[0] ** 2 * b
+            patches = ops.split_patches(x, prenormalized=True, backend=model.backend)
+            level2 = patches[n0 + n1:]
+
+            # image + FOV encoders: on the side stream when there is one
+            side = self._side_stream(x.device)
+            if side is not None:
+                main = torch.cuda.current_stream(x.device)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    global_tokens = self._vit(enc.image_encoder, level2)[0]
+                    global_done = torch.cuda.Event()
+                    global_done.record(side)
+                    fov_tokens = self._fov_tokens(level2) if compute_fov else None
+                    fov_done = torch.cuda.Event()
+                    fov_done.record(side)
+                patches.record_stream(side)
+            else:
+                global_tokens = self._vit(enc.image_encoder, level2)[0]
+                fov_tokens = self._fov_tokens(level2) if compute_fov else None
+
+            tokens, (hook0, hook1) = self._vit(enc.patch_encoder, patches, enc.hook_block_ids)
+
+            def merge(t: torch.Tensor, level: tuple[int, int]) -> torch.Tensor:
+                # as DepthProEncoder._merge, written straight in channels_last when wanted
+                return ops.merge_patches(t, batch_size=b, grid=level[0], padding=level[1],
+                                         channels_last=self.options.channels_last,
+                                         backend=model.backend)
+
+            latent0 = merge(hook0[:n0], enc.LEVEL0)
+            latent1 = merge(hook1[:n0], enc.LEVEL0)
+            x0 = merge(tokens[:n0], enc.LEVEL0)
+            x1 = merge(tokens[n0:n0 + n1], enc.LEVEL1)
+            x2 = tokens_to_maps(tokens[n0 + n1:])
+
+            def run(layers, t):
+                t = self._cl(t)
+                for layer in layers:
+                    t = layer(t)
+                return t
+
+            encodings = [run(p.upsample_latent0, latent0), run(p.upsample_latent1, latent1),
+                         run(p.upsample0, x0), run(p.upsample1, x1)]
+            if side is not None:
+                main.wait_event(global_done)
+                global_tokens.record_stream(main)
+            global_map = tokens_to_maps(global_tokens)
+            if p.lowres is not None:
+                encodings.append(p.lowres(self._cl(torch.cat([x2, global_map], dim=1))))
+            else:
+                cat = torch.cat([run(p.upsample2, x2), p.upsample_lowres(self._cl(global_map))],
+                                dim=1)
+                encodings.append(p.fuse_lowres(cat))
+
+            features, lowres = self._decoder(p, encodings)
+            cid = self._head(p, features)
+
+            fov = None
+            if compute_fov:
+                if side is not None:
+                    main.wait_event(fov_done)
+                    fov_tokens.record_stream(main)
+                fov = self._fov(p, fov_tokens, lowres)
+            elif side is not None:
+                main.wait_event(fov_done)  # join the side stream (required inside a capture)
+        return cid, fov
+
+    def _decoder(self, p: _Prepared, encodings: list[torch.Tensor]):
+        last = len(encodings) - 1
+
+        def project(i: int) -> torch.Tensor:
+            c = p.dec_convs[i]
+            return encodings[i] if c is None else c(encodings[i])
+
+        lowres = project(last)
+        f = lowres
+        for i in range(last, -1, -1):
+            res1, res2, tail = p.fusions[i]
+            if i != last:
+                f = f + self._residual(project(i), res1)
+            f = self._residual(f, res2)
+            for layer in tail:
+                f = layer(f)
+        return f, lowres
+
+    def _head(self, p: _Prepared, features: torch.Tensor) -> torch.Tensor:
+        t = p.head0(features)
+        if p.subpixel is not None:
+            return p.subpixel(t)
+        deconv, conv3, conv_out = p.head_rest
+        return conv_out(conv3(deconv(t)).relu_()).relu_()
+
+    def _fov(self, p: _Prepared, fov_tokens: torch.Tensor, lowres: torch.Tensor) -> torch.Tensor:
+        down = p.fov_down(lowres).relu_()
+        z = self._cl(tokens_to_maps(fov_tokens)) + down
+        c0, c1, c2 = p.fov_head
+        return c2(c1(c0(z).relu_()).relu_())
+
+
+def _lazy_engine(model: DepthPro, options: FastOptions) -> FastEngine:
+    return FastEngine(model, options, lazy=True)

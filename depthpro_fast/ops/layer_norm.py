@@ -1,0 +1,156 @@
+"""LayerNorm with fp32 statistics, alone or fused with the residual write before it.
+
+Two ops share this file because they share one kernel (the fused one has a residual prologue):
+
+- ``layer_norm(x, weight, bias, eps)``: ``LN(x)`` over the last axis.
+- ``add_layer_norm(x, delta, weight, bias, eps, delta_bias=None, gamma=None)`` ->
+  ``(r, LN(r))`` with ``r = x + gamma * (delta + delta_bias)``: the end of a ViT attention or MLP
+  branch (the bias of the ``proj`` / ``fc2`` GEMM, LayerScale and the residual add) fused with the
+  LayerNorm that starts the next branch. One read of ``x`` and ``delta``, one write of the new
+  residual stream ``r`` and of its normalised copy, instead of four passes.
+
+Numerics (every implementation): the residual update is computed in fp32 and rounded once to the
+dtype of ``x``; the LayerNorm statistics (mean, biased variance) are fp32 and are taken of the
+*rounded* residual, so ``normed`` is exactly ``LN`` of the ``r`` that is returned, as in the
+unfused chain. Outputs have the dtype and shape of ``x``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    """LayerNorm over the last axis in fp32 math, cast back to ``x.dtype``."""
+    n = x.shape[-1]
+    return F.layer_norm(x.float(), (n,), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def residual_update_reference(x: torch.Tensor, delta: torch.Tensor,
+                              delta_bias: torch.Tensor | None,
+                              gamma: torch.Tensor | None) -> torch.Tensor:
+    """``x + gamma * (delta + delta_bias)`` in fp32 math, rounded once to ``x.dtype``."""
+    d = delta.float()
+    if delta_bias is not None:
+        d = d + delta_bias.float()
+    if gamma is not None:
+        d = d * gamma.float()
+    return (x.float() + d).to(x.dtype)
+
+
+def add_layer_norm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor, eps: float,
+                             delta_bias: torch.Tensor | None = None,
+                             gamma: torch.Tensor | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused chain: residual update, then LayerNorm of the rounded result."""
+    r = residual_update_reference(x, delta, delta_bias, gamma)
+    return r, layer_norm_reference(r, weight, bias, eps)
+
+
+def _check_tensor(op: str, name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; accepted: float32, float16, "
+                        "bfloat16")
+    return t
+
+
+def check_vector(op: str, name: str, v: object, x: torch.Tensor) -> None:
+    """A per-channel parameter: 1-D, the width of ``x``, on its device."""
+    _check_tensor(op, name, v)
+    assert isinstance(v, torch.Tensor)
+    if v.dim() != 1 or v.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: {name} must be 1-D of length {x.shape[-1]} (the last axis of "
+                         f"x), got shape {tuple(v.shape)}")
+    if v.device != x.device:
+        raise ValueError(f"{op}: {name} is on {v.device} but x is on {x.device}")
+
+
+def check_rows(op: str, x: object) -> None:
+    """``x``: a float tensor with at least one axis and a non-empty last axis."""
+    _check_tensor(op, "x", x)
+    assert isinstance(x, torch.Tensor)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must have a non-empty last axis, got shape {tuple(x.shape)}")
+
+
+def check_delta(op: str, delta: object, x: torch.Tensor) -> None:
+    _check_tensor(op, "delta", delta)
+    assert isinstance(delta, torch.Tensor)
+    if delta.shape != x.shape:
+        raise ValueError(f"{op}: delta must have the shape of x {tuple(x.shape)}, got "
+                         f"{tuple(delta.shape)}")
+    if delta.dtype != x.dtype:
+        raise TypeError(f"{op}: delta must have the dtype of x ({x.dtype}), got {delta.dtype}")
+    if delta.device != x.device:
+        raise ValueError(f"{op}: delta is on {delta.device} but x is on {x.device}")
+
+
+def _check_eps(op: str, eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{op}: eps must be a number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{op}: eps must be finite and > 0, got {eps}")
+    return eps
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
+               backend: str | None = None) -> torch.Tensor:
+    """LayerNorm of ``x`` over its last axis (affine ``weight``, ``bias``), fp32 statistics."""
+    check_rows("layer_norm", x)
+    check_vector("layer_norm", "weight", weight, x)
+    check_vector("layer_norm", "bias", bias, x)
+    eps = _check_eps("layer_norm", eps)
+    impl = backends.implementation("layer_norm", backend, x.device)
+    return impl(x, weight, bias, eps)
+
+
+def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float, *, delta_bias: torch.Tensor | None = None,
+                   gamma: torch.Tensor | None = None,
+                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r = x + gamma * (delta + delta_bias)`` and ``LN(r)``; returns ``(r, LN(r))``.
+
+    ``delta_bias`` (a GEMM's bias) and ``gamma`` (LayerScale) are optional per-channel vectors.
+    """
+    op = "add_layer_norm"
+    check_rows(op, x)
+    check_delta(op, delta, x)
+    check_vector(op, "weight", weight, x)
+    check_vector(op, "bias", bias, x)
+    if delta_bias is not None:
+        check_vector(op, "delta_bias", delta_bias, x)
+    if gamma is not None:
+        check_vector(op, "gamma", gamma, x)
+    eps = _check_eps(op, eps)
+    impl = backends.implementation(op, backend, x.device)
+    return impl(x, delta, weight, bias, eps, delta_bias, gamma)
+
+
+def _load_triton_layer_norm():
+    from ..triton.layer_norm import layer_norm_triton
+
+    return layer_norm_triton
+
+
+def _load_triton_add_layer_norm():
+    from ..triton.layer_norm import add_layer_norm_triton
+
+    return add_layer_norm_triton
+
+
+backends.register("layer_norm", "reference", lambda: layer_norm_reference)
+backends.register("layer_norm", "triton", _load_triton_layer_norm)
+backends.register("add_layer_norm", "reference", lambda: add_layer_norm_reference)
+backends.register("add_layer_norm", "triton", _load_triton_add_layer_norm)
