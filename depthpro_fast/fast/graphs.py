@@ -121,7 +121,13 @@ class GraphRunner:
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # A private capture stream per attempt: a failed capture cannot leave torch's shared
+            # default capture stream in a bad state. "thread_local": other threads of the
+            # process may keep using CUDA while this one captures (they never touch this
+            # stream); unsafe calls from this thread still fail the capture.
+            capture_stream = torch.cuda.Stream(device=device)
+            with torch.cuda.graph(graph, pool=self._pool, stream=capture_stream,
+                                  capture_error_mode="thread_local"):
                 static_out = tuple(fn(static_in))
         except Exception as e:  # anything: the eager path still works
             why = f"capture failed: {type(e).__name__}: {e}"
@@ -132,6 +138,7 @@ class GraphRunner:
                 torch.cuda.synchronize(device)
             except Exception:  # the error may be sticky; the eager call will say so
                 pass
+            self._pool = None  # do not reuse a pool a failed capture may have left in use
             return None
         entry = _Entry(graph, static_in, static_out,
                        tuple(keep_alive()) if keep_alive is not None else ())
