@@ -123,8 +123,7 @@ def implementation(op: str, backend: str | None, device: torch.device) -> Callab
         return _load(op, backend)
     order = AUTO_ORDER_CUDA if device.type == "cuda" else ("reference",)
     for candidate in order:
-        if candidate not in impls:
-            _note_fallback(op, candidate, "not implemented for this op")
+        if candidate not in impls:  # this op has no such implementation: nothing to report
             continue
         ok, why = backend_status(candidate, device)
         if not ok:
