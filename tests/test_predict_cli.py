@@ -35,7 +35,7 @@ class FakeDepthPro(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.tensor(1.0))
         self.calls: list[int] = []  # batch size of each forward
 
-    def forward(self, x):
+    def forward(self, x, need_fov: bool = True):  # DepthPro.forward's signature
         assert x.shape[1:] == (3, 1536, 1536)
         self.calls.append(x.shape[0])
         cid = (x.mean(1, keepdim=True) + 1.5) * self.scale
