@@ -1,0 +1,219 @@
+"""``depthpro-fast bench``: reference vs fast paths, side by side, in one run (random weights).
+
+Latency does not depend on weight values, so the model is built with random weights
+(``load(None)``); nothing is downloaded. On a GPU each row is timed with CUDA events (5 warm-up
+and 20 timed runs by default, median and min-max), next to the peak bf16 matmul rate measured in
+the same run, which gives the "% floor" column: the FLOP floor (19.25 TFLOP per image for the
+official model) at that rate over the measured time.
+
+On a CPU-only machine the default is bounded: the tiny config (the fixtures' model, same structure,
+~16 s in all on 2 cores), fp32, 1 warm-up + 3 runs. ``--config official`` on a CPU is timed once
+with no warm-up (one fp32 forward took 331 s on a busy 2-core Xeon). GPU numbers need a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+           "fp16": "float16", "float16": "float16", "half": "float16"}
+_FAST_BACKENDS = ("auto", "triton", "cuda")
+# On a CPU, configs above this many FLOPs per image get 1 run and no warm-up by default.
+_CPU_BIG_MODEL_FLOPS = 1e12
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="preset (official, tiny) or JSON file of knobs (default: official "
+                             "on a GPU, tiny on a CPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--batch", type=_positive_int, nargs="+", default=[1], metavar="N",
+                        help="batch size(s) (default: 1)")
+    parser.add_argument("--runs", type=_positive_int, default=None,
+                        help="timed runs per row (default: 20 on a GPU; on a CPU 3, or 1 for "
+                             "models above 1 TFLOP per image such as the official one)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=None,
+                        help="untimed warm-up runs per row (default: 5 on a GPU; on a CPU 1, "
+                             "or 0 for models above 1 TFLOP per image)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(_DTYPES), default=None,
+                        help="time every row in these dtypes (default: GPU reference in fp32, "
+                             "bf16 and fp16, the other rows in bf16; CPU fp32)")
+    parser.add_argument("--backends", nargs="+", choices=_FAST_BACKENDS, default=None,
+                        help="fast-path backends to time (default: auto triton cuda; on a CPU "
+                             "the Triton interpreter is timed only when named here)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time torch.compile of the reference path (default: on a GPU; "
+                             "on a CPU the row is listed but timed only with --compile)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="time a CUDA graph of the auto fast path (GPU; default: on)")
+    parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
+                        help="time transformers' DepthProForDepthEstimation when installed, "
+                             "official config (default: on a GPU; on a CPU only with --hf)")
+    parser.add_argument("--stages", action="store_true",
+                        help="add the per-stage breakdown of the eager rows")
+    parser.add_argument("--flops", action="store_true", help="print the FLOP count per module")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="write the results as JSON (a directory: <date>-<device>.json in it)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import benchmark as bm
+    from ..api import resolve_device, resolve_dtype
+    from ..config import PRESETS, resolve_config
+    from ..flops import count_flops
+    from ..model import count_parameters
+
+    t_start = time.perf_counter()
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr,
+                                                                   flush=True))
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    config_arg = args.config or ("official" if gpu else "tiny")
+    cfg = resolve_config(config_arg)
+    config_name = config_arg if config_arg in PRESETS else os.path.basename(config_arg)
+    dtypes = None
+    if args.dtype:
+        dtypes = list(dict.fromkeys(resolve_dtype(_DTYPES[d]) for d in args.dtype))
+
+    flop_report = count_flops(cfg)
+    flops_per_image = flop_report.per_image
+    big = flops_per_image > _CPU_BIG_MODEL_FLOPS
+    runs = args.runs or (20 if gpu else (1 if big else 3))
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else (0 if big else 1))
+
+    variants = bm.default_variants(device, dtypes=dtypes,
+                                   fast_backends=tuple(args.backends or _FAST_BACKENDS),
+                                   compile=args.compile, cuda_graph=args.cuda_graph, hf=args.hf)
+    env = bm.environment(device)
+    params = count_parameters(_meta_model(cfg))
+
+    if gpu and device.index is not None:
+        import torch
+
+        torch.cuda.set_device(device)  # CUDA events record on the current device
+    log(f"measuring the peak matmul rate on {device} ...")
+    peak = bm.peak_matmul_tflops(device)
+    runner = bm.Runner(cfg, device, batches=args.batch, runs=runs, warmup=warmup,
+                       stages=args.stages, seed=args.seed, log=log,
+                       # backends named on the command line are timed even where they only
+                       # repeat the reference (auto on a CPU) or run in the Triton interpreter
+                       skip_same_as_reference=args.backends is None,
+                       allow_interpreter=args.backends is not None,
+                       cpu_opt_in=[k for k in ("compile", "hf") if getattr(args, k)])
+    rows = runner.run(variants)
+    baseline = bm.fill_relative(rows, flops_per_image, peak["tflops"])
+
+    notes = []
+    if not gpu:
+        notes.append("No CUDA device: these are CPU timings (host clock) of the fp32 paths. "
+                     "GPU numbers (bf16/fp16, the fast kernels, torch.compile, CUDA graphs, % of "
+                     "the bf16 FLOP floor) need a GPU: run `depthpro-fast bench` on a CUDA "
+                     "machine, or bench/gpu_check.sh.")
+        if args.config is None:
+            notes.append("CPU default: the tiny config (the official model takes minutes per "
+                         "forward on a CPU; `--config official` times it once).")
+        if big and args.runs is None:
+            notes.append(f"CPU default for this config: {runs} timed run, {warmup} warm-up "
+                         "(one forward takes minutes here); --config tiny is quick, --runs N "
+                         "for more.")
+    timer = "CUDA events, each run from an idle device" if gpu else "perf_counter"
+    print(f"depthpro-fast bench: config {config_name} ({params:,} parameters, "
+          f"{flops_per_image / 1e9:,.1f} GFLOP per image), random weights")
+    print(f"device: {_device_line(env)}")
+    print(f"torch {env['torch']} (CUDA {env['torch_cuda'] or 'none'}), triton "
+          f"{env['triton'] or 'not installed'}, commit {(env['commit'] or 'unknown')[:12]}"
+          f"{' (modified)' if env.get('dirty') else ''}")
+    floor_ms = flops_per_image / (peak["tflops"] * 1e12) * 1e3
+    print(f"peak {peak['dtype']} matmul ({peak['n']}^3, measured now): {peak['tflops']:.1f} "
+          f"TFLOP/s -> FLOP floor {floor_ms:.2f} ms per image")
+    print(f"timing: {timer}; {warmup} warm-up + {runs} timed run(s) per row, median; "
+          f"{runner.n_inputs} rotating random input(s)")
+    print()
+    print(bm.format_table(rows))
+    if baseline is not None:
+        print(f"speed-up: per batch, over {baseline.variant.name} "
+              f"{bm.dtype_name(baseline.variant.dtype)}; % floor: the FLOP floor at the "
+              f"measured {peak['dtype']} peak over the median")
+    long_reasons = [r for r in rows if r.status != "ok" and r.reason and len(r.reason) > 60]
+    for r in long_reasons:
+        print(f"  {r.variant.name} {bm.dtype_name(r.variant.dtype)}: {r.status}: {r.reason}")
+    fallbacks = _auto_fallbacks()
+    if fallbacks and any(r.variant.backend == "auto" for r in rows):
+        print("auto fell back: " + "; ".join(f"{k}: {v}" for k, v in fallbacks.items()))
+    if args.stages:
+        text = bm.format_stages(rows, flop_report.by_stage(), peak["tflops"])
+        if text:
+            print()
+            print(text)
+    if args.flops:
+        print()
+        print(flop_report.table())
+    for note in notes:
+        print()
+        print(note)
+    elapsed = time.perf_counter() - t_start
+    if args.json:
+        path = args.json
+        if os.path.isdir(path) or path.endswith(os.sep):
+            path = os.path.join(path, bm.default_results_name(env))
+        settings = {"batches": args.batch, "runs": runs, "warmup": warmup,
+                    "n_inputs": runner.n_inputs, "timer": timer, "seed": args.seed,
+                    "stages": args.stages, "wall_s": round(elapsed, 1)}
+        data = bm.results_dict(env=env, config_name=config_name, config=cfg, params=params,
+                               flops_per_image=flops_per_image,
+                               flops_by_stage=flop_report.by_stage(), peak=peak,
+                               settings=settings, rows=rows, notes=notes)
+        data["auto_fallbacks"] = fallbacks
+        bm.write_json(path, data)
+        print(f"\nwrote {path}")
+    print(f"\n(bench took {elapsed:.0f} s)")
+    ok = any(r.status == "ok" for r in rows)
+    return 0 if ok else 1
+
+
+def _meta_model(cfg):
+    """The model on the meta device (for the parameter count: no memory)."""
+    from ..api import build_model
+
+    return build_model(cfg, device="meta")
+
+
+def _device_line(env: dict) -> str:
+    if env.get("device_type") == "cuda":
+        extra = ", ".join(f"{k} {env[k]}" for k in ("driver", "clock_sm", "power_limit")
+                          if env.get(k))
+        return (f"{env['device']} (sm_{env['capability'].replace('.', '')}, "
+                f"{env['sm_count']} SMs, {env['memory_gib']} GiB{', ' + extra if extra else ''})")
+    return f"CPU: {env['cpu']} ({env['cpu_threads']} threads)"
+
+
+def _auto_fallbacks() -> dict:
+    from .. import backends
+
+    return backends.fallback_log()
+

@@ -1,0 +1,155 @@
+"""``depthpro-fast bench`` and the timing machinery (CPU, tiny config: a few forwards)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from depthpro_fast import benchmark as bm
+from depthpro_fast.api import load
+from depthpro_fast.cli import main
+from depthpro_fast.config import IMG_SIZE
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One CLI run shared by the tests below: its stdout, exit code and JSON."""
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["bench", "--config", "tiny", "--runs", "2", "--warmup", "0", "--stages",
+                   "--quiet", "--json", str(out)])
+    return rc, buf.getvalue(), json.loads(out.read_text()), out
+
+
+def test_cli_prints_the_table(bench_run):
+    rc, text, _, _ = bench_run
+    assert rc == 0
+    assert "median ms" in text and "speed-up" in text and "% floor" in text
+    assert "reference eager" in text
+    # unavailable backends are rows with a reason, not crashes
+    assert "fast cuda" in text and "skipped" in text
+    assert "GPU numbers" in text and "need a GPU" in text
+    assert "patch encoder" in text and "decoder" in text  # --stages
+
+
+def test_cli_json_fields(bench_run):
+    _, _, data, _ = bench_run
+    assert data["schema"] == bm.SCHEMA
+    env = data["environment"]
+    for key in ("date", "device", "torch", "torch_cuda", "triton", "commit", "python"):
+        assert key in env
+    assert data["config"]["name"] == "tiny"
+    assert data["flops_per_image"] == pytest.approx(159e9, rel=5e-3)
+    assert data["peak_matmul"]["tflops"] > 0
+    assert data["settings"]["runs"] == 2
+    rows = {(r["name"], r["dtype"]): r for r in data["rows"]}
+    ref = rows[("reference eager", "fp32")]
+    assert ref["status"] == "ok"
+    assert ref["runs"] == 2 and len(ref["times_ms"]) == 2
+    assert ref["min_ms"] <= ref["median_ms"] <= ref["max_ms"]
+    assert ref["speedup"] == pytest.approx(1.0)
+    assert 0 < ref["pct_floor"]
+    assert ref["images_per_s"] == pytest.approx(1e3 / ref["median_ms"])
+    assert set(ref["stages"]) == set(bm.STAGE_NAMES) | {"total"}
+    cuda_row = rows[("fast cuda", "fp32")]
+    assert cuda_row["status"] == "skipped" and cuda_row["reason"]
+
+
+def test_make_table(bench_run, tmp_path):
+    _, _, _, path = bench_run
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nend\n")
+    script = REPO / "bench" / "make_table.py"
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "| reference eager | fp32 | 1 |" in out
+    assert "CPU" in out and "commit" in out  # which device and when
+    subprocess.run([sys.executable, str(script), str(path), "--readme", str(readme)],
+                   check=True, capture_output=True)
+    text = readme.read_text()
+    assert "old" not in text and "| reference eager |" in text and text.endswith("end\n")
+
+
+def test_staged_forward_is_the_forward():
+    """The stage runner must compute exactly what DepthPro.forward computes."""
+    torch.manual_seed(0)
+    model, _ = load(None, config="tiny", device="cpu", backend="reference")
+    x = bm.random_inputs((1, 3, IMG_SIZE, IMG_SIZE), count=1, device=CPU,
+                         dtype=torch.float32)[0]
+    seen = []
+    with torch.no_grad():
+        depth, fov = model(x)
+        depth_s, fov_s = bm.staged_forward(model, x, seen.append)
+    assert seen == list(bm.STAGE_NAMES)
+    assert torch.equal(depth, depth_s) and torch.equal(fov, fov_s)
+
+
+def test_time_callable_and_stats():
+    calls = []
+    inputs = bm.random_inputs((4,), count=3, device=CPU, dtype=torch.float32)
+    assert all((t != 0).all() for t in inputs)  # never zeros
+    assert not torch.equal(inputs[0], inputs[1])
+    device_stats, host_stats = bm.time_callable(calls.append, inputs, warmup=2, runs=5,
+                                                device=CPU)
+    assert len(calls) == 7 and device_stats.runs == 5 and host_stats.runs == 5
+    assert calls[2] is inputs[2] and calls[3] is inputs[0]  # rotation
+    s = bm.Stats([3.0, 1.0, 2.0])
+    assert (s.median, s.min, s.max) == (2.0, 1.0, 3.0)
+    with pytest.raises(ValueError):
+        bm.time_callable(calls.append, inputs, warmup=0, runs=0, device=CPU)
+
+
+def test_default_variants():
+    cpu = bm.default_variants(CPU)
+    assert [v.name for v in cpu] == [
+        "reference eager", "reference torch.compile", "fast auto", "fast triton", "fast cuda",
+        "fast auto + CUDA graph", "transformers DepthPro"]
+    assert {v.dtype for v in cpu} == {torch.float32}
+    gpu = bm.default_variants(torch.device("cuda"))  # a plan only: nothing touches CUDA
+    names = [(v.name, bm.dtype_name(v.dtype)) for v in gpu]
+    for expected in [("reference eager", "fp32"), ("reference eager", "bf16"),
+                     ("reference eager", "fp16"), ("reference torch.compile", "bf16"),
+                     ("fast auto", "bf16"), ("fast triton", "bf16"), ("fast cuda", "bf16"),
+                     ("fast auto + CUDA graph", "bf16"), ("transformers DepthPro", "bf16")]:
+        assert expected in names
+    only = bm.default_variants(torch.device("cuda"), dtypes=[torch.bfloat16], compile=False,
+                               hf=False, cuda_graph=False)
+    assert {v.dtype for v in only} == {torch.bfloat16} and all(v.mode == "eager" for v in only)
+
+
+def test_failing_row_does_not_stop_the_others(monkeypatch):
+    runner = bm.Runner(bm.OFFICIAL, CPU, batches=[1], runs=1, warmup=0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(runner, "_callable", broken)
+    monkeypatch.setattr(runner, "model", lambda dtype: None)
+    monkeypatch.setattr(runner, "inputs", lambda dtype, batch: [])
+    row = runner.run_row(bm.Variant("reference", torch.float32), 1)
+    assert row.status == "failed" and "kernel exploded" in row.reason
+    graph = runner.run_row(bm.Variant("fast", torch.float32, "auto", "cudagraph"), 1)
+    assert graph.status == "skipped"
+    hf = bm.Variant("hf", torch.float32, "-")
+    table = bm.format_table([row, graph, bm.RowResult(hf, 1, "skipped", "not installed")])
+    assert "failed: RuntimeError: kernel exploded" in table and "not installed" in table
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch", "0"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--dtype", "fp64"])
+    assert main(["bench", "--config", "nope"]) == 1  # clear error, exit code 1
