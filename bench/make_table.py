@@ -63,13 +63,13 @@ def describe(data: dict[str, Any]) -> str:
 
 def table(data: dict[str, Any], include_all: bool = False) -> str:
     header = ("variant", "dtype", "batch", "median ms", "min–max ms", "img/s", "speed-up",
-              "% of FLOP floor", "peak mem")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 6) + "|"]
+              "% of FLOP floor", "peak mem", "MARE vs fp32 ref", "FOV err °")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 8) + "|"]
     for r in data.get("rows", []):
         if r.get("status") != "ok":
             if include_all:
                 lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | "
-                             f"{r['status']}: {r.get('reason') or ''} |" + " |" * 5)
+                             f"{r['status']}: {r.get('reason') or ''} |" + " |" * 7)
             continue
         mem = r.get("peak_mem_bytes")
         lines.append("| " + " | ".join([
@@ -77,7 +77,9 @@ def table(data: dict[str, Any], include_all: bool = False) -> str:
             f"{_num(r.get('min_ms'), '.1f')}–{_num(r.get('max_ms'), '.1f')}",
             _num(r.get("images_per_s"), ".2f"), _num(r.get("speedup"), ".2f", "x"),
             _num(r.get("pct_floor"), ".1f", "%"),
-            "–" if mem is None else f"{mem / 2**30:.1f} GiB"]) + " |")
+            "–" if mem is None else f"{mem / 2**30:.1f} GiB",
+            _num(r.get("mare_vs_fp32_reference"), ".1e"),
+            _num(r.get("fov_abs_err_deg"), ".3f")]) + " |")
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, ops
+from .accuracy import max_abs_error, mean_abs_rel_error
 from .config import IMG_SIZE, OFFICIAL, DepthProConfig
 from .flops import STAGES
 from .ops.merge_patches import tokens_to_maps
@@ -378,7 +379,9 @@ class Variant:
     """One row of the side-by-side table.
 
     ``path``: ``reference`` (our model, all ops pure PyTorch), ``fast`` (our model with
-    ``backend``), ``hf`` (transformers' ``DepthProForDepthEstimation``). ``mode``: ``eager``,
+    ``backend``: the ops' kernels only), ``engine`` (the whole fast path: ``prepare_fast()``'s
+    fused ViT epilogues, conv folds, channels_last, side stream; its own CUDA graphs in mode
+    ``cudagraph``), ``hf`` (transformers' ``DepthProForDepthEstimation``). ``mode``: ``eager``,
     ``compile`` (``torch.compile`` of the module) or ``cudagraph`` (one captured CUDA graph,
     replayed).
     """
@@ -394,11 +397,24 @@ class Variant:
             base = "transformers DepthPro"
         elif self.path == "reference":
             base = "reference"
+        elif self.path == "engine":
+            base = "fast engine" if self.backend == "auto" else f"fast engine {self.backend}"
         else:
             base = f"fast {self.backend}"
         mode = {"eager": " eager" if self.path == "reference" else "",
                 "compile": " torch.compile", "cudagraph": " + CUDA graph"}[self.mode]
         return base + mode
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every container made JSON-friendly (keys and unknown leaves as str)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 class SkipRow(Exception):
@@ -417,6 +433,11 @@ class RowResult:
     peak_mem_bytes: int | None = None
     ops: dict[str, str] | None = None
     stages: dict[str, Stats] | None = None
+    # accuracy on the first input vs the fp32 reference eager row of the same batch (same
+    # weights, same input before rounding to the row's dtype)
+    mare: float | None = None
+    fov_err_deg: float | None = None
+    engine: dict[str, Any] | None = None  # FastEngine.status() of engine rows
     # filled in by the runner once the baseline and the floor are known
     speedup: float | None = None
     pct_floor: float | None = None
@@ -433,7 +454,10 @@ class RowResult:
             "reason": self.reason, "ops": self.ops, "first_call_ms": self.first_call_ms,
             "peak_mem_bytes": self.peak_mem_bytes, "images_per_s": self.images_per_s,
             "speedup": self.speedup, "pct_floor": self.pct_floor,
+            "mare_vs_fp32_reference": self.mare, "fov_abs_err_deg": self.fov_err_deg,
         }
+        if self.engine is not None:
+            d["engine"] = self.engine
         if self.device is not None:
             d.update(self.device.to_dict())
             d["host_median_ms"] = self.host.median if self.host else None
@@ -449,7 +473,8 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
     """The rows of ``depthpro-fast bench``.
 
     GPU: the reference eager in fp32, bf16 and fp16; ``torch.compile`` of the reference, the
-    fast backends, a CUDA graph of ``auto`` and transformers in bf16. CPU: the same rows in
+    fast backends, a CUDA graph of ``auto``, the fast engine (eager and with its CUDA graphs)
+    and transformers in bf16. CPU: the same rows in
     fp32 (the runner skips, with the reason, what cannot or need not run on a CPU).
     ``compile``, ``cuda_graph``, ``hf`` = False leave those rows out; ``dtypes`` puts every
     row in each of the given dtypes instead.
@@ -468,6 +493,11 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
         rows += [Variant("fast", dt, backend=b) for b in fast_backends]
         if cuda_graph is not False and "auto" in fast_backends:
             rows.append(Variant("fast", dt, backend="auto", mode="cudagraph"))
+        if fast_backends:
+            engine_backend = "auto" if "auto" in fast_backends else fast_backends[0]
+            rows.append(Variant("engine", dt, backend=engine_backend))
+            if cuda_graph is not False:
+                rows.append(Variant("engine", dt, backend=engine_backend, mode="cudagraph"))
         if hf is not False:
             rows.append(Variant("hf", dt, backend="-"))
     return rows
@@ -544,7 +574,7 @@ class Runner:
                  runs: int, warmup: int, stages: bool = False, n_inputs: int | None = None,
                  seed: int = 0, log: Callable[[str], None] | None = None,
                  skip_same_as_reference: bool = True, allow_interpreter: bool = False,
-                 cpu_opt_in: Iterable[str] = ()):
+                 cpu_opt_in: Iterable[str] = (), accuracy: bool = True):
         self.config = config
         self.device = device
         self.batches = list(batches)
@@ -558,6 +588,10 @@ class Runner:
         self.allow_interpreter = allow_interpreter
         # rows that run on a CPU only when asked for: "compile", "hf" (minutes each there)
         self.cpu_opt_in = set(cpu_opt_in)
+        # accuracy columns: taken from the first call's output; when a row makes no first call
+        # (eager, no warm-up), ``accuracy`` allows one more, untimed, forward for them
+        self.accuracy = accuracy
+        self._reference_out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._model: tuple[torch.dtype, torch.nn.Module] | None = None
         self._inputs: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
 
@@ -575,6 +609,9 @@ class Runner:
 
             self._free()
             t0 = time.perf_counter()
+            # the same seed for every dtype: the rows' models share their weights (up to
+            # rounding), so their outputs can be compared with the fp32 reference's
+            torch.manual_seed(self.seed)
             model, _ = load(None, config=self.config, device=self.device, dtype=dtype,
                             backend="reference")
             self.log(f"built the {dtype_name(dtype)} model with random weights in "
@@ -604,7 +641,19 @@ class Runner:
 
             return run_hf, hf_model, cleanup
         model = self.model(v.dtype)
-        model.set_backend(v.backend if v.path == "fast" else "reference")
+        model.set_backend(v.backend if v.path in ("fast", "engine") else "reference")
+        if v.path == "engine":
+            # the engine captures and replays its own CUDA graphs in mode "cudagraph"
+            model.prepare_fast({"cuda_graphs": v.mode == "cudagraph"})
+
+            def run_engine(x: torch.Tensor) -> Any:
+                with torch.no_grad():
+                    return model(x)
+
+            def detach() -> None:
+                model.prepare_fast(False)
+
+            return run_engine, model, detach
         if v.mode == "eager":
             def run_eager(x: torch.Tensor) -> Any:
                 with torch.no_grad():
@@ -654,7 +703,7 @@ class Runner:
         cuda = self.device.type == "cuda"
         cleanup: Callable[[], None] = lambda: None  # noqa: E731
         try:
-            if v.path == "fast":
+            if v.path in ("fast", "engine"):
                 ok, why = backends.backend_status(v.backend, self.device)
                 if not ok:
                     raise SkipRow(f"backend {v.backend!r} unavailable: {why}")
@@ -663,7 +712,7 @@ class Runner:
                     raise SkipRow("on a CPU Triton runs in its interpreter, which is a "
                                   "correctness tool, not a performance path")
                 row.ops = resolved_ops(v.backend, self.device)
-                if (self.skip_same_as_reference and v.mode == "eager"
+                if (self.skip_same_as_reference and v.mode == "eager" and v.path == "fast"
                         and all(b == "reference" for b in row.ops.values())):
                     raise SkipRow(f"{v.backend} runs the reference for every op on "
                                   f"{self.device.type} (timed in the reference row)")
@@ -693,12 +742,17 @@ class Runner:
                 # counts as one warm-up run
                 synchronize(self.device)
                 t0 = time.perf_counter()
-                fn(inputs[0])
+                first_out = fn(inputs[0])
                 synchronize(self.device)
                 row.first_call_ms = (time.perf_counter() - t0) * 1e3
+                if v.path != "hf":  # (no extra forward: the first call's output is checked)
+                    self._check_accuracy(row, first_out)
+                del first_out
                 warmup = max(warmup - 1, 0)
             row.device, row.host = time_callable(fn, inputs, warmup=warmup, runs=self.runs,
                                                  device=self.device)
+            if row.first_call_ms is None and self.accuracy and v.path != "hf":
+                self._check_accuracy(row, fn(inputs[0]))
             if cuda:
                 # weights + one input + everything allocated on top (activations, workspaces,
                 # a CUDA graph's pool, compilation buffers)
@@ -707,7 +761,9 @@ class Runner:
                 if v.path != "hf":  # transformers' weights were allocated after the baseline
                     peak += sum(p.numel() * p.element_size() for p in module.parameters())
                 row.peak_mem_bytes = peak
-            if self.stages and v.mode == "eager" and v.path != "hf":
+            if v.path == "engine" and getattr(module, "fast_engine", None) is not None:
+                row.engine = _json_safe(module.fast_engine.status())
+            if self.stages and v.mode == "eager" and v.path in ("reference", "fast"):
                 row.stages = time_stages(module, inputs, warmup=min(self.warmup, 2),
                                          runs=self.runs, device=self.device)
         except SkipRow as e:
@@ -724,6 +780,27 @@ class Runner:
             if v.path == "hf" or row.status == "failed":
                 self._free()
         return row
+
+    def _check_accuracy(self, row: RowResult, out: Any) -> None:
+        """Compare a row's output on its first input with the fp32 reference's (same batch).
+
+        The fp32 reference eager row records the reference; rows run after it (the plan runs
+        fp32 first) get their mean absolute relative error of the canonical inverse depth and
+        their FOV error. Without an fp32 reference row in the run, the columns stay empty.
+        """
+        cid, fov = out
+        v = row.variant
+        if v.path == "reference" and v.mode == "eager" and v.dtype == torch.float32:
+            if row.batch not in self._reference_out:
+                self._reference_out[row.batch] = (
+                    cid.detach().float().clone(),
+                    None if fov is None else fov.detach().float().clone())
+        ref = self._reference_out.get(row.batch)
+        if ref is None:
+            return
+        row.mare = mean_abs_rel_error(cid, ref[0])
+        if fov is not None and ref[1] is not None:
+            row.fov_err_deg = max_abs_error(fov.float(), ref[1])
 
     def run(self, variants: Iterable[Variant]) -> list[RowResult]:
         """Time every variant at every batch size; rows come back in the given order."""
@@ -783,7 +860,7 @@ def _gib(n: int | None) -> str:
 def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
     """The side-by-side table; rows that did not run show their reason in the last column."""
     header = ("variant", "dtype", "batch", "median ms", "min-max ms", "img/s", "speed-up",
-              "% floor", "peak mem", "note")
+              "% floor", "peak mem", "MARE", "FOV err", "note")
     lines = []
     for r in rows:
         v = r.variant
@@ -794,21 +871,27 @@ def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
                 note = "ops: " + ", ".join(f"{op.split('_')[0]}={b}" for op, b in r.ops.items())
             if r.first_call_ms is not None and v.mode != "eager":
                 note = (note + "; " if note else "") + f"first call {r.first_call_ms / 1e3:.1f} s"
+            failures = ((r.engine or {}).get("graphs") or {}).get("failures")
+            if failures:
+                note = (note + "; " if note else "") + f"graph capture failed (eager): {failures}"
+            is_ref = (v.path == "reference" and v.mode == "eager" and v.dtype == torch.float32
+                      and r.mare == 0.0)
             cells = (v.name, dtype_name(v.dtype), str(r.batch), f"{d.median:.1f}",
                      f"{d.min:.1f}-{d.max:.1f}", _fmt(r.images_per_s, ".2f"),
                      _fmt(r.speedup, ".2f", "-") + ("x" if r.speedup else ""),
                      _fmt(r.pct_floor, ".1f") + ("%" if r.pct_floor is not None else ""),
-                     _gib(r.peak_mem_bytes), note)
+                     _gib(r.peak_mem_bytes), "ref" if is_ref else _fmt(r.mare, ".1e"),
+                     "ref" if is_ref else _fmt(r.fov_err_deg, ".3f"), note)
         else:
             reason = (r.reason or "").replace("\n", " ")
             if len(reason) > note_width:
                 reason = reason[:note_width - 3] + "..."
             cells = (v.name, dtype_name(v.dtype), str(r.batch), "-", "-", "-", "-", "-", "-",
-                     f"{r.status}: {reason}")
+                     "-", "-", f"{r.status}: {reason}")
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
               for i, h in enumerate(header)]
-    right = {2, 3, 4, 5, 6, 7, 8}
+    right = {2, 3, 4, 5, 6, 7, 8, 9, 10}
 
     def fmt_row(cells: Sequence[str]) -> str:
         out = [c.rjust(w) if i in right else c.ljust(w)

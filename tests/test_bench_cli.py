@@ -37,7 +37,7 @@ def test_cli_prints_the_table(bench_run):
     rc, text, _, _ = bench_run
     assert rc == 0
     assert "median ms" in text and "speed-up" in text and "% floor" in text
-    assert "reference eager" in text
+    assert "reference eager" in text and "fast engine" in text and "MARE" in text
     # unavailable backends are rows with a reason, not crashes
     assert "fast cuda" in text and "skipped" in text
     assert "GPU numbers" in text and "need a GPU" in text
@@ -65,6 +65,15 @@ def test_cli_json_fields(bench_run):
     assert set(ref["stages"]) == set(bm.STAGE_NAMES) | {"total"}
     cuda_row = rows[("fast cuda", "fp32")]
     assert cuda_row["status"] == "skipped" and cuda_row["reason"]
+    # the whole fast path runs on a CPU too (folds, fused epilogue ops, channels_last), and its
+    # accuracy against the fp32 reference (same seeded weights) is in the row
+    engine = rows[("fast engine", "fp32")]
+    assert engine["status"] == "ok", engine["reason"]
+    assert ref["mare_vs_fp32_reference"] == 0.0 and ref["fov_abs_err_deg"] == 0.0
+    assert 0 <= engine["mare_vs_fp32_reference"] < 1e-5
+    assert engine["fov_abs_err_deg"] < 1e-3
+    assert engine["engine"]["folds"] and "options" in engine["engine"]
+    assert rows[("fast engine + CUDA graph", "fp32")]["status"] == "skipped"
 
 
 def test_make_table(bench_run, tmp_path):
@@ -115,14 +124,16 @@ def test_default_variants():
     cpu = bm.default_variants(CPU)
     assert [v.name for v in cpu] == [
         "reference eager", "reference torch.compile", "fast auto", "fast triton", "fast cuda",
-        "fast auto + CUDA graph", "transformers DepthPro"]
+        "fast auto + CUDA graph", "fast engine", "fast engine + CUDA graph",
+        "transformers DepthPro"]
     assert {v.dtype for v in cpu} == {torch.float32}
     gpu = bm.default_variants(torch.device("cuda"))  # a plan only: nothing touches CUDA
     names = [(v.name, bm.dtype_name(v.dtype)) for v in gpu]
     for expected in [("reference eager", "fp32"), ("reference eager", "bf16"),
                      ("reference eager", "fp16"), ("reference torch.compile", "bf16"),
                      ("fast auto", "bf16"), ("fast triton", "bf16"), ("fast cuda", "bf16"),
-                     ("fast auto + CUDA graph", "bf16"), ("transformers DepthPro", "bf16")]:
+                     ("fast auto + CUDA graph", "bf16"), ("fast engine", "bf16"),
+                     ("fast engine + CUDA graph", "bf16"), ("transformers DepthPro", "bf16")]:
         assert expected in names
     only = bm.default_variants(torch.device("cuda"), dtypes=[torch.bfloat16], compile=False,
                                hf=False, cuda_graph=False)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import depthpro_fast
+from depthpro_fast.accuracy import FOV_BUDGET_DEG, MARE_BUDGET, mean_abs_rel_error
 from depthpro_fast.config import DepthProConfig
 from depthpro_fast.fast import FastEngine, FastOptions
 from depthpro_fast.fast.graphs import GraphRunner
@@ -27,15 +28,8 @@ MICRO = DepthProConfig(embed_dim=64, depth=2, num_heads=1, mlp_ratio=2.0,
                        encoder_feature_layer_ids=(0, 1), encoder_feature_dims=(8, 16, 32, 64),
                        decoder_features=16)
 
-# Accuracy budget (issue 6): canonical inverse depth mean absolute relative error, FOV error.
-MARE_BUDGET = {torch.float16: 1e-3, torch.bfloat16: 5e-3}
-FOV_BUDGET_DEG = 0.05
-
-
-def mare(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean absolute relative error of a (positive) canonical inverse depth map."""
-    out, ref = out.double(), ref.double()
-    return float(((out - ref).abs() / ref.abs().clamp_min(1e-6)).mean())
+# Accuracy budget (issue 6): one definition, in depthpro_fast.accuracy.
+mare = mean_abs_rel_error
 
 
 def max_rel(out: torch.Tensor, ref: torch.Tensor) -> float:

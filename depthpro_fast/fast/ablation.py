@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ..accuracy import mean_abs_rel_error
+
 #: Variants: name -> fast options (None: the reference modules).
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "reference": None,
@@ -59,11 +61,6 @@ def _time(fn: Callable[[torch.Tensor], Any], inputs: list[torch.Tensor], warmup:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return times
-
-
-def _mare(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float(((out - ref).abs() / ref.abs().clamp_min(1e-6)).mean())
 
 
 def run(*, dtype: torch.dtype = torch.bfloat16, batch: int = 1, variants: list[str] | None = None,
@@ -109,7 +106,7 @@ def run(*, dtype: torch.dtype = torch.bfloat16, batch: int = 1, variants: list[s
             q = statistics.quantiles(times, n=10)
             row.update(ms=statistics.median(times), p10=q[0], p90=q[-1],
                        images_per_s=1000 * batch / statistics.median(times),
-                       mare=_mare(cid, ref_cid),
+                       mare=mean_abs_rel_error(cid, ref_cid),
                        fov_err_deg=None if fov is None else float((fov.float() - ref_fov)
                                                                   .abs().max()),
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30)
