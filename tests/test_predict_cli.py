@@ -258,6 +258,17 @@ def test_missing_argument_is_a_failure_but_others_run(tmp_path, fake_model, caps
     assert (tmp_path / "out" / "ok.npz").is_file() and (tmp_path / "out" / "ok.color.png").is_file()
 
 
+def test_fast_flag_loads_the_fast_path(tmp_path, fake_model):
+    img = tmp_path / "ok.png"
+    Image.fromarray(noisy_rgb(10, 12)).save(img)
+    for extra, expected in (([], False), (["--fast"], True)):
+        fake_model.loads.clear()
+        rc = cli.main(["predict", str(img), "-o", str(tmp_path / f"out{expected}"), "--quiet",
+                       *extra])
+        assert rc == 0
+        assert [kw["fast"] for _, kw in fake_model.loads] == [expected]
+
+
 def test_failed_write_is_reported_and_leaves_no_partial_file(tmp_path, fake_model, monkeypatch,
                                                              capsys):
     for i in range(3):

@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto = float16 on CUDA (as the official CLI), float32 on CPU")
     parser.add_argument("--backend", default="auto",
                         choices=["auto", "reference", "triton", "cuda"])
+    parser.add_argument("--fast", action="store_true",
+                        help="run the fast path (fused ViT epilogues, exact conv folds, "
+                             "channels_last; on CUDA a side stream and CUDA graphs), see "
+                             "docs/fast_path.md; the FOV network is skipped for images whose "
+                             "focal length is known")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images per network call (default: 1)")
     parser.add_argument("--f-px", type=float, default=None,
@@ -484,7 +489,8 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(distributed.local_device(args.device))
         t0 = time.perf_counter()
         model, transform = load(args.checkpoint, config=args.config, device=device,
-                                dtype=_resolve_dtype(args.dtype, device), backend=args.backend)
+                                dtype=_resolve_dtype(args.dtype, device), backend=args.backend,
+                                fast=args.fast)
         load_s = time.perf_counter() - t0
         summary = predict_sources(
             named, model, transform, args.outdir, formats=formats, batch_size=args.batch_size,
