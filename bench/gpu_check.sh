@@ -12,7 +12,10 @@
 #            (falls back to setup.py build_ext --inplace); TORCH_CUDA_ARCH_LIST = this GPU's
 #   tests    python -m pytest -m gpu tests
 #   bench1   depthpro-fast bench, official config, batch 1, every row, --stages
-#   bench8   depthpro-fast bench, official config, batch 8, bf16 rows, no torch.compile
+#   bench8   depthpro-fast bench, official config, batch 8, bf16 rows, no torch.compile / HF,
+#            3 warm-up + 10 runs
+#            (bench writes its JSON after every row, so a step cut by its time limit still
+#            leaves the rows it measured, marked partial)
 #   suites   the pytest-benchmark suites on the GPU: op benchmarks timed, whole model once
 #   sanitize (only with --sanitize or SANITIZE=1) compute-sanitizer memcheck and racecheck
 #            over the GPU kernel tests selected by SANITIZE_K (default: "cuda")
@@ -29,7 +32,8 @@ SANITIZE=${SANITIZE:-0}
 for arg in "$@"; do
   case "$arg" in
     --sanitize) SANITIZE=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+      exit 0 ;;
     -*) echo "gpu_check: unknown option $arg" >&2; exit 2 ;;
     *) OUT_DIR=$arg ;;
   esac
@@ -129,7 +133,7 @@ if want bench1; then
 fi
 if want bench8; then
   run_step bench8 150 bash -c 'bench "$@"' _ bench-b8 --batch 8 --dtype bf16 --no-compile \
-    --warmup 3
+    --no-hf --warmup 3 --runs 10
 fi
 
 # ---- pytest-benchmark suites ---------------------------------------------------------------

@@ -55,6 +55,8 @@ def describe(data: dict[str, Any]) -> str:
         line += (f"; peak {peak.get('dtype')} matmul measured in the same run "
                  f"{peak['tflops']:.1f} TFLOP/s (FLOP floor {floor:.2f} ms per image)")
     settings = data.get("settings", {})
+    if settings.get("partial"):
+        line += "; **partial run** (cut short: rows not timed are left out)"
     if settings:
         line += (f"; {settings.get('warmup', '?')} warm-up + {settings.get('runs', '?')} runs, "
                  f"median ({settings.get('timer', '?')})")

@@ -591,6 +591,7 @@ class Runner:
         # accuracy columns: taken from the first call's output; when a row makes no first call
         # (eager, no warm-up), ``accuracy`` allows one more, untimed, forward for them
         self.accuracy = accuracy
+        self.interrupted = False
         self._reference_out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._model: tuple[torch.dtype, torch.nn.Module] | None = None
         self._inputs: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
@@ -802,24 +803,48 @@ class Runner:
         if fov is not None and ref[1] is not None:
             row.fov_err_deg = max_abs_error(fov.float(), ref[1])
 
-    def run(self, variants: Iterable[Variant]) -> list[RowResult]:
-        """Time every variant at every batch size; rows come back in the given order."""
+    def run(self, variants: Iterable[Variant],
+            on_row: Callable[[list[RowResult]], None] | None = None) -> list[RowResult]:
+        """Time every variant at every batch size; rows come back in the given order.
+
+        ``on_row(rows)`` is called after each row with every row so far (in table order), e.g.
+        to save partial results. An interrupt (Ctrl-C, or ``timeout --signal=INT``) stops the
+        run: the rows not yet timed come back as skipped ("interrupted") and ``interrupted``
+        is set, so a run cut short by a time limit still reports what it measured.
+        """
         variants = list(variants)
         order = {dt: i for i, dt in enumerate(dict.fromkeys(v.dtype for v in variants))}
-        # one model per dtype at a time: run grouped by dtype, transformers last
+        # one model per dtype at a time: run grouped by dtype, torch.compile (slow to compile)
+        # last in its group, transformers last of all
         plan = sorted(((v, b) for v in variants for b in self.batches),
-                      key=lambda vb: (vb[0].path == "hf", order[vb[0].dtype]))
+                      key=lambda vb: (vb[0].path == "hf", order[vb[0].dtype],
+                                      vb[0].mode == "compile"))
         results: dict[tuple[Variant, int], RowResult] = {}
-        for i, (v, b) in enumerate(plan, 1):
-            self.log(f"[{i}/{len(plan)}] {v.name} {dtype_name(v.dtype)} batch {b}")
-            row = self.run_row(v, b)
-            if row.status != "ok":
-                self.log(f"    {row.status}: {row.reason}")
-            else:
-                self.log(f"    median {row.device.median:.1f} ms")
-            results[(v, b)] = row
+
+        def in_order() -> list[RowResult]:
+            return [results[(v, b)] for b in self.batches for v in variants
+                    if (v, b) in results]
+
+        self.interrupted = False
+        try:
+            for i, (v, b) in enumerate(plan, 1):
+                self.log(f"[{i}/{len(plan)}] {v.name} {dtype_name(v.dtype)} batch {b}")
+                row = self.run_row(v, b)
+                if row.status != "ok":
+                    self.log(f"    {row.status}: {row.reason}")
+                else:
+                    self.log(f"    median {row.device.median:.1f} ms")
+                results[(v, b)] = row
+                if on_row is not None:
+                    on_row(in_order())
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self.log("interrupted: the rows not timed yet are reported as skipped")
+            for v, b in plan:
+                results.setdefault((v, b), RowResult(v, b, "skipped",
+                                                     "interrupted (time limit or Ctrl-C)"))
         self._free()
-        return [results[(v, b)] for b in self.batches for v in variants]
+        return in_order()
 
 
 def fill_relative(rows: Sequence[RowResult], flops_per_image: float,

@@ -164,3 +164,28 @@ def test_bad_arguments():
     with pytest.raises(SystemExit):
         main(["bench", "--dtype", "fp64"])
     assert main(["bench", "--config", "nope"]) == 1  # clear error, exit code 1
+
+
+def test_interrupted_run_keeps_what_it_measured(monkeypatch):
+    """A time limit (timeout --signal=INT) mid-run: rows done so far are kept and saved."""
+    runner = bm.Runner(bm.OFFICIAL, CPU, batches=[1], runs=1, warmup=0)
+    variants = [bm.Variant("reference", torch.float32),
+                bm.Variant("reference", torch.float32, mode="compile"),
+                bm.Variant("engine", torch.float32, "auto")]
+    ran, saved = [], []
+
+    def fake_row(v, batch):
+        ran.append(v.name)
+        if len(ran) == 3:
+            raise KeyboardInterrupt
+        return bm.RowResult(v, batch, "ok", device=bm.Stats([5.0]), host=bm.Stats([5.0]))
+
+    monkeypatch.setattr(runner, "run_row", fake_row)
+    rows = runner.run(variants, on_row=lambda rs: saved.append([r.variant.name for r in rs]))
+    assert runner.interrupted
+    # torch.compile rows run last in their dtype group (a slow compile must not cost the rest)
+    assert ran == ["reference eager", "fast engine", "reference torch.compile"]
+    assert [r.variant.name for r in rows] == [v.name for v in variants]  # table order
+    assert [r.status for r in rows] == ["ok", "skipped", "ok"]
+    assert "interrupted" in rows[1].reason
+    assert saved == [["reference eager"], ["reference eager", "fast engine"]]

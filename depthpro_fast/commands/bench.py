@@ -128,7 +128,31 @@ def run(args: argparse.Namespace) -> int:
                        # no extra untimed forward for the accuracy columns where one takes
                        # minutes (the official model on a CPU without warm-up)
                        accuracy=gpu or not big)
-    rows = runner.run(variants)
+    timer = "CUDA events, each run from an idle device" if gpu else "perf_counter"
+    json_path = None
+    if args.json:
+        json_path = args.json
+        if os.path.isdir(json_path) or json_path.endswith(os.sep):
+            json_path = os.path.join(json_path, bm.default_results_name(env))
+
+    def save(rows: list, notes: list[str], partial: bool) -> None:
+        settings = {"batches": args.batch, "runs": runs, "warmup": warmup,
+                    "n_inputs": runner.n_inputs, "timer": timer, "seed": args.seed,
+                    "stages": args.stages, "wall_s": round(time.perf_counter() - t_start, 1),
+                    "partial": partial}
+        data = bm.results_dict(env=env, config_name=config_name, config=cfg, params=params,
+                               flops_per_image=flops_per_image,
+                               flops_by_stage=flop_report.by_stage(), peak=peak,
+                               settings=settings, rows=rows, notes=notes)
+        data["auto_fallbacks"] = _auto_fallbacks()
+        bm.write_json(json_path, data)
+
+    def save_partial(rows: list) -> None:
+        # after every row: a run cut short (a time limit) still leaves what it measured
+        bm.fill_relative(rows, flops_per_image, peak["tflops"])
+        save(rows, ["partial results: the run had not finished when this was written"], True)
+
+    rows = runner.run(variants, on_row=save_partial if json_path else None)
     baseline = bm.fill_relative(rows, flops_per_image, peak["tflops"])
 
     notes = []
@@ -144,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
             notes.append(f"CPU default for this config: {runs} timed run, {warmup} warm-up "
                          "(one forward takes minutes here); --config tiny is quick, --runs N "
                          "for more.")
-    timer = "CUDA events, each run from an idle device" if gpu else "perf_counter"
+    if runner.interrupted:
+        notes.append("Interrupted: the rows marked 'interrupted' were not timed.")
     print(f"depthpro-fast bench: config {config_name} ({params:,} parameters, "
           f"{flops_per_image / 1e9:,.1f} GFLOP per image), random weights")
     print(f"device: {_device_line(env)}")
@@ -185,21 +210,12 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(note)
     elapsed = time.perf_counter() - t_start
-    if args.json:
-        path = args.json
-        if os.path.isdir(path) or path.endswith(os.sep):
-            path = os.path.join(path, bm.default_results_name(env))
-        settings = {"batches": args.batch, "runs": runs, "warmup": warmup,
-                    "n_inputs": runner.n_inputs, "timer": timer, "seed": args.seed,
-                    "stages": args.stages, "wall_s": round(elapsed, 1)}
-        data = bm.results_dict(env=env, config_name=config_name, config=cfg, params=params,
-                               flops_per_image=flops_per_image,
-                               flops_by_stage=flop_report.by_stage(), peak=peak,
-                               settings=settings, rows=rows, notes=notes)
-        data["auto_fallbacks"] = fallbacks
-        bm.write_json(path, data)
-        print(f"\nwrote {path}")
+    if json_path:
+        save(rows, notes, runner.interrupted)
+        print(f"\nwrote {json_path}")
     print(f"\n(bench took {elapsed:.0f} s)")
+    if runner.interrupted:
+        return 130
     ok = any(r.status == "ok" for r in rows)
     return 0 if ok else 1
 
