@@ -101,18 +101,26 @@ DPF_HD float merged_value(const T* base, const PixelTaps& t) {
   return v;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kTile* kRows)
-    merge_patches_kernel(const T* __restrict__ src, T* __restrict__ dst, Params p) {
-  __shared__ PixelTaps taps[kTile];
-  __shared__ float tile[kTile][kTile + 1];  // [pixel][channel], +1 against bank conflicts
+// __syncthreads() as a functor, for merge_thread.
+struct BlockSync {
+  __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
+// The work of thread `thread_idx` of block `block_idx`: `taps` and `tile` are the block's shared
+// memory, `sync()` its barrier. The kernel passes blockIdx / threadIdx, its __shared__ arrays and
+// __syncthreads; tests/cuda_host/patch_kernels_check.cu replays the launch grid on the host.
+template <typename T, typename Sync>
+DPF_HD void merge_thread(const T* __restrict__ src, T* __restrict__ dst, const Params& p,
+                         const uint3& block_idx, const uint3& thread_idx,
+                         PixelTaps (&taps)[kTile], float (&tile)[kTile][kTile + 1],
+                         const Sync& sync) {
   const int64_t npix = p.out_h * p.out_w;
-  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int64_t b = blockIdx.z;
-  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t p0 = static_cast<int64_t>(block_idx.x) * kTile;
+  const int64_t c0 = static_cast<int64_t>(block_idx.y) * kTile;
+  const int64_t b = block_idx.z;
+  const int tx = thread_idx.x, ty = thread_idx.y;
   if (ty == 0 && p0 + tx < npix) taps[tx] = pixel_taps(p, p0 + tx);
-  __syncthreads();
+  sync();
 
   // Read: threads along the channels.
   const int64_t c = c0 + tx;
@@ -130,7 +138,7 @@ __global__ void __launch_bounds__(kTile* kRows)
     }
   }
   if (p.channels_last) return;
-  __syncthreads();
+  sync();
   // Write (NCHW): threads along the pixels.
   if (p0 + tx >= npix) return;
   const int64_t out_pix = taps[tx].out;
@@ -139,6 +147,14 @@ __global__ void __launch_bounds__(kTile* kRows)
     const int cl = ty + k * kRows;
     if (c0 + cl < p.channels) store(out_b + out_pix + (c0 + cl) * p.o_c, tile[tx][cl]);
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTile* kRows)
+    merge_patches_kernel(const T* __restrict__ src, T* __restrict__ dst, Params p) {
+  __shared__ PixelTaps taps[kTile];
+  __shared__ float tile[kTile][kTile + 1];  // [pixel][channel], +1 against bank conflicts
+  merge_thread(src, dst, p, blockIdx, threadIdx, taps, tile, BlockSync{});
 }
 
 template <typename T>

@@ -122,13 +122,21 @@ DPF_HD void split_pixel(const Tin* src, Tout* dst, const Params& p, int win, int
   }
 }
 
+// The work of thread `thread_idx` of block `block_idx` (the kernel passes blockIdx / threadIdx;
+// tests/cuda_host/patch_kernels_check.cu replays the launch grid on the host through it).
+template <typename Tin, typename Tout, bool kIdentity>
+DPF_HD void split_thread(const Tin* __restrict__ src, Tout* __restrict__ dst, const Params& p,
+                         const uint3& block_idx, const uint3& thread_idx) {
+  constexpr int tiles_x = kWindow / kBlockX;
+  const int x = (block_idx.x % tiles_x) * kBlockX + thread_idx.x;
+  const int y = (block_idx.x / tiles_x) * kBlockY + thread_idx.y;
+  split_pixel<Tin, Tout, kIdentity>(src, dst, p, block_idx.y, block_idx.z, y, x);
+}
+
 template <typename Tin, typename Tout, bool kIdentity>
 __global__ void __launch_bounds__(kBlockX* kBlockY)
     split_patches_kernel(const Tin* __restrict__ src, Tout* __restrict__ dst, Params p) {
-  constexpr int tiles_x = kWindow / kBlockX;
-  const int x = (blockIdx.x % tiles_x) * kBlockX + threadIdx.x;
-  const int y = (blockIdx.x / tiles_x) * kBlockY + threadIdx.y;
-  split_pixel<Tin, Tout, kIdentity>(src, dst, p, blockIdx.y, blockIdx.z, y, x);
+  split_thread<Tin, Tout, kIdentity>(src, dst, p, blockIdx, threadIdx);
 }
 
 template <typename Tin, typename Tout>
