@@ -229,15 +229,16 @@ def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
         raise ValueError(f"interpolation_mode {interpolation_mode!r} not accepted; one of "
                          f"{', '.join(_INTERPOLATION_MODES)}")
     x = _check_image_batch(x)
+    device, dtype = model_device_dtype(model)
+    batch, _, height, width = x.shape
+    # first, from the shape alone: a huge image is refused before any pass over its values
+    check_output_memory(batch, height, width, device)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("input contains NaN or Inf values")
     low, high = float(x.min()), float(x.max())
     if low < -1.01 or high > 1.01:
         raise ValueError(f"infer expects a normalised image with values in [-1, 1] (the output "
                          f"of the transform returned by load()), got [{low:.4g}, {high:.4g}]")
-    device, dtype = model_device_dtype(model)
-    batch, _, height, width = x.shape
-    check_output_memory(batch, height, width, device)
     f_given = None if f_px is None else focal_length_tensor(f_px, batch, device)
     x = x.to(device=device, dtype=dtype)
     if (height, width) != (IMG_SIZE, IMG_SIZE):

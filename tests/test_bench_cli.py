@@ -13,22 +13,32 @@ import torch
 from depthpro_fast import benchmark as bm
 from depthpro_fast.api import load
 from depthpro_fast.cli import main
-from depthpro_fast.config import IMG_SIZE
+from depthpro_fast.config import IMG_SIZE, resolve_config
+from depthpro_fast.flops import count_flops
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
+MICRO = {"embed_dim": 64, "depth": 2, "num_heads": 1, "mlp_ratio": 2.0,
+         "encoder_feature_layer_ids": [0, 1], "encoder_feature_dims": [8, 16, 32, 64],
+         "decoder_features": 16, "use_fov": True}
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One CLI run shared by the tests below: its stdout, exit code and JSON."""
-    out = tmp_path_factory.mktemp("bench") / "results.json"
+    """One CLI run shared by the tests below: its stdout, exit code and JSON.
+
+    The model is a config file of knobs smaller than the tiny preset (a quarter of its FLOPs:
+    the run is CPU-bound) with the same structure."""
+    folder = tmp_path_factory.mktemp("bench")
+    out = folder / "results.json"
+    (folder / "micro.json").write_text(json.dumps(MICRO))
     import contextlib
     import io
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["bench", "--config", "tiny", "--runs", "2", "--warmup", "0", "--stages",
+        rc = main(["bench", "--config", str(folder / "micro.json"), "--runs", "2", "--warmup",
+                   "0", "--stages",
                    "--quiet", "--json", str(out)])
     return rc, buf.getvalue(), json.loads(out.read_text()), out
 
@@ -50,8 +60,9 @@ def test_cli_json_fields(bench_run):
     env = data["environment"]
     for key in ("date", "device", "torch", "torch_cuda", "triton", "commit", "python"):
         assert key in env
-    assert data["config"]["name"] == "tiny"
-    assert data["flops_per_image"] == pytest.approx(159e9, rel=5e-3)
+    assert data["config"]["name"] == "micro.json"
+    assert data["config"]["embed_dim"] == MICRO["embed_dim"]
+    assert data["flops_per_image"] == count_flops(resolve_config(MICRO)).per_image
     assert data["peak_matmul"]["tflops"] > 0
     assert data["settings"]["runs"] == 2
     rows = {(r["name"], r["dtype"]): r for r in data["rows"]}
@@ -94,7 +105,7 @@ def test_make_table(bench_run, tmp_path):
 def test_staged_forward_is_the_forward():
     """The stage runner must compute exactly what DepthPro.forward computes."""
     torch.manual_seed(0)
-    model, _ = load(None, config="tiny", device="cpu", backend="reference")
+    model, _ = load(None, config=MICRO, device="cpu", backend="reference")
     x = bm.random_inputs((1, 3, IMG_SIZE, IMG_SIZE), count=1, device=CPU,
                          dtype=torch.float32)[0]
     seen = []
