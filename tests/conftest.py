@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,17 @@ TINY_DIR = FIXTURES / "official_tiny"
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def find_nvcc() -> str | None:
+    """$NVCC, else nvcc on PATH, else /usr/local/cuda/bin/nvcc; None when there is none.
+
+    (The host-only CUDA checks in tests/cuda_host/ are built with it; no GPU needed.)"""
+    candidates = [os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
 
 
 def triton_usable() -> bool:

@@ -9,24 +9,15 @@ comment of that file for what is and is not covered. Skipped when nvcc is not in
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import find_nvcc
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "cuda_host" / "attention_layout_check.cu"
-
-
-def find_nvcc() -> str | None:
-    """$NVCC, else nvcc on PATH, else /usr/local/cuda/bin/nvcc; None when there is none."""
-    candidates = [os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    for c in candidates:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return c
-    return None
 
 
 NVCC = find_nvcc()

@@ -22,8 +22,6 @@ see the measured error of every case.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from depthpro_fast.ops.merge_patches import (
     tokens_to_maps,
 )
 from depthpro_fast.ops.split_patches import split_patches
+from tests.conftest import find_nvcc
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "cuda_host" / "patch_kernels_check.cu"
@@ -48,15 +47,6 @@ SPLIT_F32_ATOL = 2e-6
 MERGE_F32_EPS_MULT = 8  # float32 blend error <= 8 eps * max |input|
 
 DTYPE_CODE = {torch.uint8: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
-def find_nvcc() -> str | None:
-    """$NVCC, else nvcc on PATH, else /usr/local/cuda/bin/nvcc; None when there is none."""
-    candidates = [os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    for c in candidates:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return c
-    return None
 
 
 NVCC = find_nvcc()
