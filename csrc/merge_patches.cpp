@@ -104,8 +104,7 @@ at::Tensor merge_patches_cuda(const at::Tensor& tokens, int64_t batch_size, int6
   p.padding = static_cast<int>(padding);
   p.win_h = static_cast<int>(h);
   p.win_w = static_cast<int>(w);
-  p.blend = grid > 1 ? static_cast<int>(blend) : 0;
-  p.channels_last = channels_last && channels > 1;
+  mp::set_mode(p, static_cast<int>(blend), channels_last);  // after grid and channels
   const cudaError_t err = mp::launch(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "depthpro_fast::merge_patches: kernel launch failed: ",
               cudaGetErrorString(err));

@@ -27,11 +27,6 @@ sp::Dtype kernel_dtype(at::ScalarType t) {
   return sp::Dtype::kFloat32;  // unreachable
 }
 
-// PyTorch's float32 resize scale in / out (align_corners=False, output size given).
-float resize_scale(int64_t size) {
-  return static_cast<float>(size) / static_cast<float>(sp::kImage);
-}
-
 at::Tensor split_patches_cuda(const at::Tensor& image, bool prenormalized,
                               std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(image.is_cuda(), "depthpro_fast::split_patches: image must be a CUDA tensor, got ",
@@ -75,19 +70,7 @@ at::Tensor split_patches_cuda(const at::Tensor& image, bool prenormalized,
   p.stride_w = image.stride(3);
   p.dst = out.data_ptr();
   p.dst_dtype = kernel_dtype(dst_type);
-  p.scale_h = resize_scale(p.height);
-  p.scale_w = resize_scale(p.width);
-  // normalised = raw * mul + add (spec §8: uint8 / 255, then 2x - 1)
-  if (image.scalar_type() == at::kByte) {
-    p.norm_mul = 2.0f / 255.0f;
-    p.norm_add = -1.0f;
-  } else if (prenormalized) {
-    p.norm_mul = 1.0f;
-    p.norm_add = 0.0f;
-  } else {
-    p.norm_mul = 2.0f;
-    p.norm_add = -1.0f;
-  }
+  sp::set_derived(p, prenormalized);  // resize scales, normalisation
   const cudaError_t err = sp::launch(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "depthpro_fast::split_patches: kernel launch failed: ",
               cudaGetErrorString(err));

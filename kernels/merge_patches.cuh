@@ -29,6 +29,14 @@ struct Params {
   bool channels_last;  // o_c == 1: write along the channels instead of along the pixels
 };
 
+// Sets the mode from the caller's request: blending needs more than one window (grid must be
+// set), the NHWC write path more than one channel (channels must be set; with one channel NCHW
+// and NHWC are the same memory). Shared by the torch glue and the CPU replay of the kernel.
+inline void set_mode(Params& p, int blend, bool channels_last) {
+  p.blend = p.grid > 1 ? blend : 0;
+  p.channels_last = channels_last && p.channels > 1;
+}
+
 // Enqueues the kernel on `stream`. Returns cudaErrorInvalidValue for parameters it does not
 // handle, else the launch status.
 cudaError_t launch(const Params& params, cudaStream_t stream);

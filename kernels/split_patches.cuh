@@ -34,6 +34,25 @@ struct Params {
   float norm_mul, norm_add;  // normalised = raw * norm_mul + norm_add
 };
 
+// Fills the fields derived from the others (src_dtype, height, width must be set): the resize
+// scales, PyTorch's float32 in / out for align_corners=False with the output size given, and
+// the normalisation (spec §8: uint8 / 255, then 2x - 1; float in [0, 1]: 2x - 1; an input
+// already normalised: unchanged). Shared by the torch glue and the CPU replay of the kernel.
+inline void set_derived(Params& p, bool prenormalized) {
+  p.scale_h = static_cast<float>(p.height) / static_cast<float>(kImage);
+  p.scale_w = static_cast<float>(p.width) / static_cast<float>(kImage);
+  if (p.src_dtype == Dtype::kUInt8) {
+    p.norm_mul = 2.0f / 255.0f;
+    p.norm_add = -1.0f;
+  } else if (prenormalized) {
+    p.norm_mul = 1.0f;
+    p.norm_add = 0.0f;
+  } else {
+    p.norm_mul = 2.0f;
+    p.norm_add = -1.0f;
+  }
+}
+
 // Enqueues the kernel on `stream`. Returns cudaErrorInvalidValue for a dtype combination or a
 // shape it does not handle, else the launch status.
 cudaError_t launch(const Params& params, cudaStream_t stream);

@@ -19,7 +19,8 @@
 //     (`tile` NaN, `taps` offsets huge: reading a tap no thread wrote crashes);
 //   * passes the Params that csrc/split_patches.cpp / csrc/merge_patches.cpp would pass: the
 //     strides come from the test (torch's strides of the input and of the output tensor the glue
-//     allocates), the rest is computed here with the glue's own expressions;
+//     allocates), the plain fields as the glue fills them, and the derived ones (resize scales,
+//     normalisation, blend / NHWC mode) by the same .cuh helpers the glue calls;
 //   * surrounds every buffer with red zones (inputs: bytes 0xFF, NaN for float types; outputs:
 //     0xFF bytes = NaN, the whole output starts that way): an output red zone that changes is an
 //     error, an unwritten output element stays NaN and fails the comparison in the test.
@@ -172,18 +173,7 @@ void run_split(std::istringstream& in, const std::string& label) {
   p.stride_w = sw;
   p.dst = dst.data();
   p.dst_dtype = static_cast<sp::Dtype>(dst_code);
-  p.scale_h = static_cast<float>(p.height) / static_cast<float>(sp::kImage);
-  p.scale_w = static_cast<float>(p.width) / static_cast<float>(sp::kImage);
-  if (src_code == 0) {
-    p.norm_mul = 2.0f / 255.0f;
-    p.norm_add = -1.0f;
-  } else if (prenormalized) {
-    p.norm_mul = 1.0f;
-    p.norm_add = 0.0f;
-  } else {
-    p.norm_mul = 2.0f;
-    p.norm_add = -1.0f;
-  }
+  sp::set_derived(p, prenormalized);  // the glue's own call
   switch (src_code) {
     case 0: replay_split_out<uint8_t>(p); break;
     case 1: replay_split_out<float>(p); break;
@@ -399,8 +389,7 @@ void run_merge(std::istringstream& in, const std::string& label) {
   p.padding = static_cast<int>(padding);
   p.win_h = static_cast<int>(h);
   p.win_w = static_cast<int>(w);
-  p.blend = grid > 1 ? blend : 0;
-  p.channels_last = channels_last && channels > 1;
+  mp::set_mode(p, blend, channels_last);  // the glue's own call
 
   // Replay twice, threads of each phase in increasing then decreasing order.
   std::vector<unsigned char> first;
