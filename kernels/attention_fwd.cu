@@ -465,7 +465,7 @@ cudaError_t launch_attention_fwd(const void* q, const void* k, const void* v, vo
     p.ks[i] = k_strides[i];
     p.vs[i] = v_strides[i];
   }
-  p.qk_scale = scale * 1.4426950408889634f;  // log2(e): exp(x) = 2^(x log2 e)
+  p.qk_scale = scale * at_::kLog2e;
   return dtype == 0 ? at_::launch_dim<__half>(p, B, H, N, D, stream)
                     : at_::launch_dim<__nv_bfloat16>(p, B, H, N, D, stream);
 }

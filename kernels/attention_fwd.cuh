@@ -15,6 +15,9 @@ namespace attention {
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 constexpr int kWarps = 4;
+// The kernel works in the log2 domain: exp(x) = 2^(x log2 e), so Q K^T is scaled by
+// scale * kLog2e (the launcher folds the two into Params::qk_scale).
+constexpr float kLog2e = 1.4426950408889634f;
 
 // True when the kernel's 16-byte cp.async loads / vector stores are legal for a tensor: base
 // pointer 16-byte aligned, last-dim stride 1 and every other stride a multiple of 16 bytes

@@ -50,6 +50,7 @@ using depthpro_fast::attention::acc_col;
 using depthpro_fast::attention::acc_row;
 using depthpro_fast::attention::kBlockM;
 using depthpro_fast::attention::kBlockN;
+using depthpro_fast::attention::kLog2e;
 using depthpro_fast::attention::kWarps;
 using depthpro_fast::attention::ldsm_a_col;
 using depthpro_fast::attention::ldsm_a_row;
@@ -490,7 +491,7 @@ bool run_case(int N, double tol, uint32_t seed) {
   p.v = {&qkv, 2 * H * D, {sB, D, sN, 1}};
   p.k = {&kbuf, 0, {static_cast<int64_t>(H) * N * D, static_cast<int64_t>(N) * D, D, 1}};
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  p.qk_scale = scale * 1.4426950408889634f;
+  p.qk_scale = scale * kLog2e;  // the launcher's constant
 
   // Output (B, N, H, D) contiguous, poisoned.
   std::vector<float> out(static_cast<size_t>(B) * N * H * D, kNaN);
