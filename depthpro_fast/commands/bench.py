@@ -80,7 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from .. import benchmark as bm
+    from ..accuracy import FOV_BUDGET_DEG, MARE_BUDGET
     from ..api import resolve_device, resolve_dtype
     from ..config import PRESETS, resolve_config
     from ..flops import count_flops
@@ -111,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
     params = count_parameters(_meta_model(cfg))
 
     if gpu and device.index is not None:
-        import torch
-
         torch.cuda.set_device(device)  # CUDA events record on the current device
     log(f"measuring the peak matmul rate on {device} ...")
     peak = bm.peak_matmul_tflops(device)
@@ -186,10 +187,12 @@ def run(args: argparse.Namespace) -> int:
               f"{bm.dtype_name(baseline.variant.dtype)}; % floor: the FLOP floor at the "
               f"measured {peak['dtype']} peak over the median")
     if any(r.mare is not None for r in rows):
+        budget = ", ".join(f"{v:g} {bm.dtype_name(dt)}" for dt, v in MARE_BUDGET.items()
+                           if dt != torch.float32)
         print("MARE: mean absolute relative error of the canonical inverse depth, FOV err: |FOV "
               "- reference FOV| in degrees, both on the first input vs the fp32 reference eager "
-              "row (same weights); budget (fast path): MARE <= 1e-3 fp16, 5e-3 bf16, FOV <= "
-              "0.05 deg")
+              f"row (same weights); budget (fast path): MARE <= {budget}, FOV <= "
+              f"{FOV_BUDGET_DEG:g} deg")
     long_reasons = [r for r in rows if r.status != "ok" and r.reason and len(r.reason) > 60]
     for r in long_reasons:
         print(f"  {r.variant.name} {bm.dtype_name(r.variant.dtype)}: {r.status}: {r.reason}")
