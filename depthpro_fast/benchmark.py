@@ -405,6 +405,11 @@ class Variant:
                 "compile": " torch.compile", "cudagraph": " + CUDA graph"}[self.mode]
         return base + mode
 
+    @property
+    def is_fp32_reference(self) -> bool:
+        """The row every other row's accuracy is measured against."""
+        return self.path == "reference" and self.mode == "eager" and self.dtype == torch.float32
+
 
 def _json_safe(value: Any) -> Any:
     """``value`` with every container made JSON-friendly (keys and unknown leaves as str)."""
@@ -791,7 +796,7 @@ class Runner:
         """
         cid, fov = out
         v = row.variant
-        if v.path == "reference" and v.mode == "eager" and v.dtype == torch.float32:
+        if v.is_fp32_reference:
             if row.batch not in self._reference_out:
                 self._reference_out[row.batch] = (
                     cid.detach().float().clone(),
@@ -801,7 +806,7 @@ class Runner:
             return
         row.mare = mean_abs_rel_error(cid, ref[0])
         if fov is not None and ref[1] is not None:
-            row.fov_err_deg = max_abs_error(fov.float(), ref[1])
+            row.fov_err_deg = max_abs_error(fov, ref[1])
 
     def run(self, variants: Iterable[Variant],
             on_row: Callable[[list[RowResult]], None] | None = None) -> list[RowResult]:
@@ -899,8 +904,7 @@ def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
             failures = ((r.engine or {}).get("graphs") or {}).get("failures")
             if failures:
                 note = (note + "; " if note else "") + f"graph capture failed (eager): {failures}"
-            is_ref = (v.path == "reference" and v.mode == "eager" and v.dtype == torch.float32
-                      and r.mare == 0.0)
+            is_ref = v.is_fp32_reference and r.mare == 0.0
             cells = (v.name, dtype_name(v.dtype), str(r.batch), f"{d.median:.1f}",
                      f"{d.min:.1f}-{d.max:.1f}", _fmt(r.images_per_s, ".2f"),
                      _fmt(r.speedup, ".2f", "-") + ("x" if r.speedup else ""),
