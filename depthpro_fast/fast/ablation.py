@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..accuracy import mean_abs_rel_error
+from ..accuracy import max_abs_error, mean_abs_rel_error
 
 #: Variants: name -> fast options (None: the reference modules).
 VARIANTS: dict[str, dict[str, Any] | None] = {
@@ -107,8 +107,7 @@ def run(*, dtype: torch.dtype = torch.bfloat16, batch: int = 1, variants: list[s
             row.update(ms=statistics.median(times), p10=q[0], p90=q[-1],
                        images_per_s=1000 * batch / statistics.median(times),
                        mare=mean_abs_rel_error(cid, ref_cid),
-                       fov_err_deg=None if fov is None else float((fov.float() - ref_fov)
-                                                                  .abs().max()),
+                       fov_err_deg=None if fov is None else max_abs_error(fov, ref_fov),
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30)
             if model.fast_engine is not None:
                 row["engine"] = model.fast_engine.status()
