@@ -17,7 +17,8 @@ import torch
 from bench.conftest import HAS_CUDA, requires_cuda, run_benchmark
 from depthpro_fast import backends
 from depthpro_fast.api import load
-from depthpro_fast.benchmark import random_inputs, resolved_ops
+from depthpro_fast.bench.timing import random_inputs
+from depthpro_fast.bench.variants import resolved_ops
 from depthpro_fast.config import IMG_SIZE
 from depthpro_fast.flops import count_flops
 

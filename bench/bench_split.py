@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.conftest import implementation_or_skip, nbytes, requires_cuda, run_benchmark
-from depthpro_fast.benchmark import random_inputs
+from depthpro_fast.bench.timing import random_inputs
 from depthpro_fast.ops.split_patches import split_patches_reference
 
 CPU = torch.device("cpu")

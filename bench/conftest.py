@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from depthpro_fast import backends
-from depthpro_fast.benchmark import Stats
+from depthpro_fast.bench.timing import Stats
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

@@ -22,7 +22,7 @@ import torch
 
 from .config import IMG_SIZE, DepthProConfig, resolve_config
 
-#: The stages of a forward, as timed by ``depthpro_fast.benchmark.time_stages``, and the module
+#: The stages of a forward, as timed by ``depthpro_fast.bench.stages.time_stages``, and the module
 #: prefixes (relative to ``DepthPro``) whose FLOPs belong to each. "split" and "merge" have no
 #: FLOPs of their own (resizes, crops); the merge stage also runs the upsampling convolutions.
 STAGES: dict[str, tuple[str, ...]] = {

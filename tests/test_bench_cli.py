@@ -10,10 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from depthpro_fast import benchmark as bm
 from depthpro_fast.api import load
+from depthpro_fast.bench.results import SCHEMA
+from depthpro_fast.bench.runner import RowResult, Runner
+from depthpro_fast.bench.stages import STAGE_NAMES, staged_forward
+from depthpro_fast.bench.tables import format_table
+from depthpro_fast.bench.timing import Stats, dtype_name, random_inputs, time_callable
+from depthpro_fast.bench.variants import Variant, default_variants
 from depthpro_fast.cli import main
-from depthpro_fast.config import IMG_SIZE, resolve_config
+from depthpro_fast.config import IMG_SIZE, OFFICIAL, resolve_config
 from depthpro_fast.flops import count_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +61,7 @@ def test_cli_prints_the_table(bench_run):
 
 def test_cli_json_fields(bench_run):
     _, _, data, _ = bench_run
-    assert data["schema"] == bm.SCHEMA
+    assert data["schema"] == SCHEMA
     env = data["environment"]
     for key in ("date", "device", "torch", "torch_cuda", "triton", "commit", "python"):
         assert key in env
@@ -73,7 +78,7 @@ def test_cli_json_fields(bench_run):
     assert ref["speedup"] == pytest.approx(1.0)
     assert 0 < ref["pct_floor"]
     assert ref["images_per_s"] == pytest.approx(1e3 / ref["median_ms"])
-    assert set(ref["stages"]) == set(bm.STAGE_NAMES) | {"total"}
+    assert set(ref["stages"]) == set(STAGE_NAMES) | {"total"}
     cuda_row = rows[("fast cuda", "fp32")]
     assert cuda_row["status"] == "skipped" and cuda_row["reason"]
     # the whole fast path runs on a CPU too (folds, fused epilogue ops, channels_last), and its
@@ -106,53 +111,53 @@ def test_staged_forward_is_the_forward():
     """The stage runner must compute exactly what DepthPro.forward computes."""
     torch.manual_seed(0)
     model, _ = load(None, config=MICRO, device="cpu", backend="reference")
-    x = bm.random_inputs((1, 3, IMG_SIZE, IMG_SIZE), count=1, device=CPU,
+    x = random_inputs((1, 3, IMG_SIZE, IMG_SIZE), count=1, device=CPU,
                          dtype=torch.float32)[0]
     seen = []
     with torch.no_grad():
         depth, fov = model(x)
-        depth_s, fov_s = bm.staged_forward(model, x, seen.append)
-    assert seen == list(bm.STAGE_NAMES)
+        depth_s, fov_s = staged_forward(model, x, seen.append)
+    assert seen == list(STAGE_NAMES)
     assert torch.equal(depth, depth_s) and torch.equal(fov, fov_s)
 
 
 def test_time_callable_and_stats():
     calls = []
-    inputs = bm.random_inputs((4,), count=3, device=CPU, dtype=torch.float32)
+    inputs = random_inputs((4,), count=3, device=CPU, dtype=torch.float32)
     assert all((t != 0).all() for t in inputs)  # never zeros
     assert not torch.equal(inputs[0], inputs[1])
-    device_stats, host_stats = bm.time_callable(calls.append, inputs, warmup=2, runs=5,
+    device_stats, host_stats = time_callable(calls.append, inputs, warmup=2, runs=5,
                                                 device=CPU)
     assert len(calls) == 7 and device_stats.runs == 5 and host_stats.runs == 5
     assert calls[2] is inputs[2] and calls[3] is inputs[0]  # rotation
-    s = bm.Stats([3.0, 1.0, 2.0])
+    s = Stats([3.0, 1.0, 2.0])
     assert (s.median, s.min, s.max) == (2.0, 1.0, 3.0)
     with pytest.raises(ValueError):
-        bm.time_callable(calls.append, inputs, warmup=0, runs=0, device=CPU)
+        time_callable(calls.append, inputs, warmup=0, runs=0, device=CPU)
 
 
 def test_default_variants():
-    cpu = bm.default_variants(CPU)
+    cpu = default_variants(CPU)
     assert [v.name for v in cpu] == [
         "reference eager", "reference torch.compile", "fast auto", "fast triton", "fast cuda",
         "fast auto + CUDA graph", "fast engine", "fast engine + CUDA graph",
         "transformers DepthPro"]
     assert {v.dtype for v in cpu} == {torch.float32}
-    gpu = bm.default_variants(torch.device("cuda"))  # a plan only: nothing touches CUDA
-    names = [(v.name, bm.dtype_name(v.dtype)) for v in gpu]
+    gpu = default_variants(torch.device("cuda"))  # a plan only: nothing touches CUDA
+    names = [(v.name, dtype_name(v.dtype)) for v in gpu]
     for expected in [("reference eager", "fp32"), ("reference eager", "bf16"),
                      ("reference eager", "fp16"), ("reference torch.compile", "bf16"),
                      ("fast auto", "bf16"), ("fast triton", "bf16"), ("fast cuda", "bf16"),
                      ("fast auto + CUDA graph", "bf16"), ("fast engine", "bf16"),
                      ("fast engine + CUDA graph", "bf16"), ("transformers DepthPro", "bf16")]:
         assert expected in names
-    only = bm.default_variants(torch.device("cuda"), dtypes=[torch.bfloat16], compile=False,
+    only = default_variants(torch.device("cuda"), dtypes=[torch.bfloat16], compile=False,
                                hf=False, cuda_graph=False)
     assert {v.dtype for v in only} == {torch.bfloat16} and all(v.mode == "eager" for v in only)
 
 
 def test_failing_row_does_not_stop_the_others(monkeypatch):
-    runner = bm.Runner(bm.OFFICIAL, CPU, batches=[1], runs=1, warmup=0)
+    runner = Runner(OFFICIAL, CPU, batches=[1], runs=1, warmup=0)
 
     def broken(*args, **kwargs):
         raise RuntimeError("kernel exploded")
@@ -160,12 +165,12 @@ def test_failing_row_does_not_stop_the_others(monkeypatch):
     monkeypatch.setattr(runner, "_callable", broken)
     monkeypatch.setattr(runner, "model", lambda dtype: None)
     monkeypatch.setattr(runner, "inputs", lambda dtype, batch: [])
-    row = runner.run_row(bm.Variant("reference", torch.float32), 1)
+    row = runner.run_row(Variant("reference", torch.float32), 1)
     assert row.status == "failed" and "kernel exploded" in row.reason
-    graph = runner.run_row(bm.Variant("fast", torch.float32, "auto", "cudagraph"), 1)
+    graph = runner.run_row(Variant("fast", torch.float32, "auto", "cudagraph"), 1)
     assert graph.status == "skipped"
-    hf = bm.Variant("hf", torch.float32, "-")
-    table = bm.format_table([row, graph, bm.RowResult(hf, 1, "skipped", "not installed")])
+    hf = Variant("hf", torch.float32, "-")
+    table = format_table([row, graph, RowResult(hf, 1, "skipped", "not installed")])
     assert "failed: RuntimeError: kernel exploded" in table and "not installed" in table
 
 
@@ -179,17 +184,17 @@ def test_bad_arguments():
 
 def test_interrupted_run_keeps_what_it_measured(monkeypatch):
     """A time limit (timeout --signal=INT) mid-run: rows done so far are kept and saved."""
-    runner = bm.Runner(bm.OFFICIAL, CPU, batches=[1], runs=1, warmup=0)
-    variants = [bm.Variant("reference", torch.float32),
-                bm.Variant("reference", torch.float32, mode="compile"),
-                bm.Variant("engine", torch.float32, "auto")]
+    runner = Runner(OFFICIAL, CPU, batches=[1], runs=1, warmup=0)
+    variants = [Variant("reference", torch.float32),
+                Variant("reference", torch.float32, mode="compile"),
+                Variant("engine", torch.float32, "auto")]
     ran, saved = [], []
 
     def fake_row(v, batch):
         ran.append(v.name)
         if len(ran) == 3:
             raise KeyboardInterrupt
-        return bm.RowResult(v, batch, "ok", device=bm.Stats([5.0]), host=bm.Stats([5.0]))
+        return RowResult(v, batch, "ok", device=Stats([5.0]), host=Stats([5.0]))
 
     monkeypatch.setattr(runner, "run_row", fake_row)
     rows = runner.run(variants, on_row=lambda rs: saved.append([r.variant.name for r in rs]))

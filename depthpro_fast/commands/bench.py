@@ -82,9 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import benchmark as bm
     from ..accuracy import FOV_BUDGET_DEG, MARE_BUDGET
     from ..api import resolve_device, resolve_dtype
+    from ..bench.environment import default_results_name, environment
+    from ..bench.results import results_dict, write_json
+    from ..bench.runner import Runner
+    from ..bench.tables import fill_relative, format_stages, format_table
+    from ..bench.timing import dtype_name, peak_matmul_tflops
+    from ..bench.variants import default_variants
     from ..config import PRESETS, resolve_config
     from ..flops import count_flops
     from ..model import count_parameters
@@ -107,17 +112,17 @@ def run(args: argparse.Namespace) -> int:
     runs = args.runs or (20 if gpu else (1 if big else 3))
     warmup = args.warmup if args.warmup is not None else (5 if gpu else (0 if big else 1))
 
-    variants = bm.default_variants(device, dtypes=dtypes,
+    variants = default_variants(device, dtypes=dtypes,
                                    fast_backends=tuple(args.backends or _FAST_BACKENDS),
                                    compile=args.compile, cuda_graph=args.cuda_graph, hf=args.hf)
-    env = bm.environment(device)
+    env = environment(device)
     params = count_parameters(_meta_model(cfg))
 
     if gpu and device.index is not None:
         torch.cuda.set_device(device)  # CUDA events record on the current device
     log(f"measuring the peak matmul rate on {device} ...")
-    peak = bm.peak_matmul_tflops(device)
-    runner = bm.Runner(cfg, device, batches=args.batch, runs=runs, warmup=warmup,
+    peak = peak_matmul_tflops(device)
+    runner = Runner(cfg, device, batches=args.batch, runs=runs, warmup=warmup,
                        stages=args.stages, seed=args.seed, log=log,
                        # backends named on the command line are timed even where they only
                        # repeat the reference (auto on a CPU) or run in the Triton interpreter
@@ -132,27 +137,27 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         json_path = args.json
         if os.path.isdir(json_path) or json_path.endswith(os.sep):
-            json_path = os.path.join(json_path, bm.default_results_name(env))
+            json_path = os.path.join(json_path, default_results_name(env))
 
     def save(rows: list, notes: list[str], partial: bool) -> None:
         settings = {"batches": args.batch, "runs": runs, "warmup": warmup,
                     "n_inputs": runner.n_inputs, "timer": timer, "seed": args.seed,
                     "stages": args.stages, "wall_s": round(time.perf_counter() - t_start, 1),
                     "partial": partial}
-        data = bm.results_dict(env=env, config_name=config_name, config=cfg, params=params,
+        data = results_dict(env=env, config_name=config_name, config=cfg, params=params,
                                flops_per_image=flops_per_image,
                                flops_by_stage=flop_report.by_stage(), peak=peak,
                                settings=settings, rows=rows, notes=notes)
         data["auto_fallbacks"] = _auto_fallbacks()
-        bm.write_json(json_path, data)
+        write_json(json_path, data)
 
     def save_partial(rows: list) -> None:
         # after every row: a run cut short (a time limit) still leaves what it measured
-        bm.fill_relative(rows, flops_per_image, peak["tflops"])
+        fill_relative(rows, flops_per_image, peak["tflops"])
         save(rows, ["partial results: the run had not finished when this was written"], True)
 
     rows = runner.run(variants, on_row=save_partial if json_path else None)
-    baseline = bm.fill_relative(rows, flops_per_image, peak["tflops"])
+    baseline = fill_relative(rows, flops_per_image, peak["tflops"])
 
     notes = []
     if not gpu:
@@ -181,25 +186,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"timing: {timer}; {warmup} warm-up + {runs} timed run(s) per row, median; "
           f"{runner.n_inputs} rotating random input(s)")
     print()
-    print(bm.format_table(rows))
+    print(format_table(rows))
     if baseline is not None:
         print(f"speed-up: per batch, over {baseline.variant.name} "
-              f"{bm.dtype_name(baseline.variant.dtype)}; % floor: the FLOP floor at the "
+              f"{dtype_name(baseline.variant.dtype)}; % floor: the FLOP floor at the "
               f"measured {peak['dtype']} peak over the median")
     if any(r.mare is not None for r in rows):
-        budget = ", ".join(f"{v:g} {bm.dtype_name(dt)}" for dt, v in MARE_BUDGET.items())
+        budget = ", ".join(f"{v:g} {dtype_name(dt)}" for dt, v in MARE_BUDGET.items())
         print("MARE: mean absolute relative error of the canonical inverse depth, FOV err: |FOV "
               "- reference FOV| in degrees, both on the first input vs the fp32 reference eager "
               f"row (same weights); budget (fast path): MARE <= {budget}, FOV <= "
               f"{FOV_BUDGET_DEG:g} deg")
     long_reasons = [r for r in rows if r.status != "ok" and r.reason and len(r.reason) > 60]
     for r in long_reasons:
-        print(f"  {r.variant.name} {bm.dtype_name(r.variant.dtype)}: {r.status}: {r.reason}")
+        print(f"  {r.variant.name} {dtype_name(r.variant.dtype)}: {r.status}: {r.reason}")
     fallbacks = _auto_fallbacks()
     if fallbacks and any(r.variant.backend == "auto" for r in rows):
         print("auto fell back: " + "; ".join(f"{k}: {v}" for k, v in fallbacks.items()))
     if args.stages:
-        text = bm.format_stages(rows, flop_report.by_stage(), peak["tflops"])
+        text = format_stages(rows, flop_report.by_stage(), peak["tflops"])
         if text:
             print()
             print(text)

@@ -1,0 +1,359 @@
+"""The side-by-side runner: every row built, timed and checked against the fp32 reference.
+
+:class:`Runner` runs :class:`~depthpro_fast.bench.variants.Variant` rows for one config and
+device, one model per dtype at a time, and returns a :class:`RowResult` per row and batch; a
+row that cannot run is skipped with its reason, a row that fails is reported and the run goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .. import backends
+from ..accuracy import max_abs_error, mean_abs_rel_error
+from ..config import IMG_SIZE, DepthProConfig
+from .stages import time_stages
+from .timing import Stats, dtype_name, random_inputs, synchronize, time_callable
+from .variants import OPS, SkipRow, Variant, build_hf_model, hf_unavailable, resolved_ops
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every container made JSON-friendly (keys and unknown leaves as str)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+@dataclasses.dataclass
+class RowResult:
+    variant: Variant
+    batch: int
+    status: str = "ok"  # ok | skipped | failed
+    reason: str | None = None
+    device: Stats | None = None
+    host: Stats | None = None
+    first_call_ms: float | None = None
+    peak_mem_bytes: int | None = None
+    ops: dict[str, str] | None = None
+    stages: dict[str, Stats] | None = None
+    # accuracy on the first input vs the fp32 reference eager row of the same batch (same
+    # weights, same input before rounding to the row's dtype)
+    mare: float | None = None
+    fov_err_deg: float | None = None
+    engine: dict[str, Any] | None = None  # FastEngine.status() of engine rows
+    # filled in by the runner once the baseline and the floor are known
+    speedup: float | None = None
+    pct_floor: float | None = None
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.batch / (self.device.median * 1e-3) if self.device else None
+
+    def to_dict(self) -> dict[str, Any]:
+        v = self.variant
+        d: dict[str, Any] = {
+            "name": v.name, "path": v.path, "backend": v.backend, "mode": v.mode,
+            "dtype": dtype_name(v.dtype), "batch": self.batch, "status": self.status,
+            "reason": self.reason, "ops": self.ops, "first_call_ms": self.first_call_ms,
+            "peak_mem_bytes": self.peak_mem_bytes, "images_per_s": self.images_per_s,
+            "speedup": self.speedup, "pct_floor": self.pct_floor,
+            "mare_vs_fp32_reference": self.mare, "fov_abs_err_deg": self.fov_err_deg,
+        }
+        if self.engine is not None:
+            d["engine"] = self.engine
+        if self.device is not None:
+            d.update(self.device.to_dict())
+            d["host_median_ms"] = self.host.median if self.host else None
+        if self.stages is not None:
+            d["stages"] = {s: st.to_dict() for s, st in self.stages.items()}
+        return d
+
+
+class Runner:
+    """Runs variants side by side for one config and device, and collects ``RowResult``s."""
+
+    def __init__(self, config: DepthProConfig, device: torch.device, *, batches: Sequence[int],
+                 runs: int, warmup: int, stages: bool = False, n_inputs: int | None = None,
+                 seed: int = 0, log: Callable[[str], None] | None = None,
+                 skip_same_as_reference: bool = True, allow_interpreter: bool = False,
+                 cpu_opt_in: Iterable[str] = (), accuracy: bool = True):
+        self.config = config
+        self.device = device
+        self.batches = list(batches)
+        self.runs = runs
+        self.warmup = warmup
+        self.stages = stages
+        self.n_inputs = n_inputs or (2 if device.type == "cuda" or runs > 1 else 1)
+        self.seed = seed
+        self.log = log or (lambda msg: None)
+        self.skip_same_as_reference = skip_same_as_reference
+        self.allow_interpreter = allow_interpreter
+        # rows that run on a CPU only when asked for: "compile", "hf" (minutes each there)
+        self.cpu_opt_in = set(cpu_opt_in)
+        # accuracy columns: taken from the first call's output; when a row makes no first call
+        # (eager, no warm-up), ``accuracy`` allows one more, untimed, forward for them
+        self.accuracy = accuracy
+        self.interrupted = False
+        self._reference_out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._model: tuple[torch.dtype, torch.nn.Module] | None = None
+        self._inputs: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
+
+    # -- resources ---------------------------------------------------------------------------
+    def _free(self) -> None:
+        self._model = None
+        self._inputs.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def model(self, dtype: torch.dtype) -> torch.nn.Module:
+        if self._model is None or self._model[0] != dtype:
+            from ..api import load
+
+            self._free()
+            t0 = time.perf_counter()
+            # the same seed for every dtype: the rows' models share their weights (up to
+            # rounding), so their outputs can be compared with the fp32 reference's
+            torch.manual_seed(self.seed)
+            model, _ = load(None, config=self.config, device=self.device, dtype=dtype,
+                            backend="reference")
+            self.log(f"built the {dtype_name(dtype)} model with random weights in "
+                     f"{time.perf_counter() - t0:.1f} s")
+            self._model = (dtype, model)
+        return self._model[1]
+
+    def inputs(self, dtype: torch.dtype, batch: int) -> list[torch.Tensor]:
+        key = (dtype, batch)
+        if key not in self._inputs:
+            self._inputs[key] = random_inputs((batch, 3, IMG_SIZE, IMG_SIZE),
+                                              count=self.n_inputs, device=self.device,
+                                              dtype=dtype, seed=self.seed + batch)
+        return self._inputs[key]
+
+    # -- one row -----------------------------------------------------------------------------
+    def _callable(self, v: Variant, batch: int) -> tuple[Callable[[torch.Tensor], Any],
+                                                         torch.nn.Module, Callable[[], None]]:
+        """(the function to time, the module it runs, a clean-up function)."""
+        cleanup: Callable[[], None] = lambda: None  # noqa: E731
+        if v.path == "hf":
+            hf_model = build_hf_model(self.config, self.device, v.dtype)
+
+            def run_hf(x: torch.Tensor) -> Any:
+                with torch.no_grad():
+                    return hf_model(pixel_values=x)
+
+            return run_hf, hf_model, cleanup
+        model = self.model(v.dtype)
+        model.set_backend(v.backend if v.path in ("fast", "engine") else "reference")
+        if v.path == "engine":
+            # the engine captures and replays its own CUDA graphs in mode "cudagraph"
+            model.prepare_fast({"cuda_graphs": v.mode == "cudagraph"})
+
+            def run_engine(x: torch.Tensor) -> Any:
+                with torch.no_grad():
+                    return model(x)
+
+            def detach() -> None:
+                model.prepare_fast(False)
+
+            return run_engine, model, detach
+        if v.mode == "eager":
+            def run_eager(x: torch.Tensor) -> Any:
+                with torch.no_grad():
+                    return model(x)
+
+            return run_eager, model, cleanup
+        if v.mode == "compile":
+            compiled = torch.compile(model)
+
+            def run_compiled(x: torch.Tensor) -> Any:
+                with torch.no_grad():
+                    return compiled(x)
+
+            def reset() -> None:
+                torch._dynamo.reset()
+
+            return run_compiled, model, reset
+        if v.mode == "cudagraph":
+            if self.device.type != "cuda":
+                raise SkipRow("CUDA graphs need a CUDA device")
+            static_x = self.inputs(v.dtype, batch)[0].clone()
+            with torch.no_grad():
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):  # warm up outside the capture (lazy inits)
+                    for _ in range(2):
+                        model(static_x)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = model(static_x)
+
+            def replay(x: torch.Tensor) -> Any:
+                static_x.copy_(x)  # the copy is part of the timed latency
+                graph.replay()
+                return static_out
+
+            def release() -> None:
+                nonlocal graph
+                graph.reset()
+
+            return replay, model, release
+        raise ValueError(f"unknown mode {v.mode!r}")
+
+    def run_row(self, v: Variant, batch: int) -> RowResult:
+        row = RowResult(v, batch)
+        cuda = self.device.type == "cuda"
+        cleanup: Callable[[], None] = lambda: None  # noqa: E731
+        try:
+            if v.path in ("fast", "engine"):
+                ok, why = backends.backend_status(v.backend, self.device)
+                if not ok:
+                    raise SkipRow(f"backend {v.backend!r} unavailable: {why}")
+                if (v.backend == "triton" and self.device.type == "cpu"
+                        and not self.allow_interpreter):
+                    raise SkipRow("on a CPU Triton runs in its interpreter, which is a "
+                                  "correctness tool, not a performance path")
+                row.ops = resolved_ops(v.backend, self.device)
+                if (self.skip_same_as_reference and v.mode == "eager" and v.path == "fast"
+                        and all(b == "reference" for b in row.ops.values())):
+                    raise SkipRow(f"{v.backend} runs the reference for every op on "
+                                  f"{self.device.type} (timed in the reference row)")
+            elif v.path == "reference":
+                row.ops = {op: "reference" for op in OPS}
+            if v.mode == "cudagraph" and not cuda:
+                raise SkipRow("CUDA graphs need a CUDA device")
+            if v.path == "hf" and hf_unavailable(self.config):
+                raise SkipRow(hf_unavailable(self.config))
+            if not cuda and v.mode == "compile" and "compile" not in self.cpu_opt_in:
+                raise SkipRow("on a CPU only with --compile (compilation takes minutes)")
+            if not cuda and v.path == "hf" and "hf" not in self.cpu_opt_in:
+                raise SkipRow("on a CPU only with --hf (one more full forward)")
+            if v.path == "hf":
+                self._free()  # make room: transformers' model is built in _callable
+            else:
+                self.model(v.dtype)  # built before the memory baseline: weights added below
+            inputs = self.inputs(v.dtype, batch)
+            if cuda:
+                synchronize(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            fn, module, cleanup = self._callable(v, batch)
+            warmup = self.warmup
+            if v.mode != "eager" or warmup > 0:
+                # the first call on its own (compilation, autotuning, lazy initialisation): it
+                # counts as one warm-up run
+                synchronize(self.device)
+                t0 = time.perf_counter()
+                first_out = fn(inputs[0])
+                synchronize(self.device)
+                row.first_call_ms = (time.perf_counter() - t0) * 1e3
+                if v.path != "hf":  # (no extra forward: the first call's output is checked)
+                    self._check_accuracy(row, first_out)
+                del first_out
+                warmup = max(warmup - 1, 0)
+            row.device, row.host = time_callable(fn, inputs, warmup=warmup, runs=self.runs,
+                                                 device=self.device)
+            if row.first_call_ms is None and self.accuracy and v.path != "hf":
+                self._check_accuracy(row, fn(inputs[0]))
+            if cuda:
+                # weights + one input + everything allocated on top (activations, workspaces,
+                # a CUDA graph's pool, compilation buffers)
+                peak = torch.cuda.max_memory_allocated(self.device) - base
+                peak += inputs[0].numel() * inputs[0].element_size()
+                if v.path != "hf":  # transformers' weights were allocated after the baseline
+                    peak += sum(p.numel() * p.element_size() for p in module.parameters())
+                row.peak_mem_bytes = peak
+            if v.path == "engine" and getattr(module, "fast_engine", None) is not None:
+                row.engine = _json_safe(module.fast_engine.status())
+            if self.stages and v.mode == "eager" and v.path in ("reference", "fast"):
+                row.stages = time_stages(module, inputs, warmup=min(self.warmup, 2),
+                                         runs=self.runs, device=self.device)
+        except SkipRow as e:
+            row.status, row.reason = "skipped", str(e)
+        except Exception as e:  # a broken backend must not stop the other rows
+            row.status, row.reason = "failed", f"{type(e).__name__}: {e}".strip()
+            # (a CUDA error such as an illegal address poisons the context: later rows on this
+            # device will fail too; the reason of the first failure is the one to read)
+        finally:
+            try:
+                cleanup()
+            except Exception:
+                pass
+            if v.path == "hf" or row.status == "failed":
+                self._free()
+        return row
+
+    def _check_accuracy(self, row: RowResult, out: Any) -> None:
+        """Compare a row's output on its first input with the fp32 reference's (same batch).
+
+        The fp32 reference eager row records the reference; rows run after it (the plan runs
+        fp32 first) get their mean absolute relative error of the canonical inverse depth and
+        their FOV error. Without an fp32 reference row in the run, the columns stay empty.
+        """
+        cid, fov = out
+        v = row.variant
+        if v.is_fp32_reference:
+            if row.batch not in self._reference_out:
+                self._reference_out[row.batch] = (
+                    cid.detach().float().clone(),
+                    None if fov is None else fov.detach().float().clone())
+        ref = self._reference_out.get(row.batch)
+        if ref is None:
+            return
+        row.mare = mean_abs_rel_error(cid, ref[0])
+        if fov is not None and ref[1] is not None:
+            row.fov_err_deg = max_abs_error(fov, ref[1])
+
+    def run(self, variants: Iterable[Variant],
+            on_row: Callable[[list[RowResult]], None] | None = None) -> list[RowResult]:
+        """Time every variant at every batch size; rows come back in the given order.
+
+        ``on_row(rows)`` is called after each row with every row so far (in table order), e.g.
+        to save partial results. An interrupt (Ctrl-C, or ``timeout --signal=INT``) stops the
+        run: the rows not yet timed come back as skipped ("interrupted") and ``interrupted``
+        is set, so a run cut short by a time limit still reports what it measured.
+        """
+        variants = list(variants)
+        order = {dt: i for i, dt in enumerate(dict.fromkeys(v.dtype for v in variants))}
+        # one model per dtype at a time: run grouped by dtype, torch.compile (slow to compile)
+        # last in its group, transformers last of all
+        plan = sorted(((v, b) for v in variants for b in self.batches),
+                      key=lambda vb: (vb[0].path == "hf", order[vb[0].dtype],
+                                      vb[0].mode == "compile"))
+        results: dict[tuple[Variant, int], RowResult] = {}
+
+        def in_order() -> list[RowResult]:
+            return [results[(v, b)] for b in self.batches for v in variants
+                    if (v, b) in results]
+
+        self.interrupted = False
+        try:
+            for i, (v, b) in enumerate(plan, 1):
+                self.log(f"[{i}/{len(plan)}] {v.name} {dtype_name(v.dtype)} batch {b}")
+                row = self.run_row(v, b)
+                if row.status != "ok":
+                    self.log(f"    {row.status}: {row.reason}")
+                else:
+                    self.log(f"    median {row.device.median:.1f} ms")
+                results[(v, b)] = row
+                if on_row is not None:
+                    on_row(in_order())
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self.log("interrupted: the rows not timed yet are reported as skipped")
+            for v, b in plan:
+                results.setdefault((v, b), RowResult(v, b, "skipped",
+                                                     "interrupted (time limit or Ctrl-C)"))
+        self._free()
+        return in_order()

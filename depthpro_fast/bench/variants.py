@@ -1,0 +1,163 @@
+"""The rows of ``depthpro-fast bench``: what each one runs, and which rows a device gets.
+
+A row is a :class:`Variant` (path, dtype, backend, mode). Adding a row means adding it to
+:func:`default_variants` here, and, for a new path or mode, teaching ``Runner._callable``
+(``runner.py``) how to build the function it times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+
+from .. import backends
+from ..config import OFFICIAL, DepthProConfig
+from .environment import dist_version
+
+#: The ops whose implementation each row reports (``ops`` column / JSON field).
+OPS = ("attention", "split_patches", "merge_patches")
+
+
+class SkipRow(Exception):
+    """A row that cannot run here; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the side-by-side table.
+
+    ``path``: ``reference`` (our model, all ops pure PyTorch), ``fast`` (our model with
+    ``backend``: the ops' kernels only), ``engine`` (the whole fast path: ``prepare_fast()``'s
+    fused ViT epilogues, conv folds, channels_last, side stream; its own CUDA graphs in mode
+    ``cudagraph``), ``hf`` (transformers' ``DepthProForDepthEstimation``). ``mode``: ``eager``,
+    ``compile`` (``torch.compile`` of the module) or ``cudagraph`` (one captured CUDA graph,
+    replayed).
+    """
+
+    path: str
+    dtype: torch.dtype
+    backend: str = "reference"
+    mode: str = "eager"
+
+    @property
+    def name(self) -> str:
+        if self.path == "hf":
+            base = "transformers DepthPro"
+        elif self.path == "reference":
+            base = "reference"
+        elif self.path == "engine":
+            base = "fast engine" if self.backend == "auto" else f"fast engine {self.backend}"
+        else:
+            base = f"fast {self.backend}"
+        mode = {"eager": " eager" if self.path == "reference" else "",
+                "compile": " torch.compile", "cudagraph": " + CUDA graph"}[self.mode]
+        return base + mode
+
+    @property
+    def is_fp32_reference(self) -> bool:
+        """The row every other row's accuracy is measured against."""
+        return self.path == "reference" and self.mode == "eager" and self.dtype == torch.float32
+
+
+def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | None = None,
+                     fast_backends: Sequence[str] = ("auto", "triton", "cuda"),
+                     compile: bool | None = None, cuda_graph: bool | None = None,
+                     hf: bool | None = None) -> list[Variant]:
+    """The rows of ``depthpro-fast bench``.
+
+    GPU: the reference eager in fp32, bf16 and fp16; ``torch.compile`` of the reference, the
+    fast backends, a CUDA graph of ``auto``, the fast engine (eager and with its CUDA graphs)
+    and transformers in bf16. CPU: the same rows in
+    fp32 (the runner skips, with the reason, what cannot or need not run on a CPU).
+    ``compile``, ``cuda_graph``, ``hf`` = False leave those rows out; ``dtypes`` puts every
+    row in each of the given dtypes instead.
+    """
+    gpu = device.type == "cuda"
+    if dtypes:
+        ref_dtypes = fast_dtypes = list(dtypes)
+    elif gpu:
+        ref_dtypes, fast_dtypes = [torch.float32, torch.bfloat16, torch.float16], [torch.bfloat16]
+    else:
+        ref_dtypes = fast_dtypes = [torch.float32]
+    rows = [Variant("reference", dt) for dt in ref_dtypes]
+    for dt in fast_dtypes:
+        if compile is not False:
+            rows.append(Variant("reference", dt, mode="compile"))
+        rows += [Variant("fast", dt, backend=b) for b in fast_backends]
+        if cuda_graph is not False and "auto" in fast_backends:
+            rows.append(Variant("fast", dt, backend="auto", mode="cudagraph"))
+        if fast_backends:
+            engine_backend = "auto" if "auto" in fast_backends else fast_backends[0]
+            rows.append(Variant("engine", dt, backend=engine_backend))
+            if cuda_graph is not False:
+                rows.append(Variant("engine", dt, backend=engine_backend, mode="cudagraph"))
+        if hf is not False:
+            rows.append(Variant("hf", dt, backend="-"))
+    return rows
+
+
+def resolved_ops(backend: str, device: torch.device) -> dict[str, str]:
+    """For each op, the backend whose implementation ``backend`` runs on ``device``.
+
+    Raises ``SkipRow`` (with the reason) when an explicit backend cannot run an op here.
+    """
+    chosen = {}
+    for op in OPS:
+        try:
+            impl = backends.implementation(op, backend, device)
+        except Exception as e:  # unavailable backend, missing module, broken import
+            raise SkipRow(f"{op}: {e}") from None
+        name = backend
+        if backend == "auto":
+            name = "?"
+            for candidate in backends.AUTO_ORDER_CUDA:
+                try:
+                    if backends.implementation(op, candidate, device) is impl:
+                        name = candidate
+                        break
+                except Exception:
+                    continue
+        chosen[op] = name
+    return chosen
+
+
+def hf_unavailable(config: DepthProConfig) -> str | None:
+    """Why transformers' DepthPro cannot be timed for ``config`` (None: it can)."""
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed (pip install transformers)"
+    if config != OFFICIAL:
+        return "transformers' model is built for the official config only"
+    version = dist_version("transformers") or "0"
+    try:
+        too_old = tuple(int(p) for p in version.split(".")[:2]) < (4, 49)
+    except ValueError:
+        too_old = False
+    if too_old:
+        return f"transformers {version} has no DepthPro (needs >= 4.49)"
+    return None
+
+
+def build_hf_model(config: DepthProConfig, device: torch.device,
+                   dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' ``DepthProForDepthEstimation`` with random weights, the official shapes.
+
+    Checked on the meta device: 951,991,330 parameters and 19,247.4 GFLOP, as our model.
+    """
+    why = hf_unavailable(config)
+    if why:
+        raise SkipRow(why)
+    import transformers
+
+    vit = {"model_type": "dinov2", "hidden_size": config.embed_dim,
+           "num_hidden_layers": config.depth, "num_attention_heads": config.num_heads,
+           "mlp_ratio": int(config.mlp_ratio), "image_size": 384, "patch_size": 16,
+           "use_mask_token": False, "layer_norm_eps": 1e-6}
+    hf_config = transformers.DepthProConfig(
+        fusion_hidden_size=config.decoder_features, patch_model_config=dict(vit),
+        image_model_config=dict(vit), fov_model_config=dict(vit), use_fov_model=True)
+    with torch.device(device):
+        model = transformers.DepthProForDepthEstimation(hf_config)
+    return model.to(dtype=dtype).eval()
