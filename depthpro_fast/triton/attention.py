@@ -67,22 +67,37 @@ _INTERPRETED = triton_interpreting()
 INTERPRETER_BLOCKS: tuple[int, int] = (32, 16)
 
 
-def _gpu_configs() -> list[triton.Config]:
-    """Autotuning candidates on a GPU (out-of-resource ones are skipped by the autotuner)."""
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in (
-            (128, 64, 8, 3),
-            (128, 64, 4, 3),
-            (128, 128, 8, 2),
-            (128, 128, 8, 3),
-            (128, 32, 4, 4),
-            (64, 64, 4, 3),
-            (64, 64, 4, 4),
-            (64, 128, 4, 2),
-            (64, 32, 4, 4),
-        )
-    ]
+def _configs(tiles: tuple[tuple[int, int, int, int], ...]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in tiles]
+
+
+# Autotuning candidates on a GPU, (BLOCK_M, BLOCK_N, warps, stages). Each list holds only
+# configs that compile for sm_90 without register spills at D = 64 (python -m
+# depthpro_fast.triton.aot prints registers / spills / shared memory of every one).
+# fp16 / bf16: tensor-core (wgmma) tiles.
+CONFIGS_16BIT = _configs((
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (128, 128, 8, 3),
+    (128, 32, 4, 4),
+    (64, 64, 4, 3),
+    (64, 64, 4, 4),
+    (64, 128, 4, 2),
+    (64, 32, 4, 4),
+))
+# fp32 (exact "ieee" dot, FMA units): its operands and accumulators take twice the registers,
+# and every 16-bit tile above spills (2-8 KB per thread at 128x64 or 64x64 with 4 warps), so
+# fp32 gets smaller tiles or more warps per tile.
+CONFIGS_FP32 = _configs((
+    (32, 32, 4, 2),
+    (32, 32, 4, 3),
+    (64, 32, 8, 2),
+    (64, 32, 8, 3),
+    (32, 64, 8, 2),
+    (128, 32, 16, 2),
+))
 
 
 @triton.jit
@@ -176,11 +191,15 @@ def _prune_configs(configs: list[triton.Config], named_args: dict,
     return fit or configs
 
 
-# The autotuner keys on N, the head dim and (implicitly) the tensors' dtypes.
-_attention_fwd_tuned = triton.autotune(
-    configs=_gpu_configs(), key=["N", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_attention_fwd_kernel)
+def _autotuned(configs: list[triton.Config]) -> triton.runtime.Autotuner:
+    # keyed on N, the head dim and (implicitly) the tensors' dtypes
+    return triton.autotune(configs=configs, key=["N", "HEAD_DIM"],
+                           prune_configs_by={"early_config_prune": _prune_configs},
+                           )(_attention_fwd_kernel)
+
+
+_attention_fwd_tuned = _autotuned(CONFIGS_16BIT)
+_attention_fwd_tuned_fp32 = _autotuned(CONFIGS_FP32)
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -206,7 +225,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             _attention_fwd_kernel[grid](*args, HEAD_DIM=d, DOT_PRECISION=precision,
                                         BLOCK_M=block_m, BLOCK_N=block_n)
         else:
-            _attention_fwd_tuned[grid](*args, HEAD_DIM=d, DOT_PRECISION=precision)
+            tuned = _attention_fwd_tuned_fp32 if q.dtype == torch.float32 else _attention_fwd_tuned
+            tuned[grid](*args, HEAD_DIM=d, DOT_PRECISION=precision)
     return out
 
 

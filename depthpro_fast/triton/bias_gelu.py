@@ -12,7 +12,9 @@ from ._elementwise import as_rows, tiles
 # Allocation hook: tests replace it to poison the output (NaN) before the kernel writes it.
 _alloc = torch.empty
 
-_SQRT1_2 = 0.7071067811865476
+# A @triton.jit body may read a module global only when it is a tl.constexpr: the GPU compiler
+# refuses a plain float (the interpreter does not check, hence triton/aot.py).
+SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
@@ -27,7 +29,7 @@ def _bias_gelu_kernel(x_ptr, b_ptr, out_ptr, M, N, stride_x, stride_out,
                 other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    y = 0.5 * v * (1.0 + tl.math.erf(v * _SQRT1_2))
+    y = 0.5 * v * (1.0 + tl.math.erf(v * SQRT1_2))
     tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
              y.to(out_ptr.dtype.element_ty), mask=mask)
 
