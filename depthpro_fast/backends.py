@@ -32,7 +32,12 @@ AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
 _REGISTRY: dict[str, dict[str, Callable[[], Callable[..., Any]]]] = {}
 _LOADED: dict[tuple[str, str], Callable[..., Any]] = {}
 _FALLBACKS: dict[tuple[str, str], str] = {}
+# (op, backend, device type) -> the implementation chosen for it. Ops are called
+# inside torch.compile'd code: after the first call the dispatch is one dict lookup, which Dynamo
+# traces, instead of the status probes (torch 2.11's Dynamo refuses importlib.util.find_spec).
+_RESOLVED: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _LOCK = threading.Lock()
+_INTERPRET_ENV = "TRITON_INTERPRET"
 
 
 def register(op: str, backend: str, loader: Callable[[], Callable[..., Any]]) -> None:
@@ -52,12 +57,23 @@ def check_backend(backend: str | None) -> str:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get(_INTERPRET_ENV, "0") not in ("", "0")
+
+
+_TRITON_INSTALLED: bool | None = None
+
+
+def triton_installed() -> bool:
+    """Whether Triton can be imported (probed once, without importing it)."""
+    global _TRITON_INSTALLED
+    if _TRITON_INSTALLED is None:
+        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_status(device: torch.device | None = None) -> tuple[bool, str | None]:
     """Whether Triton kernels can run on ``device`` (None: on any device), and why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return False, "triton is not installed"
     if device is not None and device.type == "cpu":
         if not triton_interpreting():
@@ -107,8 +123,18 @@ def implementation(op: str, backend: str | None, device: torch.device) -> Callab
     """The implementation of ``op`` to run for ``backend`` on ``device``.
 
     An explicit backend that cannot run raises ``RuntimeError`` saying why; ``auto`` falls back
-    and records why (``fallback_log``).
+    and records why (``fallback_log``). The choice is remembered per (op, backend, device type).
     """
+    key = (op, backend or "auto", device.type)
+    fn = _RESOLVED.get(key)
+    if fn is not None:
+        return fn
+    fn = _resolve(op, backend, device)
+    _RESOLVED[key] = fn
+    return fn
+
+
+def _resolve(op: str, backend: str | None, device: torch.device) -> Callable[..., Any]:
     backend = check_backend(backend)
     impls = _REGISTRY.get(op)
     if impls is None:
@@ -150,6 +176,11 @@ def preload(backend: str | None, device: torch.device) -> None:
             implementation(op, backend, device)
         except Exception:  # noqa: BLE001  (reported again, with the reason, at call time)
             pass
+
+
+def forget_resolved() -> None:
+    """Drop the remembered choices (after the environment changed, e.g. in tests)."""
+    _RESOLVED.clear()
 
 
 def _note_fallback(op: str, backend: str, why: str) -> None:

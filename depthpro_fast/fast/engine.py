@@ -297,6 +297,13 @@ class FastEngine:
         self.graphs.reset()
 
     def _ensure_prepared(self) -> _Prepared:
+        if torch.compiler.is_compiling():
+            # Inside torch.compile the weights are the graph's constants: the freshness check
+            # (data pointers) cannot be traced, and preparing inside a trace would be wrong.
+            if self._prepared is None:
+                raise RuntimeError("the fast engine prepares its weights eagerly: run the model "
+                                   "once (or model.prepare_fast()) before torch.compile")
+            return self._prepared
         fp = self._current_fingerprint()
         if self._prepared is None or fp != self._fingerprint:
             with self._lock:
@@ -316,9 +323,10 @@ class FastEngine:
         prepared = self._ensure_prepared()
         model = self.model
         compute_fov = model.fov is not None and (need_fov or not self.options.skip_unused_fov)
-        self.calls += 1
-        if not self.uses_graphs(x.device):
-            if x.device.type != "cuda":
+        if not torch.compiler.is_compiling():
+            self.calls += 1
+        if not self.uses_graphs(x.device) or torch.compiler.is_compiling():
+            if x.device.type != "cuda" and not torch.compiler.is_compiling():
                 self.notes.setdefault("cuda_graphs", "off: not on a CUDA device")
             return self._forward(x, prepared, compute_fov)
         key = (tuple(x.shape), x.dtype, str(x.device), compute_fov, model.backend,
