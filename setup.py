@@ -4,9 +4,12 @@ DEPTHPRO_FAST_BUILD_CUDA=auto (default) builds the extension from csrc/*.cpp + k
 torch has CUDA and nvcc is found; 0 never builds it; 1 requires it (fails with the reason).
 TORCH_CUDA_ARCH_LIST is honoured (default here: 8.0;9.0). torch must be importable during the
 build for the extension: use ``pip install --no-build-isolation -e .`` on a CUDA machine.
+The CUDA toolkit is the one that really has the runtime headers (depthpro_fast/_cuda_toolkit.py:
+torch's own guess from a wrapper ``nvcc`` on PATH can be wrong); setup prints which it used.
 """
 
 import glob
+import importlib.util
 import os
 import sys
 
@@ -20,6 +23,16 @@ def _say(message: str) -> None:
     print(f"depthpro_fast setup: {message}", file=sys.stderr, flush=True)
 
 
+def _find_toolkit(torch_cuda: str | None):
+    """depthpro_fast/_cuda_toolkit.py, loaded by path (the package itself needs its deps)."""
+    path = os.path.join(ROOT, "depthpro_fast", "_cuda_toolkit.py")
+    spec = importlib.util.spec_from_file_location("_depthpro_fast_cuda_toolkit", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclass looks itself up there)
+    spec.loader.exec_module(module)
+    return module.find_toolkit(torch_cuda)
+
+
 def cuda_extension():
     """(ext_modules, cmdclass, reason-if-skipped)."""
     if MODE in ("0", "off", "false", "no"):
@@ -28,15 +41,21 @@ def cuda_extension():
         sys.exit(f"DEPTHPRO_FAST_BUILD_CUDA must be auto, 0 or 1, got {MODE!r}")
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}, ("torch is not importable in the build environment "
                         "(pip install --no-build-isolation -e . builds against the installed "
                         "torch)")
     if torch.version.cuda is None:
         return [], {}, f"torch {torch.__version__} is a CPU build"
-    if CUDA_HOME is None:
-        return [], {}, "nvcc / CUDA_HOME not found"
+    toolkit = _find_toolkit(torch.version.cuda)
+    if toolkit.home is None:
+        return [], {}, toolkit.describe()
+    for note in toolkit.rejected:
+        _say(f"not using {note}")
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported: set it first.
+    os.environ["CUDA_HOME"] = toolkit.home
+    _say(f"using the {toolkit.describe()}")
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))
                      + glob.glob(os.path.join("kernels", "*.cu")))
     if not sources:
