@@ -26,11 +26,12 @@ at::Tensor kernel_ready(const at::Tensor& t) {
   return t.clone(at::MemoryFormat::Contiguous);
 }
 
-at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          double scale) {
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(),
-              "depthpro_fast::attention: q, k and v must be CUDA tensors, got ", q.device(),
-              ", ", k.device(), ", ", v.device());
+// The checks every device shares and the output the kernel writes: (B, N, H, D) memory seen
+// as (B, H, N, D), so that out.transpose(1, 2).reshape(B, N, H * D) is free. Also registered
+// (CPU, Meta) as depthpro_fast::attention_output, so that tests on a machine without a GPU can
+// hold the Python fake (depthpro_fast/cuda/attention.py) against what this file allocates.
+at::Tensor attention_output(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            double /*scale*/) {
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
               "depthpro_fast::attention: q, k and v must be on the same device, got ",
               q.device(), ", ", k.device(), ", ", v.device());
@@ -53,9 +54,18 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
                     "depthpro_fast::attention: need B * H <= 65535 and N < 2^31, got shape ",
                     q.sizes());
 
+  return at::empty({B, N, H, D}, q.options()).transpose(1, 2);
+}
+
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          double scale) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(),
+              "depthpro_fast::attention: q, k and v must be CUDA tensors, got ", q.device(),
+              ", ", k.device(), ", ", v.device());
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty({B, N, H, D}, q.options());
-  if (out.numel() == 0) return out.transpose(1, 2);
+  const at::Tensor out = attention_output(q, k, v, scale);  // (B, H, N, D) view
+  if (out.numel() == 0) return out;
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
 
   const at::Tensor qc = kernel_ready(q);
   const at::Tensor kc = kernel_ready(k);
@@ -73,14 +83,21 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
               "depthpro_fast::attention: the CUDA kernel needs an sm_80 or newer GPU");
   TORCH_CHECK(err == cudaSuccess, "depthpro_fast::attention: kernel launch failed: ",
               cudaGetErrorString(err));
-  // (B, N, H, D) memory seen as (B, H, N, D): out.transpose(1, 2).reshape(B, N, H * D) is free.
-  return out.transpose(1, 2);
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(depthpro_fast, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("attention_output(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(depthpro_fast, CUDA, m) { m.impl("attention", &attention_cuda); }
+// CPU tensors reach the CUDA function only to be refused with its message (not the
+// dispatcher's "could not run ... with arguments from the 'CPU' backend").
+TORCH_LIBRARY_IMPL(depthpro_fast, CPU, m) {
+  m.impl("attention", &attention_cuda);
+  m.impl("attention_output", &attention_output);
+}
+TORCH_LIBRARY_IMPL(depthpro_fast, Meta, m) { m.impl("attention_output", &attention_output); }

@@ -27,10 +27,13 @@ mp::Dtype kernel_dtype(at::ScalarType t) {
   return mp::Dtype::kFloat32;  // unreachable
 }
 
-at::Tensor merge_patches_cuda(const at::Tensor& tokens, int64_t batch_size, int64_t grid,
-                              int64_t padding, int64_t blend, bool channels_last) {
-  TORCH_CHECK(tokens.is_cuda(), "depthpro_fast::merge_patches: tokens must be a CUDA tensor, "
-              "got ", tokens.device());
+// The checks every device shares, the output the kernel writes and the kernel's parameters
+// (all but the two pointers). merge_patches_output (registered for CPU and Meta) returns just
+// the output, so that tests without a GPU can hold the Python fake
+// (depthpro_fast/cuda/merge_patches.py) against what this file allocates.
+at::Tensor merge_patches_prepare(const at::Tensor& tokens, int64_t batch_size, int64_t grid,
+                                 int64_t padding, int64_t blend, bool channels_last,
+                                 mp::Params& p) {
   const mp::Dtype dtype = kernel_dtype(tokens.scalar_type());
   TORCH_CHECK_VALUE(batch_size >= 1 && batch_size <= 65535,
                     "depthpro_fast::merge_patches: batch_size must be in [1, 65535], got ",
@@ -38,7 +41,7 @@ at::Tensor merge_patches_cuda(const at::Tensor& tokens, int64_t batch_size, int6
   TORCH_CHECK_VALUE(grid >= 1 && padding >= 0 && blend >= 0,
                     "depthpro_fast::merge_patches: need grid >= 1, padding >= 0, blend >= 0, got ",
                     grid, ", ", padding, ", ", blend);
-  mp::Params p{};
+  p = mp::Params{};
   int64_t channels = 0, h = 0, w = 0;
   if (tokens.dim() == 3) {  // (n, 1 + h*w, C), class token first
     const int64_t t = tokens.size(1);
@@ -84,13 +87,10 @@ at::Tensor merge_patches_cuda(const at::Tensor& tokens, int64_t batch_size, int6
 
   const int64_t out_h = grid * h - 2 * padding * (grid - 1);
   const int64_t out_w = grid * w - 2 * padding * (grid - 1);
-  const c10::cuda::CUDAGuard guard(tokens.device());
   at::Tensor out = at::empty({batch_size, channels, out_h, out_w},
                              tokens.options().memory_format(channels_last
                                                                 ? at::MemoryFormat::ChannelsLast
                                                                 : at::MemoryFormat::Contiguous));
-  p.src = tokens.data_ptr();
-  p.dst = out.data_ptr();
   p.o_b = out.stride(0);
   p.o_c = out.stride(1);
   p.o_y = out.stride(2);
@@ -105,6 +105,25 @@ at::Tensor merge_patches_cuda(const at::Tensor& tokens, int64_t batch_size, int6
   p.win_h = static_cast<int>(h);
   p.win_w = static_cast<int>(w);
   mp::set_mode(p, static_cast<int>(blend), channels_last);  // after grid and channels
+  return out;
+}
+
+at::Tensor merge_patches_output(const at::Tensor& tokens, int64_t batch_size, int64_t grid,
+                                int64_t padding, int64_t blend, bool channels_last) {
+  mp::Params p;
+  return merge_patches_prepare(tokens, batch_size, grid, padding, blend, channels_last, p);
+}
+
+at::Tensor merge_patches_cuda(const at::Tensor& tokens, int64_t batch_size, int64_t grid,
+                              int64_t padding, int64_t blend, bool channels_last) {
+  TORCH_CHECK(tokens.is_cuda(), "depthpro_fast::merge_patches: tokens must be a CUDA tensor, "
+              "got ", tokens.device());
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  mp::Params p;
+  at::Tensor out =
+      merge_patches_prepare(tokens, batch_size, grid, padding, blend, channels_last, p);
+  p.src = tokens.data_ptr();
+  p.dst = out.data_ptr();
   const cudaError_t err = mp::launch(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "depthpro_fast::merge_patches: kernel launch failed: ",
               cudaGetErrorString(err));
@@ -116,6 +135,17 @@ at::Tensor merge_patches_cuda(const at::Tensor& tokens, int64_t batch_size, int6
 TORCH_LIBRARY_FRAGMENT(depthpro_fast, m) {
   m.def("merge_patches(Tensor tokens, int batch_size, int grid, int padding, int blend=0, "
         "bool channels_last=False) -> Tensor");
+  m.def("merge_patches_output(Tensor tokens, int batch_size, int grid, int padding, "
+        "int blend=0, bool channels_last=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(depthpro_fast, CUDA, m) { m.impl("merge_patches", &merge_patches_cuda); }
+// CPU tensors reach the CUDA function only to be refused with its message (not the
+// dispatcher's "could not run ... with arguments from the 'CPU' backend").
+TORCH_LIBRARY_IMPL(depthpro_fast, CPU, m) {
+  m.impl("merge_patches", &merge_patches_cuda);
+  m.impl("merge_patches_output", &merge_patches_output);
+}
+TORCH_LIBRARY_IMPL(depthpro_fast, Meta, m) {
+  m.impl("merge_patches_output", &merge_patches_output);
+}

@@ -27,10 +27,11 @@ sp::Dtype kernel_dtype(at::ScalarType t) {
   return sp::Dtype::kFloat32;  // unreachable
 }
 
-at::Tensor split_patches_cuda(const at::Tensor& image, bool prenormalized,
-                              std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(image.is_cuda(), "depthpro_fast::split_patches: image must be a CUDA tensor, got ",
-              image.device());
+// The checks every device shares and the output the kernel writes. Also registered (CPU, Meta)
+// as depthpro_fast::split_patches_output, so that tests without a GPU can hold the Python fake
+// (depthpro_fast/cuda/split_patches.py) against what this file allocates.
+at::Tensor split_patches_output(const at::Tensor& image, bool prenormalized,
+                                std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK_VALUE(image.dim() == 4 && image.size(1) == 3,
                     "depthpro_fast::split_patches: image must be (B, 3, H, W), got shape ",
                     image.sizes());
@@ -39,7 +40,7 @@ at::Tensor split_patches_cuda(const at::Tensor& image, bool prenormalized,
                     "depthpro_fast::split_patches: need 1 to 65535 images of at least 1x1 "
                     "pixels, got shape ",
                     image.sizes());
-  const sp::Dtype src_dtype = kernel_dtype(image.scalar_type());
+  kernel_dtype(image.scalar_type());  // refuses other dtypes
   TORCH_CHECK_VALUE(!(prenormalized && image.scalar_type() == at::kByte),
                     "depthpro_fast::split_patches: prenormalized=True needs a float image in "
                     "[-1, 1], got uint8");
@@ -53,10 +54,18 @@ at::Tensor split_patches_cuda(const at::Tensor& image, bool prenormalized,
     TORCH_CHECK_VALUE(image.stride(d) >= 0,
                       "depthpro_fast::split_patches: negative strides are not supported");
 
+  return at::empty({sp::kWindowsPerImage * image.size(0), 3, sp::kWindow, sp::kWindow},
+                   image.options().dtype(dst_type));
+}
+
+at::Tensor split_patches_cuda(const at::Tensor& image, bool prenormalized,
+                              std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(image.is_cuda(), "depthpro_fast::split_patches: image must be a CUDA tensor, got ",
+              image.device());
   const c10::cuda::CUDAGuard guard(image.device());
+  at::Tensor out = split_patches_output(image, prenormalized, out_dtype);
+  const sp::Dtype src_dtype = kernel_dtype(image.scalar_type());
   const int64_t batch = image.size(0);
-  at::Tensor out = at::empty({sp::kWindowsPerImage * batch, 3, sp::kWindow, sp::kWindow},
-                             image.options().dtype(dst_type));
 
   sp::Params p{};
   p.src = image.data_ptr();
@@ -69,7 +78,7 @@ at::Tensor split_patches_cuda(const at::Tensor& image, bool prenormalized,
   p.stride_h = image.stride(2);
   p.stride_w = image.stride(3);
   p.dst = out.data_ptr();
-  p.dst_dtype = kernel_dtype(dst_type);
+  p.dst_dtype = kernel_dtype(out.scalar_type());
   sp::set_derived(p, prenormalized);  // resize scales, normalisation
   const cudaError_t err = sp::launch(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "depthpro_fast::split_patches: kernel launch failed: ",
@@ -82,6 +91,17 @@ at::Tensor split_patches_cuda(const at::Tensor& image, bool prenormalized,
 TORCH_LIBRARY_FRAGMENT(depthpro_fast, m) {
   m.def("split_patches(Tensor image, bool prenormalized=False, ScalarType? out_dtype=None) "
         "-> Tensor");
+  m.def("split_patches_output(Tensor image, bool prenormalized=False, "
+        "ScalarType? out_dtype=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(depthpro_fast, CUDA, m) { m.impl("split_patches", &split_patches_cuda); }
+// CPU tensors reach the CUDA function only to be refused with its message (not the
+// dispatcher's "could not run ... with arguments from the 'CPU' backend").
+TORCH_LIBRARY_IMPL(depthpro_fast, CPU, m) {
+  m.impl("split_patches", &split_patches_cuda);
+  m.impl("split_patches_output", &split_patches_output);
+}
+TORCH_LIBRARY_IMPL(depthpro_fast, Meta, m) {
+  m.impl("split_patches_output", &split_patches_output);
+}
