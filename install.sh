@@ -4,10 +4,13 @@
 #   ./install.sh          the package
 #   ./install.sh dev      the package and the test / benchmark tools
 #
-# On a machine without an NVIDIA GPU it installs PyTorch's CPU build (from a local wheelhouse if
-# pip is configured with one, else from PyTorch's CPU index) so that pip never downloads several
-# GB of CUDA wheels, and Triton >= 3.7 for the kernel tests under TRITON_INTERPRET=1. On a GPU
-# machine it keeps (or installs) a CUDA torch and builds the CUDA extension when nvcc is found.
+# On a machine without an NVIDIA GPU it installs PyTorch's CPU build so that pip never downloads
+# several GB of CUDA wheels: from a wheelhouse pip is configured with (find-links), else from the
+# index named by $DEPTHPRO_FAST_TORCH_INDEX (PyTorch's CPU wheel index, as its "Get started"
+# page gives it), else whatever pip's own configuration offers (with a warning). No index is
+# named here: pip's configuration and that variable decide. It also installs Triton >= 3.7 for
+# the kernel tests under TRITON_INTERPRET=1. On a GPU machine it keeps (or installs) a CUDA
+# torch and builds the CUDA extension when nvcc is found.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -22,9 +25,13 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     pip_install "torch>=2.4"
   elif pip_install --no-index --no-deps "torch>=2.4" 2>/dev/null; then
     pip_install "torch>=2.4"  # the CPU wheel came from the local wheelhouse; now its deps
+  elif [ -n "${DEPTHPRO_FAST_TORCH_INDEX:-}" ]; then
+    pip_install "torch>=2.4" --extra-index-url "$DEPTHPRO_FAST_TORCH_INDEX"
   else
-    pip_install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu \
-      --extra-index-url https://pypi.org/simple
+    echo "install.sh: no GPU, no local torch wheel and no DEPTHPRO_FAST_TORCH_INDEX: pip may" \
+         "pick a CUDA build of torch (several GB). Set DEPTHPRO_FAST_TORCH_INDEX to PyTorch's" \
+         "CPU wheel index to get the CPU build." >&2
+    pip_install "torch>=2.4"
   fi
 fi
 
