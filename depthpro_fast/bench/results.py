@@ -12,12 +12,24 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import DepthProConfig
-from .runner import RowResult
+if TYPE_CHECKING:  # (runner.py imports this module)
+    from ..config import DepthProConfig
+    from .runner import RowResult
 
 SCHEMA = "depthpro_fast.bench/1"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every container made JSON-friendly (keys and unknown leaves as str)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:

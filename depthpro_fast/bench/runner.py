@@ -18,20 +18,11 @@ import torch
 from .. import backends
 from ..accuracy import max_abs_error, mean_abs_rel_error
 from ..config import IMG_SIZE, DepthProConfig
+from .journal import cuda_context_usable
+from .results import json_safe
 from .stages import time_stages
 from .timing import Stats, dtype_name, random_inputs, synchronize, time_callable
 from .variants import OPS, SkipRow, Variant, build_hf_model, hf_unavailable, resolved_ops
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with every container made JSON-friendly (keys and unknown leaves as str)."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 @dataclasses.dataclass
@@ -104,6 +95,8 @@ class Runner:
         # (eager, no warm-up), ``accuracy`` allows one more, untimed, forward for them
         self.accuracy = accuracy
         self.interrupted = False
+        # the failed row after which the CUDA context was unusable (the rest were not run)
+        self.poisoned_by: RowResult | None = None
         self._reference_out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._model: tuple[torch.dtype, torch.nn.Module] | None = None
         self._inputs: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
@@ -275,7 +268,7 @@ class Runner:
                     peak += sum(p.numel() * p.element_size() for p in module.parameters())
                 row.peak_mem_bytes = peak
             if v.path == "engine" and getattr(module, "fast_engine", None) is not None:
-                row.engine = _json_safe(module.fast_engine.status())
+                row.engine = json_safe(module.fast_engine.status())
             if self.stages and v.mode == "eager" and v.path in ("reference", "fast"):
                 row.stages = time_stages(module, inputs, warmup=min(self.warmup, 2),
                                          runs=self.runs, device=self.device)
@@ -283,15 +276,18 @@ class Runner:
             row.status, row.reason = "skipped", str(e)
         except Exception as e:  # a broken backend must not stop the other rows
             row.status, row.reason = "failed", f"{type(e).__name__}: {e}".strip()
-            # (a CUDA error such as an illegal address poisons the context: later rows on this
-            # device will fail too; the reason of the first failure is the one to read)
+            if cuda and not cuda_context_usable(self.device):
+                # an illegal address or the like: every later row of this process would fail
+                # too, so run() stops here (bench/gpu_check.sh reruns without this backend)
+                row.reason += " (the CUDA context was unusable after it)"
+                self.poisoned_by = row
         finally:
             try:
                 cleanup()
-            except Exception:
+                if v.path == "hf" or row.status == "failed":
+                    self._free()
+            except Exception:  # noqa: BLE001  (a poisoned context fails here too)
                 pass
-            if v.path == "hf" or row.status == "failed":
-                self._free()
         return row
 
     def _check_accuracy(self, row: RowResult, out: Any) -> None:
@@ -338,10 +334,17 @@ class Runner:
                     if (v, b) in results]
 
         self.interrupted = False
+        self.poisoned_by = None
         try:
             for i, (v, b) in enumerate(plan, 1):
                 self.log(f"[{i}/{len(plan)}] {v.name} {dtype_name(v.dtype)} batch {b}")
-                row = self.run_row(v, b)
+                culprit = self.poisoned_by
+                if culprit is not None:
+                    row = RowResult(v, b, "skipped", "not run: the CUDA context was unusable "
+                                    f"after {culprit.variant.name} "
+                                    f"{dtype_name(culprit.variant.dtype)} failed")
+                else:
+                    row = self.run_row(v, b)
                 if row.status != "ok":
                     self.log(f"    {row.status}: {row.reason}")
                 else:
@@ -355,5 +358,8 @@ class Runner:
             for v, b in plan:
                 results.setdefault((v, b), RowResult(v, b, "skipped",
                                                      "interrupted (time limit or Ctrl-C)"))
-        self._free()
+        try:
+            self._free()
+        except Exception:  # noqa: BLE001  (a poisoned context)
+            pass
         return in_order()

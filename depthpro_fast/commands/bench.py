@@ -76,10 +76,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="write the results as JSON (a directory: <date>-<device>.json in it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--note", action="append", default=[], metavar="TEXT",
+                        help="a note to print under the table and keep in the JSON "
+                             "(repeatable)")
+    parser.add_argument("--micro", action="store_true",
+                        help="run the decision micro-benchmarks instead (attention vs SDPA, "
+                             "the ViT GEMMs, the decoder conv, split / merge vs a copy); "
+                             "--device, --dtype, --runs, --warmup, --json, --quiet apply; "
+                             "more options: python -m depthpro_fast.bench.micro --help")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
+def _run_micro(args: argparse.Namespace) -> int:
+    from ..bench import micro
+
+    argv = ["--device", args.device] if args.device else []
+    if args.dtype:
+        names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+        argv += ["--dtype", *dict.fromkeys(names[_DTYPES[d]] for d in args.dtype)]
+    for flag, value in (("--runs", args.runs), ("--warmup", args.warmup),
+                        ("--json", args.json)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return micro.main(argv + (["--quiet"] if args.quiet else []))
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.micro:
+        return _run_micro(args)
     import torch
 
     from ..accuracy import FOV_BUDGET_DEG, MARE_BUDGET
@@ -144,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
                     "n_inputs": runner.n_inputs, "timer": timer, "seed": args.seed,
                     "stages": args.stages, "wall_s": round(time.perf_counter() - t_start, 1),
                     "partial": partial}
+        culprit = runner.poisoned_by
+        if culprit is not None:
+            settings["poisoned_by"] = {"name": culprit.variant.name,
+                                       "backend": culprit.variant.backend,
+                                       "dtype": dtype_name(culprit.variant.dtype),
+                                       "ops": culprit.ops, "reason": culprit.reason}
         data = results_dict(env=env, config_name=config_name, config=cfg, params=params,
                                flops_per_image=flops_per_image,
                                flops_by_stage=flop_report.by_stage(), peak=peak,
@@ -159,7 +189,12 @@ def run(args: argparse.Namespace) -> int:
     rows = runner.run(variants, on_row=save_partial if json_path else None)
     baseline = fill_relative(rows, flops_per_image, peak["tflops"])
 
-    notes = []
+    notes = list(args.note)
+    if runner.poisoned_by is not None:
+        culprit = runner.poisoned_by
+        notes.append(f"Stopped early: after {culprit.variant.name} "
+                     f"{dtype_name(culprit.variant.dtype)} failed the CUDA context was unusable, "
+                     "so the rows after it were not run (rerun without its backend).")
     if not gpu:
         notes.append("No CUDA device: these are CPU timings (host clock) of the fp32 paths. "
                      "GPU numbers (bf16/fp16, the fast kernels, torch.compile, CUDA graphs, % of "
@@ -221,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n(bench took {elapsed:.0f} s)")
     if runner.interrupted:
         return 130
+    if runner.poisoned_by is not None:
+        return 3
     ok = any(r.status == "ok" for r in rows)
     return 0 if ok else 1
 

@@ -9,18 +9,21 @@ reference on the same weights and inputs), it times:
 - the fast path with one option flipped at a time (``fast-<option>=<value>``);
 - the FOV skip (``fast,need_fov=False``: what ``infer(..., f_px=...)`` runs).
 
-Timing: CUDA events around ``model(x)`` (graph input copy and output clone included), warm-up
-runs first (graph capture, cuDNN autotuning, Triton compilation), then ``--repeats`` timed runs
-over ``--inputs`` rotating random inputs; median and the 10-90 % spread. Accuracy: canonical
-inverse depth mean absolute relative error (MARE) and FOV error vs the fp32 reference (cuDNN TF32
-off), from the first input. Prints a table; ``--json PATH`` writes every number.
+Timing: ``depthpro_fast.bench.timing.time_callable`` (CUDA events around ``model(x)``, each run
+from an idle device; graph input copy and output clone included), warm-up runs first (graph
+capture, cuDNN autotuning, Triton compilation), then ``--repeats`` timed runs over ``--inputs``
+rotating random inputs; median and the 10-90 % spread. Accuracy: canonical inverse depth mean
+absolute relative error (MARE) and FOV error vs the fp32 reference (cuDNN TF32 off), from the
+first input. Prints a table; ``--json PATH`` writes every number with the device, versions and
+commit, rewritten after every variant (a run cut short keeps what it measured).
+``--no-compile`` leaves out the variants that run ``torch.compile`` (minutes of compilation).
+A CPU run (``--allow-cpu``, e.g. ``--config tiny``) only checks that the harness works.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from collections.abc import Callable
@@ -29,6 +32,9 @@ from typing import Any
 import torch
 
 from ..accuracy import max_abs_error, mean_abs_rel_error
+from ..bench.timing import random_inputs, synchronize, time_callable
+
+SCHEMA = "depthpro_fast.ablation/1"
 
 #: Variants: name -> fast options (None: the reference modules).
 VARIANTS: dict[str, dict[str, Any] | None] = {
@@ -45,40 +51,39 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-channels_last=False": {"channels_last": False},
     "fast-cudnn_benchmark=False": {"cudnn_benchmark": False},
 }
-
-
-def _time(fn: Callable[[torch.Tensor], Any], inputs: list[torch.Tensor], warmup: int,
-          repeats: int) -> list[float]:
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    torch.cuda.synchronize()
-    times = []
-    for i in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(inputs[i % len(inputs)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+#: The variants that compile (torch.compile): left out by ``--no-compile``.
+COMPILING = ("fast-epilogues=compile",)
+FOV_SKIP = "fast,need_fov=False"
 
 
 def run(*, dtype: torch.dtype = torch.bfloat16, batch: int = 1, variants: list[str] | None = None,
         warmup: int = 3, repeats: int = 20, inputs: int = 3, config: Any = None,
-        backend: str = "auto") -> list[dict[str, Any]]:
+        backend: str = "auto", device: torch.device | str | None = None,
+        allow_cpu: bool = False, compile: bool = True,
+        on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Time the variants (all by default, plus the FOV skip); one dict per variant.
+
+    ``on_row(rows)`` is called after every variant with the rows so far (e.g. to save them).
+    A variant that fails gets an ``error`` and the others still run.
+    """
     import depthpro_fast
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("the ablation needs a CUDA device")
-    names = variants or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS and n != "fast,need_fov=False"]
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda" and not allow_cpu:
+        raise RuntimeError("the ablation needs a CUDA device (allow_cpu=True / --allow-cpu "
+                           "only checks the harness)")
+    if repeats < 1 or warmup < 0 or inputs < 1 or batch < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, inputs >= 1, batch >= 1; got "
+                         f"{repeats}, {warmup}, {inputs}, {batch}")
+    names = variants or [n for n in VARIANTS if compile or n not in COMPILING]
+    unknown = [n for n in names if n not in VARIANTS and n != FOV_SKIP]
     if unknown:
-        raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        raise ValueError(f"unknown variants {unknown}; known: {[*VARIANTS, FOV_SKIP]}")
     torch.manual_seed(0)
-    ref_model, _ = depthpro_fast.load(None, config=config, device="cuda", backend="reference")
-    g = torch.Generator(device="cuda").manual_seed(1)
-    xs = [torch.rand(batch, 3, 1536, 1536, device="cuda", generator=g) * 2 - 1
-          for _ in range(inputs)]
+    ref_model, _ = depthpro_fast.load(None, config=config, device=dev, backend="reference")
+    xs = random_inputs((batch, 3, 1536, 1536), count=inputs, device=dev, dtype=torch.float32,
+                       seed=1)
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
@@ -87,10 +92,11 @@ def run(*, dtype: torch.dtype = torch.bfloat16, batch: int = 1, variants: list[s
     base = copy.deepcopy(ref_model).to(dtype).set_backend(backend)
     del ref_model
     xs = [x.to(dtype) for x in xs]
-    rows = []
-    plan = [(n, VARIANTS.get(n, {}), n == "fast,need_fov=False") for n in names]
+    rows: list[dict[str, Any]] = []
+    plan = [(n, VARIANTS.get(n, {}), n == FOV_SKIP) for n in names]
     if variants is None:
-        plan.append(("fast,need_fov=False", {}, True))
+        plan.append((FOV_SKIP, {}, True))
+    cuda = dev.type == "cuda"
     for name, options, skip_fov in plan:
         model = copy.deepcopy(base)
         if options is not None:
@@ -101,27 +107,37 @@ def run(*, dtype: torch.dtype = torch.bfloat16, batch: int = 1, variants: list[s
                 def fn(x, model=model, skip_fov=skip_fov):
                     return model(x, need_fov=not skip_fov)
 
-                cid, fov = fn(xs[0])
-                times = _time(fn, xs, warmup, repeats)
-            q = statistics.quantiles(times, n=10)
-            row.update(ms=statistics.median(times), p10=q[0], p90=q[-1],
-                       images_per_s=1000 * batch / statistics.median(times),
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                cid, fov = fn(xs[0])  # (first call: capture, autotuning, compilation)
+                synchronize(dev)
+                stats, _ = time_callable(fn, xs, warmup=warmup, runs=repeats, device=dev)
+            times = stats.times_ms
+            q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+            row.update(ms=stats.median, p10=q[0], p90=q[-1], times_ms=times,
+                       images_per_s=1000 * batch / stats.median,
                        mare=mean_abs_rel_error(cid, ref_cid),
                        fov_err_deg=None if fov is None else max_abs_error(fov, ref_fov),
-                       peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+                       peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None)
             if model.fast_engine is not None:
                 row["engine"] = model.fast_engine.status()
         except Exception as e:  # report and go on with the other variants
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
         del model
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.empty_cache()
+        _relative(rows)
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
+def _relative(rows: list[dict[str, Any]]) -> None:
     ref_ms = next((r.get("ms") for r in rows if r["variant"] == "reference"), None)
     for r in rows:
         if ref_ms and r.get("ms"):
             r["speedup_vs_reference"] = ref_ms / r["ms"]
-    return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -142,23 +158,50 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--variants", nargs="*", help=f"subset of {list(VARIANTS)}")
+    p.add_argument("--variants", nargs="*", help=f"subset of {[*VARIANTS, FOV_SKIP]}")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--inputs", type=int, default=3, help="rotating random inputs")
     p.add_argument("--config", default=None, help="preset name or JSON (default: official)")
-    p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument("--device", default=None, help="default: cuda")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run on a CPU too (a check of the harness, not a measurement)")
+    p.add_argument("--no-compile", action="store_true",
+                   help=f"leave out the variants that run torch.compile: {list(COMPILING)}")
+    p.add_argument("--json", default=None,
+                   help="write the rows here, with device, versions and commit (after every "
+                        "variant)")
     args = p.parse_args(argv)
+    from ..bench.environment import environment
+    from ..bench.results import json_safe, write_json
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    rows = run(dtype=dtype, batch=args.batch, variants=args.variants, warmup=args.warmup,
-               repeats=args.repeats, config=args.config)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "dtype": args.dtype, "batch": args.batch}
+    device = torch.device(args.device) if args.device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    meta = {"device": env["device"], "torch": env["torch"], "dtype": args.dtype,
+            "batch": args.batch, "config": args.config or "official"}
+
+    def save(rows: list[dict[str, Any]], partial: bool = True) -> None:
+        if args.json:
+            write_json(args.json, json_safe({
+                "schema": SCHEMA, "environment": env, "meta": meta, "partial": partial,
+                "settings": {"warmup": args.warmup, "repeats": args.repeats,
+                             "inputs": args.inputs, "backend": "auto"},
+                "rows": rows, "command": " ".join(sys.argv)}))
+
+    try:
+        rows = run(dtype=dtype, batch=args.batch, variants=args.variants or None,
+                   warmup=args.warmup, repeats=args.repeats, inputs=args.inputs,
+                   config=args.config, device=device, allow_cpu=args.allow_cpu,
+                   compile=not args.no_compile, on_row=save)
+    except (RuntimeError, ValueError) as e:
+        print(f"ablation: {e}", file=sys.stderr)
+        return 2
+    save(rows, partial=False)
     print(meta)
     print(format_table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
