@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -32,11 +33,15 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 
 
 def git_commit() -> dict[str, Any]:
-    """The package's git commit and whether tracked files differ from it (None outside git)."""
+    """The package's git commit and whether tracked files differ from it.
+
+    Outside a git checkout (a copied working tree, as on a lent GPU machine) the commit comes
+    from ``$DEPTHPRO_FAST_COMMIT`` when set (``dirty`` then unknown), else it is None.
+    """
     root = str(Path(__file__).resolve().parents[2])
     commit = _run(["git", "rev-parse", "HEAD"], cwd=root)
     if commit is None:
-        return {"commit": None, "dirty": None}
+        return {"commit": os.environ.get("DEPTHPRO_FAST_COMMIT") or None, "dirty": None}
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root)
     return {"commit": commit, "dirty": bool(status)}
 

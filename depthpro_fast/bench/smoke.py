@@ -103,6 +103,11 @@ def _op_case(op: str, backend: str, size: str, dtype: torch.dtype,
     first_s = time.perf_counter() - t0
     ref = call("reference")
     outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for o, r in zip(outs, refs, strict=True):  # callers rely on the layout, e.g. (B, N, H, D)
+        if o.shape != r.shape or o.stride() != r.stride() or o.dtype != r.dtype:
+            raise CaseFailed(f"wrong layout: {tuple(o.shape)} {o.stride()} {o.dtype}, the "
+                             f"reference gives {tuple(r.shape)} {r.stride()} {r.dtype}",
+                             {"shape": shape})
     err = max(max_abs_error(o.float(), r.float()) for o, r in zip(outs, refs, strict=True))
     scale = max(float(r.float().abs().max()) for r in refs) or 1.0
     tol = 0.0 if op == "merge_patches" else TOLERANCE[dtype]  # a crop is exact

@@ -104,12 +104,17 @@ def time_callable(fn: Callable[[torch.Tensor], Any], inputs: Sequence[torch.Tens
 
 def random_inputs(shape: Sequence[int], *, count: int, device: torch.device, dtype: torch.dtype,
                   seed: int = 0, low: float = -1.0, high: float = 1.0) -> list[torch.Tensor]:
-    """``count`` different uniform random tensors in [low, high) (never zeros)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """``count`` different uniform random tensors in [low, high) (never zeros).
+
+    Drawn on ``device`` itself (its own seeded generator), so that the large inputs of the GPU
+    benchmarks cost no host time; the values depend on the device type, the seed fixes them.
+    """
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for _ in range(count):
-        t = torch.rand(tuple(shape), generator=gen, dtype=torch.float32)
-        out.append((t * (high - low) + low).to(device=device, dtype=dtype))
+        t = torch.rand(tuple(shape), generator=gen, dtype=torch.float32, device=device)
+        out.append((t * (high - low) + low).to(dtype=dtype))
     return out
 
 
