@@ -1,29 +1,48 @@
 #!/usr/bin/env bash
-# One-call GPU validation: build the CUDA extension, run the GPU tests, time the official model.
+# One call on a GPU machine: everything this package can learn there, most decisive first.
 #
 #   bench/gpu_check.sh [OUT_DIR] [--sanitize]
 #
-# For a GPU machine with no network (everything it needs must already be installed: a CUDA
-# torch, nvcc, ninja, pytest, pytest-benchmark; transformers is optional). Steps, in order of
-# importance, each bounded by `timeout` and by an overall budget (BUDGET_S, default 540 s, so
-# the whole script fits in one 10-minute call):
+# For a GPU machine without network: a CUDA torch, nvcc, ninja and pytest must be installed
+# (transformers is optional). The whole run fits one call of about 9 minutes: BUDGET_S (default
+# 510 s) bounds it, each step has a limit (in the comment at its top) and gets no more than what
+# the steps before it left. A failing step never stops the next one, and the risky cases (each
+# backend's smoke test, each micro-benchmark group) run in processes of their own, restarted
+# after a crash or a poisoned CUDA context, so a GPU fault costs only its own case.
 #
-#   build    pip install --no-build-isolation --no-deps -e . with DEPTHPRO_FAST_BUILD_CUDA=1
-#            (falls back to setup.py build_ext --inplace); TORCH_CUDA_ARCH_LIST = this GPU's
-#   tests    python -m pytest -m gpu tests
-#   bench1   depthpro-fast bench, official config, batch 1, every row, --stages
-#   bench8   depthpro-fast bench, official config, batch 8, bf16 rows, no torch.compile / HF,
-#            3 warm-up + 10 runs
-#            (bench writes its JSON after every row, so a step cut by its time limit still
-#            leaves the rows it measured, marked partial)
-#   suites   the pytest-benchmark suites on the GPU: op benchmarks timed, whole model once
-#   sanitize (only with --sanitize or SANITIZE=1) compute-sanitizer memcheck and racecheck
-#            over the GPU kernel tests selected by SANITIZE_K (default: "cuda")
+# Steps, in order (STEPS="build smoke bench1" runs a subset):
+#   build     the CUDA extension: pip install -e . with DEPTHPRO_FAST_BUILD_CUDA=1 (fallback
+#             setup.py build_ext --inplace); setup.py picks the CUDA toolkit and says which
+#   smoke     every op of each backend (triton, cuda) and the fast engine vs the fp32 reference,
+#             official size, bf16 and fp16 (python -m depthpro_fast.bench.smoke)
+#   bench1    depthpro-fast bench at batch 1, every row but torch.compile, with --stages
+#   micro     the decision micro-benchmarks, one process per group (attention vs every SDPA
+#             backend, the ViT GEMMs, the decoder conv, split / merge vs a copy)
+#   ablation  what each fast-path option buys (python -m depthpro_fast.fast.ablation)
+#   bench8    batch 8, bf16 rows, no torch.compile / transformers, 3 warm-up + 10 runs
+#   tests     pytest -m "gpu and not slow": the op kernels' files first, then the rest
+#   sanitize  only with --sanitize (or SANITIZE=1): compute-sanitizer memcheck and racecheck
+#             over the GPU tests selected by SANITIZE_K (default: cuda)
+# Triton's cache (TRITON_CACHE_DIR, with TRITON_CACHE_AUTOTUNING=1) is kept across the steps,
+# so kernels compile and autotune once, in the smoke test.
 #
-# STEPS="build tests bench1" runs a subset. Everything goes to OUT_DIR (default: $OUT, else
-# ./gpu_check_out): gpu_check.log (all output), bench-b1.{json,txt}, bench-b8.{json,txt},
-# pytest-bench.json, results/<date>-<device>-b{1,8}.json (ready to copy to bench/results/ and
-# commit), summary.txt. Exit status: 0 when every step that ran passed.
+# Left out of the default run (say GPU_CHECK_COMPILE=1 / GPU_CHECK_FP32=1 to add them):
+# torch.compile rows and variants (minutes of compilation), and fp32 Triton attention (its
+# autotune sweep of 9 configs that all spill takes minutes to compile): fp32 smoke / micro
+# attention cases and the fp32 cases of test_attention.py's test_gpu_matches_fp64.
+#
+# Output, at most 8 files, in OUT_DIR (the argument, else $OUT, else ./gpu_check_out):
+#   summary.txt      read first: device, torch, Triton, CUDA, commit; each step's state and time;
+#                    then every table (smoke, bench b1, micro, ablation, bench b8, tests)
+#   gpu_check.log    everything the steps printed
+#   results/<date>-<device>-{smoke,b1,micro,ablation,b8}.json: device, versions and commit in
+#                    each; copy them to bench/results/ and commit
+# Exit status: 0 when every step that ran passed. In a copied working tree without .git, set
+# DEPTHPRO_FAST_COMMIT=<the commit it was copied from> so that the results name it.
+#
+# Dry run on a CPU (tiny shapes, Triton's interpreter, pip --dry-run instead of the build, one
+# timed run per row, each step's limit doubled; about 7 minutes on 2 cores):
+#   GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_CONFIG=tiny BUDGET_S=1200 bench/gpu_check.sh /tmp/gc_dry
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,143 +53,326 @@ for arg in "$@"; do
     --sanitize) SANITIZE=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
       exit 0 ;;
-    -*) echo "gpu_check: unknown option $arg" >&2; exit 2 ;;
-    *) OUT_DIR=$arg ;;
+    -*) echo "gpu_check: unknown option $arg (accepted: OUT_DIR, --sanitize, --help)" >&2
+      exit 2 ;;
+    *) [ -n "$OUT_DIR" ] && { echo "gpu_check: one OUT_DIR only, got $OUT_DIR and $arg" >&2
+         exit 2; }
+       OUT_DIR=$arg ;;
   esac
 done
 OUT_DIR=${OUT_DIR:-${OUT:-./gpu_check_out}}
-mkdir -p "$OUT_DIR/results"
+mkdir -p "$OUT_DIR/results" || { echo "gpu_check: cannot create $OUT_DIR/results" >&2; exit 2; }
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
+RESULTS="$OUT_DIR/results"
 LOG="$OUT_DIR/gpu_check.log"
+SUMMARY="$OUT_DIR/summary.txt"
 : > "$LOG"
+rm -f "$SUMMARY"
 PY=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-540}
-STEPS=${STEPS:-"build tests bench1 bench8 suites"}
+BUDGET_S=${BUDGET_S:-510}
+case "$BUDGET_S" in ''|*[!0-9]*) echo "gpu_check: BUDGET_S must be seconds, got $BUDGET_S" >&2
+  exit 2 ;; esac
+RESERVE_S=10  # kept for the summary
+STEPS=${STEPS:-"build smoke bench1 micro ablation bench8 tests"}
 [ "$SANITIZE" = "1" ] && STEPS="$STEPS sanitize"
-SUMMARY=()
+for s in $STEPS; do
+  case " build smoke bench1 micro ablation bench8 tests sanitize " in
+    *" $s "*) ;; *) echo "gpu_check: unknown step $s in STEPS" >&2; exit 2 ;;
+  esac
+done
+START=$(date +%s)
+BUDGET_END=$((START + BUDGET_S - RESERVE_S))
+# scratch space outside OUT_DIR (it must hold at most 8 files): Triton's cache, the tables
+WORK=${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/depthpro_fast-gpu_check}
+mkdir -p "$WORK/triton-cache" && rm -f "$WORK"/*.txt
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$WORK/triton-cache} TRITON_CACHE_AUTOTUNING=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, always
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+STATES=()
 FAILED=0
 
-log() { echo "[gpu_check $(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"; }
+log() { echo "[gpu_check $(date +%H:%M:%S) +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+# seconds left to the current step (its own limit and the whole budget)
+left() { local end=$STEP_END; [ "$BUDGET_END" -lt "$end" ] && end=$BUDGET_END
+  echo $((end - $(date +%s))); }
+# share W TOTAL: W / TOTAL of the step's time left (for the parts of a step)
+share() { echo $(($(left) * $1 / $2)); }
+# tmo SECONDS CMD...: CMD bounded by SECONDS (SIGINT first: our tools then save what they have)
+tmo() { local s=$1; shift; [ "$s" -ge 5 ] || { echo "no time left for: $*"; return 124; }
+  timeout --signal=INT --kill-after=10 "$s" "$@"; }
 
-# run_step NAME LIMIT_S COMMAND...: bounded by LIMIT_S and by what is left of the budget
-run_step() {
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET_S - SECONDS))
-  if [ "$left" -lt 30 ]; then
-    log "skip $name: budget spent (${SECONDS}s of ${BUDGET_S}s)"
-    SUMMARY+=("$name: skipped (budget)"); return 0
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  log "start $name (at most ${limit}s): $*"
-  local t0=$SECONDS rc
-  timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$LOG"
-  rc=${PIPESTATUS[0]}
-  local took=$((SECONDS - t0)) state="ok"
-  if [ "$rc" -eq 124 ]; then state="TIMED OUT after ${limit}s"; FAILED=1
-  elif [ "$rc" -ne 0 ]; then state="FAILED (exit $rc)"; FAILED=1; fi
-  log "end $name: $state in ${took}s"
-  SUMMARY+=("$name: $state, ${took}s")
-  return 0
-}
-
-want() { [[ " $STEPS " == *" $1 "* ]]; }
-
-# ---- environment ---------------------------------------------------------------------------
-log "output folder: $OUT_DIR; steps: $STEPS; budget ${BUDGET_S}s"
-command -v nvcc >/dev/null 2>&1 || export PATH="/usr/local/cuda/bin:$PATH"
-{ nvidia-smi || true; nvcc --version || true; git log -1 --oneline 2>/dev/null || true; } \
-  >> "$LOG" 2>&1
-CONFIG=${GPU_CHECK_CONFIG:-official}  # (tiny + GPU_CHECK_ALLOW_CPU=1: a dry run of the script)
-if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
-elif [ "${GPU_CHECK_ALLOW_CPU:-0}" != "1" ]; then
-  log "no CUDA device visible to $PY's torch: nothing to check here"; exit 1
-fi
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, installed or not
-
-# ---- build ---------------------------------------------------------------------------------
-build() {
-  DEPTHPRO_FAST_BUILD_CUDA=1 "$PY" -m pip install --no-index --no-build-isolation --no-deps \
-      --disable-pip-version-check -e . && return 0
-  echo "pip install -e . failed; trying setup.py build_ext --inplace"
-  DEPTHPRO_FAST_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
-}
-export PY OUT_DIR CONFIG
-export -f build
-if want build; then
-  run_step build 240 bash -c build
-fi
-"$PY" -m depthpro_fast.cli info 2>&1 | tee -a "$LOG"
-
-# ---- tests ---------------------------------------------------------------------------------
-if want tests; then
-  run_step tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
-fi
-
-# ---- the official model, side by side ------------------------------------------------------
-results_name() {  # results_name FILE SUFFIX -> <date>-<device>-SUFFIX.json
-  "$PY" - "$1" "$2" <<'PY'
-import json, sys
-from depthpro_fast.benchmark import default_results_name
-print(default_results_name(json.load(open(sys.argv[1]))["environment"], sys.argv[2]))
-PY
-}
-bench() {  # bench TAG ARGS...: table to TAG.txt, JSON to TAG.json and results/
-  local tag=$1; shift
-  "$PY" -m depthpro_fast.cli bench --config "$CONFIG" "$@" --json "$OUT_DIR/$tag.json" \
-    | tee "$OUT_DIR/$tag.txt"
-  local rc=${PIPESTATUS[0]}
-  if [ -f "$OUT_DIR/$tag.json" ]; then
-    cp "$OUT_DIR/$tag.json" "$OUT_DIR/results/$(results_name "$OUT_DIR/$tag.json" "${tag#bench-}")"
-  fi
+# isolated SECONDS CMD...: CMD (a tool that takes --resume and --time-limit) in its own process,
+# restarted with --resume after a poisoned CUDA context (exit 3) or a death by a signal
+isolated() {
+  local limit=$1 end rc=0 attempt; shift
+  end=$(($(date +%s) + limit))
+  for attempt in 1 2 3 4; do
+    local s=$((end - $(date +%s)))
+    local more=(--time-limit $((s > 15 ? s - 10 : 1)))
+    [ "$attempt" -gt 1 ] && more+=(--resume) && echo "restart $attempt after exit $rc: $*"
+    tmo "$s" "$@" "${more[@]}"
+    rc=$?
+    case $rc in 3) continue ;; 124|130|137) return "$rc" ;; esac
+    [ "$rc" -gt 128 ] && continue  # died by a signal (segfault, abort): go on after its case
+    return "$rc"
+  done
   return "$rc"
 }
-export -f results_name bench
-if want bench1; then
-  run_step bench1 240 bash -c 'bench "$@"' _ bench-b1 --batch 1 --stages
-fi
-if want bench8; then
-  run_step bench8 150 bash -c 'bench "$@"' _ bench-b8 --batch 8 --dtype bf16 --no-compile \
-    --no-hf --warmup 3 --runs 10
-fi
 
-# ---- pytest-benchmark suites ---------------------------------------------------------------
-suites() {
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider bench/bench_model.py || return $?
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider bench/bench_attention.py bench/bench_split.py \
-    bench/bench_merge.py --benchmark-enable --benchmark-json "$OUT_DIR/pytest-bench.json" \
-    --benchmark-columns=min,median,max,rounds --benchmark-sort=name
+# counts FILE: "N ok, M skipped, K failed" of a results file
+counts() {
+  [ -f "$1" ] || { echo "no results file"; return; }
+  "$PY" - "$1" <<'PY' 2>/dev/null || echo "unreadable results file"
+import collections, json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+c = collections.Counter("failed" if "error" in r else r.get("status", "ok") for r in rows)
+print(", ".join(f"{c[k]} {k}" for k in ("ok", "skipped", "failed", "running") if c[k]))
+PY
 }
-export -f suites
-if want suites; then
-  run_step suites 150 bash -c suites
-fi
 
-# ---- compute-sanitizer (optional) ----------------------------------------------------------
-if want sanitize; then
-  if command -v compute-sanitizer >/dev/null 2>&1; then
-    for tool in memcheck racecheck; do
-      run_step "sanitize-$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-        --target-processes all "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests \
-        -k "${SANITIZE_K:-cuda}"
-    done
-  else
-    log "compute-sanitizer not found: sanitize step skipped"
-    SUMMARY+=("sanitize: skipped (no compute-sanitizer)")
+# run_step NAME LIMIT FUNCTION: FUNCTION in a subshell, bounded by LIMIT and the budget
+run_step() {
+  local name=$1 limit=$2 fn=$3 t0 rc state detail=""
+  if [[ " $STEPS " != *" $name "* ]]; then return 0; fi
+  local budget_left=$((BUDGET_END - $(date +%s)))
+  if [ "$budget_left" -lt 20 ]; then
+    log "skip $name: the budget is spent"
+    STATES+=("$(printf '%-9s %-44s %6s' "$name" "skipped (budget spent)" "-")"); return 0
   fi
+  limit=$((limit * SCALE))
+  [ "$limit" -gt "$budget_left" ] && limit=$budget_left
+  log "start $name (at most ${limit}s)"
+  t0=$(date +%s)
+  STEP_END=$((t0 + limit))
+  ( "$fn" ) 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  local took=$(($(date +%s) - t0))
+  case $rc in
+    0) state="ok" ;;
+    124|137) state="TIMED OUT (limit ${limit}s)"; FAILED=1 ;;
+    *) state="FAILED (exit $rc)"; FAILED=1 ;;
+  esac
+  [ -n "${STEP_JSON:-}" ] && detail=" [$(counts "$STEP_JSON")]"
+  if [ -n "${STEP_TXT:-}" ] && [ -f "$STEP_TXT" ]; then  # pytest's closing lines
+    detail=" [$(grep -E '^=* *[0-9]+ (passed|failed|skipped|deselected|errors?)' "$STEP_TXT" \
+      | sed -E 's/=//g; s/^ +//; s/ in [0-9.]+s.*//' | paste -sd ';' -)]"
+  fi
+  log "end $name: $state in ${took}s$detail"
+  STATES+=("$(printf '%-9s %-44s %5ss  %s' "$name" "$state" "$took" "$detail")")
+}
+
+# ---- environment ---------------------------------------------------------------------------
+GPU=1
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$LOG"
+then
+  GPU=0
+  if [ "${GPU_CHECK_ALLOW_CPU:-0}" != "1" ]; then
+    log "no CUDA device visible to $PY's torch: nothing to check here (GPU_CHECK_ALLOW_CPU=1 "
+    log "GPU_CHECK_CONFIG=tiny for a dry run of this script)"; exit 1
+  fi
+  export TRITON_INTERPRET=1  # the dry run: Triton kernels in the interpreter
+fi
+CONFIG=${GPU_CHECK_CONFIG:-official}
+SIZE=tiny; [ "$CONFIG" = official ] && SIZE=official  # the ops' sizes in smoke and micro
+if [ "$GPU" = 1 ]; then
+  ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
+fi
+TORCH_CUDA=$("$PY" -c "import torch; print(torch.version.cuda or '')" 2>/dev/null)
+if [ -f depthpro_fast/_cuda_toolkit.py ]; then  # the toolkit that really has the headers
+  TOOLKIT=$("$PY" depthpro_fast/_cuda_toolkit.py $TORCH_CUDA 2>&1 | head -1)
+else
+  TOOLKIT="(depthpro_fast/_cuda_toolkit.py missing: setup.py finds the toolkit)"
+fi
+TOOLKIT_HOME=$(sed -n 's/^CUDA toolkit \([^ ]*\) .*/\1/p' <<<"$TOOLKIT")
+[ -n "$TOOLKIT_HOME" ] && export PATH="$TOOLKIT_HOME/bin:$PATH"  # its nvcc, compute-sanitizer
+NVCC=$(nvcc --version 2>/dev/null | sed -n 's/.*release \([^,]*\),.*/\1/p')
+
+PROBE=$("$PY" - <<'PY' 2>>"$LOG"
+import torch
+from depthpro_fast.bench.environment import default_results_name, environment
+
+env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+print(default_results_name(env)[:-len(".json")])
+if env["device_type"] == "cuda":
+    print(f"{env['device']} (sm_{env['capability'].replace('.', '')}, {env['sm_count']} SMs, "
+          f"{env['memory_gib']} GiB, driver {env.get('driver', '?')})")
+else:
+    print(f"CPU {env['cpu']} ({env['cpu_threads']} threads): a dry run, not a measurement")
+print(f"torch {env['torch']} (CUDA {env['torch_cuda'] or 'none'}, cuDNN {env['cudnn']}), "
+      f"Triton {env['triton'] or 'not installed'}, Python {env['python']}")
+print(f"commit {(env['commit'] or 'unknown')[:12]}{' (modified)' if env.get('dirty') else ''}")
+PY
+)
+if [ -z "$PROBE" ]; then
+  log "the environment probe failed (see $LOG): results named by date only"
+  PROBE="$(date -u +%F)-unknown"$'\n'"device ?"$'\n'"versions ?"$'\n'"commit ?"
+fi
+PREFIX=$(sed -n 1p <<<"$PROBE")
+HEADER=$(sed -n '2,$p' <<<"$PROBE")
+J_SMOKE="$RESULTS/$PREFIX-smoke.json"; J_B1="$RESULTS/$PREFIX-b1.json"
+J_MICRO="$RESULTS/$PREFIX-micro.json"; J_ABL="$RESULTS/$PREFIX-ablation.json"
+J_B8="$RESULTS/$PREFIX-b8.json"
+rm -f "$J_SMOKE" "$J_B1" "$J_MICRO" "$J_ABL" "$J_B8"  # this run's files start empty
+{ echo "$HEADER"; echo "CUDA toolkit: $TOOLKIT; nvcc ${NVCC:-not found}"; } | tee -a "$LOG"
+log "output folder $OUT_DIR; steps: $STEPS; budget ${BUDGET_S}s; Triton cache $TRITON_CACHE_DIR"
+{ nvidia-smi || true; } >>"$LOG" 2>&1
+
+# the fp32 / torch.compile additions, and the dry run's smaller settings
+DTYPES=(); [ "${GPU_CHECK_FP32:-0}" = 1 ] && DTYPES=(--dtype bf16 fp16 fp32)
+NO_COMPILE=(--no-compile); [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && NO_COMPILE=()
+B1_ARGS=(--batch 1 --stages)
+B8_ARGS=(--batch 8 --dtype bf16 --no-hf --warmup 3 --runs 10)
+ABL_ARGS=(--repeats 10 --warmup 2)
+SCALE=1  # step limits x SCALE
+if [ "$GPU" = 0 ]; then  # the dry run: one run per row, the CPU's dtype, twice the time
+  B1_ARGS=(--batch 1 --stages --warmup 0 --runs 1)
+  B8_ARGS=(--batch 2 --dtype fp32 --warmup 0 --runs 1)
+  ABL_ARGS=(--allow-cpu --dtype fp32 --repeats 1 --warmup 0 --inputs 1
+            --variants reference fast)
+  SCALE=2
 fi
 
-# ---- summary (last, so that it ends the output) --------------------------------------------
-{
-  echo
-  for f in "$OUT_DIR"/bench-b1.txt "$OUT_DIR"/bench-b8.txt; do
-    [ -f "$f" ] && { echo "=== $(basename "$f")"; cat "$f"; echo; }
+# ---- build: at most 150 s -----------------------------------------------------------------
+ext_loaded() {
+  "$PY" -c "import sys; from depthpro_fast import _ext; m = _ext.load()
+print('extension:', 'depthpro_fast._C loaded' if m else _ext.unavailable_reason())
+sys.exit(0 if m else 1)"
+}
+step_build() {
+  if [ "$GPU" = 0 ]; then  # a dry run must not reinstall the package of this machine
+    echo "no GPU: pip's --dry-run only, and no CUDA build asked for"
+    DEPTHPRO_FAST_BUILD_CUDA=auto tmo "$(left)" "$PY" -m pip install --dry-run --no-index \
+      --no-build-isolation --no-deps --disable-pip-version-check -e .
+    return
+  fi
+  DEPTHPRO_FAST_BUILD_CUDA=1 tmo "$(left)" "$PY" -m pip install --no-index \
+    --no-build-isolation --no-deps --disable-pip-version-check -e . && ext_loaded && return 0
+  echo "pip install -e . failed or left no loadable extension: setup.py build_ext --inplace"
+  DEPTHPRO_FAST_BUILD_CUDA=1 tmo "$(left)" "$PY" setup.py build_ext --inplace && ext_loaded
+}
+run_step build 150 step_build
+EXTENSION=$(ext_loaded 2>&1 | tail -1)
+echo "$EXTENSION" | tee -a "$LOG"
+
+# ---- smoke: at most 90 s (Triton compiles and autotunes here, once) -------------------------
+step_smoke() {
+  local rc=0 smoke=("$PY" -m depthpro_fast.bench.smoke --size "$SIZE" --json "$J_SMOKE"
+                    "${DTYPES[@]}")
+  isolated "$(share 3 5)" "${smoke[@]}" --ops triton || rc=1
+  isolated "$(share 1 3)" "${smoke[@]}" --ops cuda || rc=1
+  isolated "$(left)" "${smoke[@]}" --engine --config "$CONFIG" || rc=1
+  return $rc
+}
+STEP_JSON=$J_SMOKE run_step smoke 90 step_smoke
+
+# ---- bench1: at most 110 s ------------------------------------------------------------------
+# bench_table TAG JSON ARGS...: the table to $WORK/bench-TAG.txt; when a row leaves the CUDA
+# context unusable (exit 3) the rows after it were not run: once more without its backend
+bench_table() {
+  local tag=$1 json=$2 rc keep; shift 2
+  local bench=("$PY" -m depthpro_fast.cli bench --config "$CONFIG" --json "$json" "$@")
+  tmo "$(left)" "${bench[@]}" | tee "$WORK/bench-$tag.txt"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 3 ] || return "$rc"
+  keep=$("$PY" - "$json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))["settings"]["poisoned_by"]
+used = {c["backend"], *(c.get("ops") or {}).values()}
+keep = "triton" if "cuda" in used else "cuda" if "triton" in used else ""
+print(keep, f"first attempt: {c['name']} {c['dtype']} failed and left the CUDA context "
+      f"unusable ({c['reason'][:200]}); this rerun times the {keep} backend only")
+PY
+) || return 3
+  [ -n "${keep%% *}" ] || return 3
+  echo "rerunning with --backends ${keep%% *} only"
+  tmo "$(left)" "${bench[@]}" --backends "${keep%% *}" --note "${keep#* }" \
+    | tee "$WORK/bench-$tag.txt"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] && rc=3  # still a failure to read about
+  return "$rc"
+}
+step_bench1() { bench_table b1 "$J_B1" "${B1_ARGS[@]}" "${NO_COMPILE[@]}"; }
+STEP_JSON=$J_B1 run_step bench1 110 step_bench1
+
+# ---- micro: at most 80 s (one process per group; attention gets twice the share) ------------
+step_micro() {
+  local rc=0 micro=("$PY" -m depthpro_fast.bench.micro --size "$SIZE" --json "$J_MICRO"
+                    "${DTYPES[@]}")
+  isolated "$(share 2 5)" "${micro[@]}" --group attention || rc=1
+  isolated "$(share 1 3)" "${micro[@]}" --group gemm || rc=1
+  isolated "$(share 1 2)" "${micro[@]}" --group conv || rc=1
+  isolated "$(left)" "${micro[@]}" --group patches || rc=1
+  return $rc
+}
+STEP_JSON=$J_MICRO run_step micro 80 step_micro
+
+# ---- ablation: at most 60 s -----------------------------------------------------------------
+step_ablation() {
+  tmo "$(left)" "$PY" -m depthpro_fast.fast.ablation --config "$CONFIG" "${NO_COMPILE[@]}" \
+    "${ABL_ARGS[@]}" --json "$J_ABL" | tee "$WORK/ablation.txt"
+  return "${PIPESTATUS[0]}"
+}
+STEP_JSON=$J_ABL run_step ablation 60 step_ablation
+
+# ---- bench8: at most 60 s -------------------------------------------------------------------
+step_bench8() { bench_table b8 "$J_B8" "${B8_ARGS[@]}" --no-compile; }
+STEP_JSON=$J_B8 run_step bench8 60 step_bench8
+
+# ---- tests: what is left, at most 150 s (op kernels' files first, each part its own process) -
+step_tests() {
+  local rc=0 quick=(tests/test_split_patches.py tests/test_merge_patches.py
+                    tests/test_fused_epilogues.py tests/test_attention.py)
+  local pytest=("$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow")
+  [ "${GPU_CHECK_FP32:-0}" = 1 ] || pytest+=(-k "not (test_gpu_matches_fp64 and float32)")
+  tmo "$(share 1 2)" "${pytest[@]}" "${quick[@]}" 2>&1 | tee "$WORK/tests.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+  tmo "$(left)" "${pytest[@]}" tests "${quick[@]/#/--ignore=}" 2>&1 | tee -a "$WORK/tests.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+  return $rc
+}
+STEP_TXT=$WORK/tests.txt run_step tests 150 step_tests
+
+# ---- sanitize (only when asked): what is left, at most 150 s per tool -----------------------
+step_sanitize() {
+  local rc=0 tool
+  command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; return 1; }
+  for tool in memcheck racecheck; do
+    local limit; limit=$(left); [ "$tool" = memcheck ] && limit=$(share 1 2)
+    tmo "$limit" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      --target-processes all "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests \
+      -k "${SANITIZE_K:-cuda}" || rc=1
   done
-  echo "=== gpu_check summary (${SECONDS}s of ${BUDGET_S}s)"
-  for line in "${SUMMARY[@]}"; do echo "  $line"; done
-  echo "results: $OUT_DIR/results/ (copy to bench/results/ and commit; then"
+  return $rc
+}
+run_step sanitize 300 step_sanitize
+
+# ---- summary (written last; the file to read first) -----------------------------------------
+section() { [ -s "$2" ] && { echo; echo "=== $1"; cat "$2"; }; }
+{
+  echo "gpu_check $(date -u +%FT%TZ): $(($(date +%s) - START)) s of a ${BUDGET_S} s budget"
+  echo "$HEADER"
+  echo "CUDA toolkit: $TOOLKIT; nvcc ${NVCC:-not found}; $EXTENSION"
+  echo
+  printf '%-9s %-44s %6s  %s\n' step state time "results (rows)"
+  for line in "${STATES[@]}"; do echo "$line"; done
+  echo
+  echo "left out: torch.compile rows / variants (GPU_CHECK_COMPILE=1 adds them), fp32 Triton"
+  echo "attention (its autotune sweep takes minutes to compile; GPU_CHECK_FP32=1 adds it)"
+  echo "results: $RESULTS/ (copy to bench/results/ and commit; then"
   echo "python bench/make_table.py --readme README.md)"
-} | tee "$OUT_DIR/summary.txt" | tee -a "$LOG"
+  [ -f "$J_SMOKE" ] && { echo; echo "=== smoke test"
+    "$PY" -m depthpro_fast.bench.smoke --show "$J_SMOKE" 2>&1; }
+  section "bench, batch 1" "$WORK/bench-b1.txt"
+  [ -f "$J_MICRO" ] && { echo; echo "=== micro-benchmarks"
+    "$PY" -m depthpro_fast.bench.micro --show "$J_MICRO" 2>&1; }
+  section "ablation" "$WORK/ablation.txt"
+  section "bench, batch 8" "$WORK/bench-b8.txt"
+  [ -s "$WORK/tests.txt" ] && { echo; echo "=== GPU tests (failures and totals)"
+    grep -E "^(FAILED|ERROR)|passed|failed|skipped|no tests ran|error" "$WORK/tests.txt" \
+      | grep -v "^SKIPPED" | tail -40; }
+} > "$SUMMARY" 2>&1
+cat "$SUMMARY" >> "$LOG"
+sed -n '1,/^left out/p' "$SUMMARY"
+echo "summary: $SUMMARY"
 exit "$FAILED"
