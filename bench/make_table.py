@@ -91,8 +91,10 @@ def render(paths: list[str], include_all: bool = False) -> str:
     for path in paths:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        if not str(data.get("schema", "")).startswith("depthpro_fast.bench/"):
-            print(f"skipping {path}: not a depthpro-fast bench result", file=sys.stderr)
+        schema = str(data.get("schema", ""))
+        if not schema.startswith("depthpro_fast.bench/"):
+            if not schema.startswith("depthpro_fast."):  # (smoke, micro, ablation: not tables)
+                print(f"skipping {path}: not a depthpro-fast bench result", file=sys.stderr)
             continue
         loaded.append((str(data.get("environment", {}).get("date", "")), path, data))
     for _, path, data in sorted(loaded, key=lambda t: (t[0], t[1])):
