@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_DIR, requires_triton
+from tests.conftest import TINY_DIR, requires_triton
 from depthpro_fast import backends, ops
 
 pytestmark = requires_triton
