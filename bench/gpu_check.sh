@@ -27,9 +27,10 @@
 # so kernels compile and autotune once, in the smoke test.
 #
 # Left out of the default run (say GPU_CHECK_COMPILE=1 / GPU_CHECK_FP32=1 to add them):
-# torch.compile rows and variants (minutes of compilation), and fp32 Triton attention (its
-# autotune sweep of 9 configs that all spill takes minutes to compile): fp32 smoke / micro
-# attention cases and the fp32 cases of test_attention.py's test_gpu_matches_fp64.
+# torch.compile rows and variants (minutes of compilation), and fp32 Triton attention (an
+# autotune sweep of its own 6 fp32 configs; they no longer spill, see the Triton AOT check, but
+# fp32 decides nothing on the GPU): fp32 smoke / micro attention cases and the fp32 cases of
+# test_attention.py's test_gpu_matches_fp64.
 #
 # Output, at most 8 files, in OUT_DIR (the argument, else $OUT, else ./gpu_check_out):
 #   summary.txt      read first: device, torch, Triton, CUDA, commit; each step's state and time;

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import TINY_DIR, requires_triton
 from depthpro_fast import backends, ops
+from tests.conftest import TINY_DIR, requires_triton
 
 pytestmark = requires_triton
 

@@ -21,8 +21,8 @@ median) over two rotated random inputs; on a GPU each case is also captured in C
 replayed ("graph ms": device time without the host's launch overhead, what the fast engine's
 graphs see). Rates come from the graph time when there is one. A kernel's output is checked
 against the reference before it is timed. Default dtypes: bf16 and fp16 on a GPU, so the fp32
-Triton attention autotune sweep (its 9 configs all spill and take minutes to compile) is not in
-the default run (``--dtype fp32`` adds it); fp32 on a CPU, where ``--size tiny`` (the default
+Triton attention autotune sweep (its own 6 fp32 configs) is not in the default run
+(``--dtype fp32`` adds it); fp32 on a CPU, where ``--size tiny`` (the default
 there) shrinks every problem and Triton runs in its interpreter (``TRITON_INTERPRET=1``).
 """
 
