@@ -359,7 +359,7 @@ section() { [ -s "$2" ] && { echo; echo "=== $1"; cat "$2"; }; }
   for line in "${STATES[@]}"; do echo "$line"; done
   echo
   echo "left out: torch.compile rows / variants (GPU_CHECK_COMPILE=1 adds them), fp32 Triton"
-  echo "attention (its autotune sweep takes minutes to compile; GPU_CHECK_FP32=1 adds it)"
+  echo "attention (fp32 decides nothing on a GPU; GPU_CHECK_FP32=1 adds it)"
   echo "results: $RESULTS/ (copy to bench/results/ and commit; then"
   echo "python bench/make_table.py --readme README.md)"
   [ -f "$J_SMOKE" ] && { echo; echo "=== smoke test"

@@ -103,7 +103,7 @@ def _header(device: torch.device, settings: Settings) -> dict[str, Any]:
                          "timer": "CUDA events, each run from an idle device; CUDA graph replay"
                          if device.type == "cuda" else "perf_counter"},
             "notes": ["fp32 is not in the default GPU run: the fp32 Triton attention autotune "
-                      "sweep takes minutes to compile (--dtype fp32 adds it)."]}
+                      "sweep costs compile time and decides nothing (--dtype fp32 adds it)."]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

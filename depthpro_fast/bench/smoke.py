@@ -14,7 +14,8 @@
 Without ``--ops`` / ``--engine`` it runs both. Sizes: ``official`` (the default on a GPU) or
 ``tiny`` (the default on a CPU: small ops, the tiny config). Dtypes: bf16 and fp16 on a GPU;
 fp32 and fp16 on a CPU (Triton's interpreter has no bf16). fp32 Triton attention is left out on
-a GPU unless ``--dtype fp32`` is given: its autotune sweep takes minutes to compile.
+a GPU unless ``--dtype fp32`` is given: its autotune sweep costs compile time, and fp32 decides
+nothing there.
 ``bench/gpu_check.sh`` runs each backend's ops and the engine in processes of their own (see
 ``journal.py``), so a GPU fault costs only its own cases.
 """

@@ -459,6 +459,15 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body), legend])
 
 
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m depthpro_fast.triton.aot",
                                 description=__doc__.split("\n\n")[0])
@@ -479,8 +488,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     found = defects(rows)
     if args.json:
         args.json.write_text(json.dumps(
-            {"triton": triton.__version__, "torch": torch.__version__,
-             "target": f"{TARGET.backend}:{TARGET.arch}",
+            {"schema": "depthpro_fast.triton_aot/1",
+             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "commit": _git_commit(), "triton": triton.__version__, "torch": torch.__version__,
+             "target": f"{TARGET.backend}:{TARGET.arch}", "batches": args.batches,
+             "dtypes": args.dtypes, "seconds": round(time.perf_counter() - t0, 1),
              "rows": [{**dataclasses.asdict(r), "cases": sorted(r.cases)} for r in rows]},
             indent=1))
     took = time.perf_counter() - t0
