@@ -102,6 +102,18 @@ class Journal:
             write_json(self.path, self.data)
 
 
+def show_results(path: str, schema: str, what: str,
+                 format_table: Callable[[list[dict[str, Any]]], str]) -> int:
+    """Print the table of a results file (``--show``); 2 when it is not a ``schema`` file."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("schema") != schema:
+        print(f"{path} is not a {what} results file", file=sys.stderr)
+        return 2
+    print(format_table(data["rows"]))
+    return 0
+
+
 def cuda_context_usable(device: torch.device) -> bool:
     """False when the CUDA context is poisoned (a sticky error such as an illegal address)."""
     if device.type != "cuda":

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .journal import Case, Journal, run_cases
+from .journal import Case, Journal, run_cases, show_results
 from .micro_cases import GROUPS, SIZES, Settings, build_cases
 from .timing import dtype_name
 
@@ -132,16 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen groups; exit code 0 (done), 1 (a case failed), 3 / 130 (stopped)."""
-    import json
-
     if args.show:
-        with open(args.show, encoding="utf-8") as f:
-            data = json.load(f)
-        if data.get("schema") != SCHEMA:
-            print(f"{args.show} is not a micro-benchmark results file", file=sys.stderr)
-            return 2
-        print(format_table(data["rows"]))
-        return 0
+        return show_results(args.show, SCHEMA, "micro-benchmark", format_table)
     from ..api import resolve_device
 
     for name in ("warmup", "runs", "time_limit"):

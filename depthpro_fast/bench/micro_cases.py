@@ -7,7 +7,6 @@ micro-benchmark means adding a ``_<group>_cases`` function here and its name to 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
+from ..fast.engine import cudnn_benchmark
 from ..ops.attention import attention_reference
 from ..ops.merge_patches import merge_patches_reference
 from ..ops.split_patches import split_patches_reference
@@ -234,16 +234,6 @@ def _gemm_cases(settings: Settings, device: torch.device) -> Iterator[Case]:
 # the decoder's largest convolution
 
 
-@contextlib.contextmanager
-def _cudnn_benchmark() -> Iterator[None]:
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
-
-
 def _conv_case(c: int, h: int, w: int, bias: bool, channels_last: bool, dtype: torch.dtype,
                settings: Settings, device: torch.device) -> dict[str, Any]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -253,7 +243,7 @@ def _conv_case(c: int, h: int, w: int, bias: bool, channels_last: bool, dtype: t
     weight = random_inputs((c, c, 3, 3), count=1, device=device, dtype=dtype, seed=2,
                            low=-bound, high=bound)[0].contiguous(memory_format=fmt)
     b = random_inputs((c,), count=1, device=device, dtype=dtype, seed=3)[0] if bias else None
-    with _cudnn_benchmark():  # as the fast engine runs the decoder
+    with cudnn_benchmark(True):  # as the fast engine runs the decoder
         row = measure(lambda x: F.conv2d(x, weight, b, padding=1), inputs, settings, device)
     return _with_rate(row, flops=2.0 * h * w * c * c * 9)
 

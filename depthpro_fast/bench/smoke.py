@@ -33,7 +33,7 @@ import torch
 
 from .. import backends, ops
 from ..accuracy import FOV_BUDGET_DEG, MARE_BUDGET, max_abs_error, mean_abs_rel_error
-from .journal import Case, CaseFailed, Journal, SkipCase, run_cases
+from .journal import Case, CaseFailed, Journal, SkipCase, run_cases, show_results
 from .results import json_safe
 from .timing import dtype_name, random_inputs, synchronize
 
@@ -252,15 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.show:
-        import json
-
-        with open(args.show, encoding="utf-8") as f:
-            data = json.load(f)
-        if data.get("schema") != SCHEMA:
-            print(f"{args.show} is not a smoke-test results file", file=sys.stderr)
-            return 2
-        print(format_table(data["rows"]))
-        return 0
+        return show_results(args.show, SCHEMA, "smoke-test", format_table)
     from ..api import resolve_device
 
     device = resolve_device(args.device)
