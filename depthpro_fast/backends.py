@@ -37,7 +37,6 @@ _FALLBACKS: dict[tuple[str, str], str] = {}
 # traces, instead of the status probes (torch 2.11's Dynamo refuses importlib.util.find_spec).
 _RESOLVED: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _LOCK = threading.Lock()
-_INTERPRET_ENV = "TRITON_INTERPRET"
 
 
 def register(op: str, backend: str, loader: Callable[[], Callable[..., Any]]) -> None:
@@ -57,7 +56,7 @@ def check_backend(backend: str | None) -> str:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get(_INTERPRET_ENV, "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _TRITON_INSTALLED: bool | None = None
@@ -176,11 +175,6 @@ def preload(backend: str | None, device: torch.device) -> None:
             implementation(op, backend, device)
         except Exception:  # noqa: BLE001  (reported again, with the reason, at call time)
             pass
-
-
-def forget_resolved() -> None:
-    """Drop the remembered choices (after the environment changed, e.g. in tests)."""
-    _RESOLVED.clear()
 
 
 def _note_fallback(op: str, backend: str, why: str) -> None:
