@@ -128,18 +128,8 @@ def _custom_ops_run_bodies() -> Callable[[], None]:
     returned callable): on meta tensors a custom op would run its fake kernel, not the launch."""
     from torch._library.custom_ops import CustomOpDef
 
-    from . import (
-        attention,
-        bias_gelu,
-        layer_norm,
-        merge_patches,
-        residual_layerscale,
-        split_patches,
-    )
-
     swapped: list[tuple[Any, str, Any]] = []
-    for module in (attention, bias_gelu, layer_norm, merge_patches, residual_layerscale,
-                   split_patches):
+    for module in _kernel_modules():
         for name, value in list(vars(module).items()):
             if isinstance(value, CustomOpDef):
                 body = getattr(value, "_init_fn", None)
@@ -154,6 +144,16 @@ def _custom_ops_run_bodies() -> Callable[[], None]:
             setattr(module, name, value)
 
     return restore
+
+
+def _kernel_modules() -> list[Any]:
+    """Every op module of this package (one fused op per file), so a new op is never missed."""
+    import importlib
+    import pkgutil
+
+    names = [m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+             if not m.name.startswith("_") and m.name != "aot"]
+    return [importlib.import_module(f"{__package__}.{n}") for n in sorted(names)]
 
 
 def model_cases(batches: Sequence[int], dtypes: Sequence[str]) -> Iterator[tuple[str, Callable]]:
@@ -389,14 +389,20 @@ _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+_PTXAS_CACHE: dict[str, list] | None = None  # kernel hash -> [registers, spills], read once
+
+
 def ptx_resources(ptx: str, kernel_hash: str) -> tuple[int | None, int | None]:
     """(registers, spill store + load bytes) from ``ptxas -v`` for sm_90a; cached by hash."""
+    global _PTXAS_CACHE
     cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
     cache_file = cache / "depthpro_fast_ptxas_v.json"
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        known = {}
+    if _PTXAS_CACHE is None:
+        try:
+            _PTXAS_CACHE = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            _PTXAS_CACHE = {}
+    known = _PTXAS_CACHE
     if kernel_hash in known:
         regs, spills = known[kernel_hash]
         return regs, spills
