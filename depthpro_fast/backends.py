@@ -2,11 +2,16 @@
 
 A backend chooses the implementation of every op (`depthpro_fast/ops/`):
 
-- ``reference``: pure PyTorch, any device; the correctness baseline.
+- ``reference``: pure PyTorch, any device; the correctness baseline (plain math).
+- ``torch``: PyTorch's own fused kernels where one exists for the op
+  (``scaled_dot_product_attention`` for attention: on a CPU its flash kernel is ~2.7x the
+  reference's matmul-softmax-matmul); ops with no such kernel run their reference code, which
+  is plain PyTorch already. Any device.
 - ``triton``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 - ``cuda``: the optional C++/CUDA extension ``depthpro_fast._C`` (CUDA tensors).
 - ``auto``: per op, the fastest implementation available for the tensor's device, falling back
-  to the next one with the reason recorded (see :func:`fallback_log`).
+  to the next one with the reason recorded (see :func:`fallback_log`): on a GPU
+  cuda > triton > torch > reference, on a CPU torch > reference.
 
 Op files register their implementations with :func:`register`; implementations are loaded
 lazily so that importing the package never imports Triton or the extension.
@@ -24,9 +29,10 @@ import torch
 
 from . import _ext
 
-BACKENDS = ("reference", "triton", "cuda", "auto")
-# Preference order of "auto" on a CUDA device (fastest first). On CPU "auto" is the reference.
-AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+BACKENDS = ("reference", "torch", "triton", "cuda", "auto")
+# Preference order of "auto" (fastest first) on a CUDA device and on any other device.
+AUTO_ORDER_CUDA = ("cuda", "triton", "torch", "reference")
+AUTO_ORDER_CPU = ("torch", "reference")
 
 # op name -> backend -> zero-argument loader returning the implementation callable
 _REGISTRY: dict[str, dict[str, Callable[[], Callable[..., Any]]]] = {}
@@ -42,7 +48,8 @@ _LOCK = threading.Lock()
 def register(op: str, backend: str, loader: Callable[[], Callable[..., Any]]) -> None:
     """Register a lazily loaded implementation of ``op`` for ``backend``."""
     if backend not in BACKENDS or backend == "auto":
-        raise ValueError(f"cannot register backend {backend!r}; one of {BACKENDS[:3]}")
+        raise ValueError(f"cannot register backend {backend!r}; one of "
+                         f"{tuple(b for b in BACKENDS if b != 'auto')}")
     _REGISTRY.setdefault(op, {})[backend] = loader
 
 
@@ -97,7 +104,7 @@ def cuda_status(device: torch.device | None = None) -> tuple[bool, str | None]:
 
 
 def backend_status(backend: str, device: torch.device | None = None) -> tuple[bool, str | None]:
-    if backend == "reference" or backend == "auto":
+    if backend in ("reference", "torch", "auto"):
         return True, None
     if backend == "triton":
         return triton_status(device)
@@ -138,6 +145,8 @@ def _resolve(op: str, backend: str | None, device: torch.device) -> Callable[...
     impls = _REGISTRY.get(op)
     if impls is None:
         raise KeyError(f"no op named {op!r}")
+    if backend == "torch" and "torch" not in impls:
+        return _load(op, "reference")  # no dedicated PyTorch kernel: the reference is plain torch
     if backend != "auto":
         if backend not in impls:
             raise RuntimeError(f"op {op!r} has no {backend!r} implementation "
@@ -146,7 +155,7 @@ def _resolve(op: str, backend: str | None, device: torch.device) -> Callable[...
         if not ok:
             raise RuntimeError(f"backend {backend!r} cannot run op {op!r} on {device}: {why}")
         return _load(op, backend)
-    order = AUTO_ORDER_CUDA if device.type == "cuda" else ("reference",)
+    order = AUTO_ORDER_CUDA if device.type == "cuda" else AUTO_ORDER_CPU
     for candidate in order:
         if candidate not in impls:  # this op has no such implementation: nothing to report
             continue

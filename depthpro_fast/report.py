@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from . import _ext, backends, checkpoint
+from .cpu import cpu_features, fastest_cpu_dtype
 
 
 def _version(dist: str) -> str | None:
@@ -29,12 +30,13 @@ def info() -> dict[str, Any]:
             devices.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
                             "memory_gb": round(p.total_memory / 2**30, 1)})
     backend_report = {}
-    for name in ("reference", "triton", "cuda"):
+    for name in ("reference", "torch", "triton", "cuda"):
         ok, why = backends.backend_status(name)
         backend_report[name] = {"available": ok, "why_not": why}
     backend_report["auto"] = {
         "available": True,
-        "chooses": "per op: cuda > triton > reference on CUDA devices; reference on CPU"}
+        "chooses": "per op: " + " > ".join(backends.AUTO_ORDER_CUDA) + " on CUDA devices; "
+                   + " > ".join(backends.AUTO_ORDER_CPU) + " on a CPU"}
     return {
         "depthpro_fast": __version__,
         "python": platform.python_version(),
@@ -45,6 +47,8 @@ def info() -> dict[str, Any]:
         "numpy": _version("numpy"),
         "cuda_available": torch.cuda.is_available(),
         "devices": devices,
+        "cpu": {**cpu_features().as_dict(), "threads": torch.get_num_threads(),
+                "default_dtype": str(fastest_cpu_dtype()).removeprefix("torch.")},
         "extension": {"loaded": _ext.load() is not None, "why_not": _ext.unavailable_reason()},
         "backends": backend_report,
         "ops": backends.registered_ops(),
@@ -69,6 +73,12 @@ def format_info(report: dict[str, Any] | None = None) -> str:
                          f"{d['memory_gb']} GiB)")
     else:
         lines.append("device: CPU only (no CUDA device visible)")
+    c = r.get("cpu")
+    if c:
+        lines.append(f"cpu: {c['capability']}, {c['threads']} threads; bf16 "
+                     f"{'native' if c['bf16'] else 'slow (' + str(c['bf16_why_not']) + ')'}; "
+                     f"fp16 {'native' if c['fp16'] else 'slow'}; CPU default dtype "
+                     f"{c['default_dtype']}")
     ext = r["extension"]
     lines.append("extension depthpro_fast._C: " + ("loaded" if ext["loaded"] else
                                                    f"not available ({ext['why_not']})"))

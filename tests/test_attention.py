@@ -148,6 +148,50 @@ def test_reference_matches_fp64(case, poisoned):
     check_budget(out, q, k, v, scale)
 
 
+# The ``torch`` backend (PyTorch's scaled_dot_product_attention): CPU cases of every head dim and
+# dtype, DepthPro's 577 tokens with batch 1 and 35 windows and several head counts, and bf16.
+SDPA_CASES = SMALL_CASES + LARGE_CASES + [
+    (35, 2, 577, 64, torch.float32), (1, 16, 577, 64, torch.float32),
+    (2, 3, 577, 64, torch.float16), (1, 4, 577, 64, torch.bfloat16),
+    (3, 2, 17, 64, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", SDPA_CASES, ids=_case_id)
+def test_torch_sdpa_matches_fp64(case):
+    b, h, n, d, dtype = case
+    _, q, k, v = packed_qkv(b, h, n, d, dtype, case_seed("torch", case))
+    scale = d ** -0.5
+    out = attention(q, k, v, scale=scale, backend="torch")
+    check_output_layout(out)
+    check_budget(out, q, k, v, scale)
+    if dtype == torch.float32:  # exact up to rounding against the reference
+        ref = attention(q, k, v, scale=scale, backend="reference")
+        assert torch.allclose(out, ref, rtol=0, atol=1e-5)
+
+
+def test_torch_sdpa_copies_other_layouts(monkeypatch):
+    """An SDPA that returns another memory layout is copied into the (B, N, H, D) layout."""
+    _, q, k, v = packed_qkv(2, 3, 17, 32, torch.float32, case_seed("layout"))
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: real(*a, **kw).contiguous())
+    out = attention(q, k, v, backend="torch")
+    check_output_layout(out)
+    check_budget(out, q, k, v, 32 ** -0.5)
+
+
+def test_auto_on_cpu_runs_sdpa_and_reference_stays_plain():
+    cpu = torch.device("cpu")
+    assert backends.implementation("attention", "auto", cpu) is attention_module.attention_sdpa
+    assert backends.implementation("attention", "reference", cpu) is \
+        attention_module.attention_reference
+    # ops without a PyTorch kernel of their own run their (plain PyTorch) reference
+    split = importlib.import_module("depthpro_fast.ops.split_patches")
+    assert backends.implementation("split_patches", "torch", cpu) is \
+        backends.implementation("split_patches", "reference", cpu)
+    del split
+
+
 @requires_triton
 @pytest.mark.parametrize("case", SMALL_CASES + LARGE_CASES, ids=_case_id)
 def test_triton_matches_fp64(case, poisoned):

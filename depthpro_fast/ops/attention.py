@@ -38,6 +38,23 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """PyTorch's fused ``scaled_dot_product_attention`` (the ``torch`` backend).
+
+    On a CPU this is its flash kernel (fp32 accumulation, online softmax): the same function as
+    the reference up to rounding, without the (N, N) score matrix round trips through memory.
+    On a GPU PyTorch picks among its flash / efficient / cuDNN / math kernels.
+    """
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    b, h, n, d = q.shape
+    if out.stride() == (n * h * d, d, h * d, 1):  # the layout the proj GEMM reads without a copy
+        return out
+    laid_out = empty_output_like(q)
+    laid_out.copy_(out)
+    return laid_out
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -65,7 +82,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
               backend: str | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` per (batch, head); ``scale`` defaults to ``D ** -0.5``.
 
-    ``backend`` picks ``reference``, ``triton``, ``cuda`` or ``auto`` (None).
+    ``backend`` picks ``reference``, ``torch`` (PyTorch's SDPA), ``triton``, ``cuda`` or
+    ``auto`` (None).
     """
     _check(q, k, v)
     if scale is None:
@@ -90,5 +108,6 @@ def _load_cuda():
 
 
 backends.register("attention", "reference", lambda: attention_reference)
+backends.register("attention", "torch", lambda: attention_sdpa)
 backends.register("attention", "triton", _load_triton)
 backends.register("attention", "cuda", _load_cuda)
