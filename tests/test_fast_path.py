@@ -128,6 +128,46 @@ def test_fast_triton_epilogues_fp32_tiny(tiny_reference):
     assert abs(float(out_fov) - float(fov)) <= 1e-4
 
 
+@pytest.mark.parametrize("gemm", ["aten", "onednn"])
+def test_cpu_gemm_libraries_match_reference(tiny_reference, gemm):
+    """Both CPU GEMM libraries (oneDNN with fc1's bias + GELU as post-ops) with the torch
+    backend's SDPA attention: the reference function up to float32 rounding."""
+    from depthpro_fast.fast.cpu_gemm import onednn_linear_available
+
+    if gemm == "onednn" and not onednn_linear_available(torch.float32)[0]:
+        pytest.skip(onednn_linear_available(torch.float32)[1])
+    model, x, cid, fov = tiny_reference
+    fast = _fast_copy(model, cpu_gemm=gemm)
+    fast.set_backend("torch")
+    with torch.no_grad():
+        out_cid, out_fov = fast(x)
+    assert max_rel(out_cid, cid) <= 1e-5
+    assert abs(float(out_fov) - float(fov)) <= 1e-4
+    assert fast.fast_engine.status()["cpu_gemm"].startswith(gemm)
+
+
+def test_cpu_gemm_auto_measures_and_says_why(tiny_reference):
+    model, x, cid, _ = tiny_reference
+    fast = _fast_copy(model)  # cpu_gemm="auto" is the default
+    why = fast.fast_engine.status()["cpu_gemm"]
+    assert why.split(":")[0] in ("aten", "onednn")
+    assert "measured" in why or "unavailable" in why
+    with torch.no_grad():
+        assert max_rel(fast(x)[0], cid) <= 1e-5
+
+
+def test_fast_bf16_on_cpu_accuracy_budget(tiny_reference):
+    """bf16 on a CPU (slow where the CPU has no bf16 arithmetic, but it must stay in budget)."""
+    model, x, cid, fov = tiny_reference
+    fast = _fast_copy(model, torch.bfloat16)
+    fast.set_backend("auto")
+    with torch.no_grad():
+        out_cid, out_fov = fast(x.bfloat16())
+    assert out_cid.dtype == torch.bfloat16
+    assert mare(out_cid, cid) <= MARE_BUDGET[torch.bfloat16]
+    assert abs(float(out_fov) - float(fov)) <= FOV_BUDGET_DEG
+
+
 def test_everything_off_matches_reference(micro_reference):
     """The unfused variants (kept to measure each step) compute the same function."""
     model, x, cid, fov = micro_reference
@@ -256,6 +296,8 @@ def test_fast_options_validation():
         FastOptions(cuda_graphs=1)
     with pytest.raises(ValueError, match="backend"):
         FastOptions(epilogue_backend="fastest")
+    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, aten, onednn"):
+        FastOptions(cpu_gemm="mkl")
 
 
 def test_load_rejects_fp8_and_bad_fast_options():

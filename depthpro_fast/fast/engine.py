@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .. import backends, ops
 from ..ops.merge_patches import tokens_to_maps
 from . import folds
+from .cpu_gemm import CPU_GEMMS, CpuGemm, choose_cpu_gemm
 from .graphs import GraphRunner
 from .vit import compiled_forward_with_hooks, fused_forward_with_hooks
 
@@ -73,6 +74,9 @@ class FastOptions:
     - ``skip_unused_fov``: skip the FOV branch when the caller does not need it.
     - ``compile_mode``: ``torch.compile`` mode for ``epilogues="compile"``.
     - ``max_graphs``: CUDA graphs kept (one per batch size / FOV need).
+    - ``cpu_gemm``: on a CPU, the library of the fused ViT's GEMMs: ``"aten"`` (PyTorch's
+      default, MKL in fp32), ``"onednn"`` (oneDNN, fc1's bias + GELU as its post-ops) or
+      ``"auto"`` (the faster of the two, timed once per process and dtype; ``fast/cpu_gemm.py``).
     """
 
     epilogues: str = "fused"
@@ -88,6 +92,7 @@ class FastOptions:
     skip_unused_fov: bool = True
     compile_mode: str | None = None
     max_graphs: int = 4
+    cpu_gemm: str = "auto"
 
     def __post_init__(self) -> None:
         if self.epilogues not in EPILOGUES:
@@ -95,6 +100,9 @@ class FastOptions:
                              f"{self.epilogues!r}")
         if self.epilogue_backend is not None:
             backends.check_backend(self.epilogue_backend)
+        if self.cpu_gemm not in CPU_GEMMS:
+            raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got "
+                             f"{self.cpu_gemm!r}")
         for f in dataclasses.fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"fast option {f.name} must be True or False, got "
@@ -223,6 +231,14 @@ class _Prepared:
             self.fov_down = conv(model.fov.downsample[0])
             self.fov_head = [conv(model.fov.head[i]) for i in (0, 2, 4)]
 
+        # the fused ViT's GEMM library (CPU only: on a GPU the GEMMs are cuBLAS's)
+        self.gemm_name, self.gemm_why = "aten", "aten: not on a CPU"
+        if p.device.type == "cpu" and opts.epilogues == "fused":
+            vit = model.encoder.patch_encoder
+            mlp = vit.blocks[0].mlp.fc1
+            self.gemm_name, self.gemm_why = choose_cpu_gemm(
+                opts.cpu_gemm, p.dtype, k=mlp.in_features, n=mlp.out_features)
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the prepared layers own (kept alive by CUDA graphs)."""
         out: list[torch.Tensor] = []
@@ -345,6 +361,7 @@ class FastEngine:
         """What the engine does and does not use, and why (for reports and benchmarks)."""
         return {"options": dataclasses.asdict(self.options),
                 "folds": list(self._prepared.folds) if self._prepared else [],
+                "cpu_gemm": self._prepared.gemm_why if self._prepared else None,
                 "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls}
 
     # -- the forward --------------------------------------------------------------------------
@@ -363,9 +380,11 @@ class FastEngine:
         backend = self.model.backend
         if o.epilogues == "fused":
             epi = o.epilogue_backend or backend
+            gemm = self._prepared.gemm_name if self._prepared is not None else "aten"
             return fused_forward_with_hooks(vit, x, hook_ids, backend=backend,
                                             epilogue_backend=epi,
-                                            fuse_layer_norm=o.fuse_layer_norm)
+                                            fuse_layer_norm=o.fuse_layer_norm,
+                                            gemm=CpuGemm(gemm, epi))
         if o.epilogues == "compile":
             return compiled_forward_with_hooks(vit, x, hook_ids, backend=backend,
                                                mode=o.compile_mode)

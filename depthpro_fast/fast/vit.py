@@ -26,14 +26,17 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..model import Block, VisionTransformer
+from .cpu_gemm import CpuGemm
 
 
-def _attention(blk: Block, n: torch.Tensor, backend: str | None) -> torch.Tensor:
+def _attention(blk: Block, n: torch.Tensor, backend: str | None,
+               gemm: CpuGemm | None = None) -> torch.Tensor:
     """qkv GEMM and attention; returns the (B, N, C) input of the proj GEMM."""
     attn = blk.attn
     b, t, c = n.shape
-    qkv = F.linear(n, attn.qkv.weight, attn.qkv.bias).view(b, t, 3, attn.num_heads,
-                                                            attn.head_dim)
+    linear = gemm.linear if gemm is not None else F.linear
+    qkv = linear(n, attn.qkv.weight, attn.qkv.bias).view(b, t, 3, attn.num_heads,
+                                                          attn.head_dim)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     o = ops.attention(q, k, v, scale=attn.scale, backend=backend)
     return o.transpose(1, 2).reshape(b, t, c)
@@ -42,13 +45,16 @@ def _attention(blk: Block, n: torch.Tensor, backend: str | None) -> torch.Tensor
 def fused_forward_with_hooks(vit: VisionTransformer, x: torch.Tensor,
                              hook_ids: Sequence[int] = (), *, backend: str | None,
                              epilogue_backend: str | None, fuse_layer_norm: bool = True,
+                             gemm: CpuGemm | None = None,
                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Same contract as ``VisionTransformer.forward_with_hooks``.
 
     ``backend``: attention op backend; ``epilogue_backend``: the epilogue ops' backend.
     ``fuse_layer_norm=False`` runs ``residual_layerscale`` then ``layer_norm`` (two passes) to
-    measure what the LayerNorm fusion buys.
+    measure what the LayerNorm fusion buys. ``gemm``: the GEMM library on a CPU
+    (``fast/cpu_gemm.py``; default ``F.linear``, with fc1's bias + GELU as the ``bias_gelu`` op).
     """
+    gemm = gemm or CpuGemm("aten", epilogue_backend)
     blocks = vit.blocks
     wanted = set(hook_ids)
     hooked: dict[int, torch.Tensor] = {}
@@ -64,11 +70,10 @@ def fused_forward_with_hooks(vit: VisionTransformer, x: torch.Tensor,
         return r, ops.layer_norm(r, norm.weight, norm.bias, norm.eps, backend=epilogue_backend)
 
     for i, blk in enumerate(blocks):
-        a = F.linear(_attention(blk, n, backend), blk.attn.proj.weight)
+        a = gemm.linear(_attention(blk, n, backend, gemm), blk.attn.proj.weight)
         h, n = residual_norm(h, a, blk.attn.proj.bias, blk.ls1.gamma, blk.norm2)
-        u = ops.bias_gelu(F.linear(n, blk.mlp.fc1.weight), blk.mlp.fc1.bias,
-                          backend=epilogue_backend)
-        m = F.linear(u, blk.mlp.fc2.weight)
+        u = gemm.linear_bias_gelu(n, blk.mlp.fc1.weight, blk.mlp.fc1.bias)
+        m = gemm.linear(u, blk.mlp.fc2.weight)
         nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else vit.norm
         h, n = residual_norm(h, m, blk.mlp.fc2.bias, blk.ls2.gamma, nxt)
         if i in wanted:

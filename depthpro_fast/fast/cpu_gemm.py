@@ -1,0 +1,140 @@
+"""The ViT GEMMs on a CPU: PyTorch's default (MKL for fp32) or oneDNN, chosen by measurement.
+
+Which library is faster depends on the CPU, so the fast engine times both once per process and
+dtype (``FastOptions(cpu_gemm="auto")``, about a second) and keeps the faster:
+
+- ``aten``: ``F.linear`` (fp32 through MKL's sgemm; bf16 through oneDNN already). Measured on a
+  2-core AVX2 AMD EPYC, fp32, (20195 x 1024) @ (1024 x 4096): 89-105 GFLOP/s.
+- ``onednn``: ``torch.ops.mkldnn._linear_pointwise`` on the plain fp32 weight (no packed copy:
+  the ViT weights stay the model's own tensors), with fc1's bias and exact (erf) GELU as oneDNN
+  post-ops, so the bias + GELU pass disappears. Same shape and machine: 73-79 GFLOP/s, so
+  ``auto`` keeps ``aten`` there; reported 335 against MKL's 176 GFLOP/s on an AVX-512 EPYC
+  (issue 14), where ``auto`` picks it.
+
+Both compute the same function up to rounding (fp32 accumulation in either).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+CPU_GEMMS = ("auto", "aten", "onednn")
+# oneDNN must beat the default by this much to be chosen (timings on a shared CPU are noisy).
+_MIN_GAIN = 1.08
+
+
+def onednn_linear_available(dtype: torch.dtype) -> tuple[bool, str | None]:
+    """Whether oneDNN's fused linear runs here in ``dtype`` (a tiny call decides), and why not."""
+    return _onednn_probe(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_probe(dtype: torch.dtype) -> tuple[bool, str | None]:
+    if not torch.backends.mkldnn.is_available():
+        return False, "this PyTorch build has no oneDNN (mkldnn)"
+    try:
+        x = torch.randn(3, 8).to(dtype)
+        w = torch.randn(5, 8).to(dtype)
+        b = torch.randn(5).to(dtype)
+        out = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+        want = F.gelu(F.linear(x.float(), w.float(), b.float()))
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        if not torch.allclose(out.float(), want, rtol=tol, atol=tol):
+            return False, "oneDNN's linear + GELU disagrees with F.linear + F.gelu"
+    except Exception as e:  # noqa: BLE001  (op missing in this build, dtype unsupported)
+        return False, f"torch.ops.mkldnn._linear_pointwise failed: {str(e).splitlines()[0]}"
+    return True, None
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            attr: str) -> torch.Tensor:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    # "gelu" with algorithm "none" is the exact erf GELU ("tanh" would be the approximation)
+    out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, attr, [],
+                                             "none" if attr == "gelu" else "")
+    return out.view(*lead, weight.shape[0])
+
+
+class CpuGemm:
+    """The linear layers of the fused ViT forward, in one library (``aten`` or ``onednn``)."""
+
+    def __init__(self, name: str, epilogue_backend: str | None = None):
+        if name not in ("aten", "onednn"):
+            raise ValueError(f"cpu_gemm must be 'aten' or 'onednn' here, got {name!r}")
+        self.name = name
+        self.epilogue_backend = epilogue_backend
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.name == "onednn" and x.device.type == "cpu":
+            return _onednn(x, weight, bias, "none")
+        return F.linear(x, weight, bias)
+
+    def linear_bias_gelu(self, x: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+        """``gelu(x @ weight^T + bias)`` (exact GELU): one oneDNN call, or a GEMM + the op."""
+        if self.name == "onednn" and x.device.type == "cpu":
+            return _onednn(x, weight, bias, "gelu")
+        return ops.bias_gelu(F.linear(x, weight), bias, backend=self.epilogue_backend)
+
+
+def _time(fn: Callable[[], object], reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _measure(dtype: torch.dtype, threads: int, rows: int, k: int, n: int
+             ) -> tuple[str, dict[str, float], str]:
+    ok, why = onednn_linear_available(dtype)
+    if not ok:
+        return "aten", {}, f"aten: oneDNN unavailable ({why})"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    cands = {"aten": lambda: ops.bias_gelu_reference(F.linear(x, w), b),
+             "onednn": lambda: _onednn(x, w, b, "gelu")}
+    for fn in cands.values():  # warm-up (oneDNN builds its kernel on the first call)
+        fn()
+    best = {name: float("inf") for name in cands}
+    for _ in range(2):  # interleaved, best of each: robust to a neighbour's load
+        for name, fn in cands.items():
+            best[name] = min(best[name], _time(fn, 1))
+    chosen = "onednn" if best["aten"] > _MIN_GAIN * best["onednn"] else "aten"
+    flop = 2 * rows * k * n
+    rates = ", ".join(f"{name} {flop / s / 1e9:.0f} GFLOP/s" for name, s in best.items())
+    return chosen, best, f"{chosen}: measured {rates} ({rows}x{k} @ {k}x{n}, {dtype}, " \
+                         f"{threads} threads)"
+
+
+def choose_cpu_gemm(option: str, dtype: torch.dtype, *, k: int = 1024, n: int = 4096,
+                    rows: int = 4 * 577) -> tuple[str, str]:
+    """``(library, why)`` for ``FastOptions.cpu_gemm`` = ``option`` on a CPU in ``dtype``.
+
+    ``auto`` times one fc1-shaped GEMM with its bias + GELU in both libraries (once per
+    process, dtype and thread count; about a second for the official ViT-L on 2 cores).
+    """
+    if option not in CPU_GEMMS:
+        raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {option!r}")
+    if option == "aten":
+        return "aten", "aten: chosen by the option"
+    if option == "onednn":
+        ok, why = onednn_linear_available(dtype)
+        if not ok:
+            raise RuntimeError(f"cpu_gemm='onednn' cannot run in {dtype}: {why}")
+        return "onednn", "onednn: chosen by the option"
+    chosen, _, why = _measure(dtype, torch.get_num_threads(), rows, k, n)
+    return chosen, why
