@@ -141,8 +141,8 @@ def test_default_variants():
     assert [v.name for v in cpu] == [
         "reference eager", "reference torch.compile", "fast auto", "fast triton", "fast cuda",
         "fast auto + CUDA graph", "fast engine", "fast engine + CUDA graph",
-        "transformers DepthPro"]
-    assert {v.dtype for v in cpu} == {torch.float32}
+        "transformers DepthPro", "fast engine"]
+    assert {v.dtype for v in cpu[:-1]} == {torch.float32} and cpu[-1].dtype == torch.bfloat16
     gpu = default_variants(torch.device("cuda"))  # a plan only: nothing touches CUDA
     names = [(v.name, dtype_name(v.dtype)) for v in gpu]
     for expected in [("reference eager", "fp32"), ("reference eager", "bf16"),

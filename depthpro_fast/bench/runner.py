@@ -21,7 +21,8 @@ from ..config import IMG_SIZE, DepthProConfig
 from .journal import cuda_context_usable
 from .results import json_safe
 from .stages import time_stages
-from .timing import Stats, dtype_name, random_inputs, synchronize, time_callable
+from ..cpu import half_precision_warning
+from .timing import CpuPeakRss, Stats, dtype_name, random_inputs, synchronize, time_callable
 from .variants import OPS, SkipRow, Variant, build_hf_model, hf_unavailable, resolved_ops
 
 
@@ -77,7 +78,8 @@ class Runner:
                  runs: int, warmup: int, stages: bool = False, n_inputs: int | None = None,
                  seed: int = 0, log: Callable[[str], None] | None = None,
                  skip_same_as_reference: bool = True, allow_interpreter: bool = False,
-                 cpu_opt_in: Iterable[str] = (), accuracy: bool = True):
+                 cpu_opt_in: Iterable[str] = (), accuracy: bool = True,
+                 cpu_engine_rows_only: bool = False):
         self.config = config
         self.device = device
         self.batches = list(batches)
@@ -89,8 +91,12 @@ class Runner:
         self.log = log or (lambda msg: None)
         self.skip_same_as_reference = skip_same_as_reference
         self.allow_interpreter = allow_interpreter
-        # rows that run on a CPU only when asked for: "compile", "hf" (minutes each there)
+        # rows that run on a CPU only when asked for: "compile", "hf" (minutes each there),
+        # "bf16" (a bf16 row on a CPU without bf16 arithmetic)
         self.cpu_opt_in = set(cpu_opt_in)
+        # a big model on a CPU: the kernels-only "fast <backend>" rows are left to --backends
+        # (the fast engine row runs the same kernels; each row costs two forwards of minutes)
+        self.cpu_engine_rows_only = cpu_engine_rows_only
         # accuracy columns: taken from the first call's output; when a row makes no first call
         # (eager, no warm-up), ``accuracy`` allows one more, untimed, forward for them
         self.accuracy = accuracy
@@ -224,6 +230,14 @@ class Runner:
                                   f"{self.device.type} (timed in the reference row)")
             elif v.path == "reference":
                 row.ops = {op: "reference" for op in OPS}
+            if not cuda and v.path == "fast" and self.cpu_engine_rows_only:
+                raise SkipRow("on a CPU at this size only with --backends (the fast engine row "
+                              "runs the same kernels)")
+            if (not cuda and v.path in ("fast", "engine") and v.dtype != torch.float32
+                    and dtype_name(v.dtype) not in self.cpu_opt_in):
+                slow = half_precision_warning(v.dtype)
+                if slow:
+                    raise SkipRow(f"{slow} (--dtype {dtype_name(v.dtype)} times it anyway)")
             if v.mode == "cudagraph" and not cuda:
                 raise SkipRow("CUDA graphs need a CUDA device")
             if v.path == "hf" and hf_unavailable(self.config):
@@ -237,10 +251,14 @@ class Runner:
             else:
                 self.model(v.dtype)  # built before the memory baseline: weights added below
             inputs = self.inputs(v.dtype, batch)
+            rss = CpuPeakRss()
             if cuda:
                 synchronize(self.device)
                 base = torch.cuda.memory_allocated(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
+            else:
+                gc.collect()
+                rss.reset()  # the process's peak resident memory from here (weights included)
             fn, module, cleanup = self._callable(v, batch)
             warmup = self.warmup
             if v.mode != "eager" or warmup > 0:
@@ -267,6 +285,8 @@ class Runner:
                 if v.path != "hf":  # transformers' weights were allocated after the baseline
                     peak += sum(p.numel() * p.element_size() for p in module.parameters())
                 row.peak_mem_bytes = peak
+            else:
+                row.peak_mem_bytes = rss.read()
             if v.path == "engine" and getattr(module, "fast_engine", None) is not None:
                 row.engine = json_safe(module.fast_engine.status())
             if self.stages and v.mode == "eager" and v.path in ("reference", "fast"):

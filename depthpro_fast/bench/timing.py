@@ -149,3 +149,36 @@ def peak_matmul_tflops(device: torch.device, dtype: torch.dtype | None = None,
     del pairs
     return {"tflops": 2 * n ** 3 / (stats.median * 1e-3) / 1e12, "dtype": dtype_name(dtype),
             "n": n, "median_ms": stats.median}
+
+
+class CpuPeakRss:
+    """The process's peak resident memory over a span (Linux: VmHWM, reset via clear_refs).
+
+    On a CPU the model's weights, activations and PyTorch's allocator caches all live in the
+    process's resident memory, so its high-water mark over a row is the row's peak memory
+    (weights included, like the GPU column). Where the reset is not possible (not Linux, or
+    /proc not writable) ``read()`` returns None rather than the lifetime peak of the process.
+    """
+
+    def __init__(self) -> None:
+        self.resettable = False
+
+    def reset(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5: reset the peak RSS to the current RSS (Linux >= 4.0)
+            self.resettable = True
+        except OSError:
+            self.resettable = False
+
+    def read(self) -> int | None:
+        if not self.resettable:
+            return None
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return None

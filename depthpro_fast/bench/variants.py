@@ -71,7 +71,8 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
     GPU: the reference eager in fp32, bf16 and fp16; ``torch.compile`` of the reference, the
     fast backends, a CUDA graph of ``auto``, the fast engine (eager and with its CUDA graphs)
     and transformers in bf16. CPU: the same rows in
-    fp32 (the runner skips, with the reason, what cannot or need not run on a CPU).
+    fp32 and the fast engine in bf16 (the runner skips, with the reason, what cannot or need
+    not run on a CPU).
     ``compile``, ``cuda_graph``, ``hf`` = False leave those rows out; ``dtypes`` puts every
     row in each of the given dtypes instead.
     """
@@ -96,6 +97,11 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
                 rows.append(Variant("engine", dt, backend=engine_backend, mode="cudagraph"))
         if hf is not False:
             rows.append(Variant("hf", dt, backend="-"))
+    if not gpu and not dtypes and fast_backends:
+        # the fast engine in bf16 too: the fastest CPU path where the CPU has bf16 arithmetic
+        # (the runner skips it, saying why, where it has not)
+        rows.append(Variant("engine", torch.bfloat16,
+                            backend="auto" if "auto" in fast_backends else fast_backends[0]))
     return rows
 
 

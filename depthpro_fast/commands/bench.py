@@ -7,8 +7,10 @@ the same run, which gives the "% floor" column: the FLOP floor (19.25 TFLOP per 
 official model) at that rate over the measured time.
 
 On a CPU-only machine the default is bounded: the tiny config (the fixtures' model, same structure,
-~16 s in all on 2 cores), fp32, 1 warm-up + 3 runs. ``--config official`` on a CPU is timed once
-with no warm-up (one fp32 forward took 331 s on a busy 2-core Xeon). GPU numbers need a GPU.
+~16 s in all on 2 cores), 1 warm-up + 3 runs. ``--config official`` on a CPU times the reference
+and the fast engine in fp32 and the fast engine in bf16 (skipped, saying why, where the CPU has
+no bf16 arithmetic), one warm-up (which gives the accuracy columns) and one timed run per row,
+with the peak resident memory; the run prints its expected length first. GPU numbers need a GPU.
 """
 
 from __future__ import annotations
@@ -134,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
     flops_per_image = flop_report.per_image
     big = flops_per_image > _CPU_BIG_MODEL_FLOPS
     runs = args.runs or (20 if gpu else (1 if big else 3))
-    warmup = args.warmup if args.warmup is not None else (5 if gpu else (0 if big else 1))
+    # on a CPU the big model gets one warm-up (its first call, whose output also gives the
+    # accuracy columns) and one timed run per row: two forwards of minutes each
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
 
     variants = default_variants(device, dtypes=dtypes,
                                    fast_backends=tuple(args.backends or _FAST_BACKENDS),
@@ -152,10 +156,18 @@ def run(args: argparse.Namespace) -> int:
                        # repeat the reference (auto on a CPU) or run in the Triton interpreter
                        skip_same_as_reference=args.backends is None,
                        allow_interpreter=args.backends is not None,
-                       cpu_opt_in=[k for k in ("compile", "hf") if getattr(args, k)],
+                       cpu_opt_in=[k for k in ("compile", "hf") if getattr(args, k)]
+                       + [dtype_name(dt) for dt in dtypes or []],
                        # no extra untimed forward for the accuracy columns where one takes
                        # minutes (the official model on a CPU without warm-up)
-                       accuracy=gpu or not big)
+                       accuracy=gpu or not big or warmup > 0,
+                       cpu_engine_rows_only=not gpu and big and args.backends is None)
+    if not gpu and big:
+        forwards = (warmup + runs) * len(args.batch) * len(variants)
+        per_forward = flops_per_image / (peak["tflops"] * 1e12) / 0.7 * max(args.batch)
+        log(f"a CPU at this size: up to {forwards} forwards of about {per_forward:.0f} s each "
+            f"(estimated from the matmul rate just measured; rows that cannot run here are "
+            f"skipped at once): expect tens of minutes")
     timer = "CUDA events, each run from an idle device" if gpu else "perf_counter"
     json_path = None
     if args.json:
@@ -196,13 +208,14 @@ def run(args: argparse.Namespace) -> int:
                      f"{dtype_name(culprit.variant.dtype)} failed the CUDA context was unusable, "
                      "so the rows after it were not run (rerun without its backend).")
     if not gpu:
-        notes.append("No CUDA device: these are CPU timings (host clock) of the fp32 paths. "
+        notes.append("No CUDA device: these are CPU timings (host clock); peak mem is the "
+                     "process's peak resident memory during the row (weights included). "
                      "GPU numbers (bf16/fp16, the fast kernels, torch.compile, CUDA graphs, % of "
                      "the bf16 FLOP floor) need a GPU: run `depthpro-fast bench` on a CUDA "
                      "machine, or bench/gpu_check.sh.")
         if args.config is None:
             notes.append("CPU default: the tiny config (the official model takes minutes per "
-                         "forward on a CPU; `--config official` times it once).")
+                         "forward on a CPU; `--config official` times it: one warm-up and one timed run per row).")
         if big and args.runs is None:
             notes.append(f"CPU default for this config: {runs} timed run, {warmup} warm-up "
                          "(one forward takes minutes here); --config tiny is quick, --runs N "
