@@ -18,10 +18,10 @@ import torch
 from .. import backends
 from ..accuracy import max_abs_error, mean_abs_rel_error
 from ..config import IMG_SIZE, DepthProConfig
+from ..cpu import half_precision_warning
 from .journal import cuda_context_usable
 from .results import json_safe
 from .stages import time_stages
-from ..cpu import half_precision_warning
 from .timing import CpuPeakRss, Stats, dtype_name, random_inputs, synchronize, time_callable
 from .variants import OPS, SkipRow, Variant, build_hf_model, hf_unavailable, resolved_ops
 

@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
                      "machine, or bench/gpu_check.sh.")
         if args.config is None:
             notes.append("CPU default: the tiny config (the official model takes minutes per "
-                         "forward on a CPU; `--config official` times it: one warm-up and one timed run per row).")
+                         "forward on a CPU; `--config official` times it: one warm-up and one "
+                         "timed run per row).")
         if big and args.runs is None:
             notes.append(f"CPU default for this config: {runs} timed run, {warmup} warm-up "
                          "(one forward takes minutes here); --config tiny is quick, --runs N "

@@ -35,7 +35,7 @@ def onednn_linear_available(dtype: torch.dtype) -> tuple[bool, str | None]:
     return _onednn_probe(dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _onednn_probe(dtype: torch.dtype) -> tuple[bool, str | None]:
     if not torch.backends.mkldnn.is_available():
         return False, "this PyTorch build has no oneDNN (mkldnn)"
@@ -95,7 +95,7 @@ def _time(fn: Callable[[], object], reps: int) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measure(dtype: torch.dtype, threads: int, rows: int, k: int, n: int
              ) -> tuple[str, dict[str, float], str]:
     ok, why = onednn_linear_available(dtype)
