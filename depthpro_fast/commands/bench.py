@@ -163,11 +163,11 @@ def run(args: argparse.Namespace) -> int:
                        accuracy=gpu or not big or warmup > 0,
                        cpu_engine_rows_only=not gpu and big and args.backends is None)
     if not gpu and big:
-        forwards = (warmup + runs) * len(args.batch) * len(variants)
         per_forward = flops_per_image / (peak["tflops"] * 1e12) / 0.7 * max(args.batch)
-        log(f"a CPU at this size: up to {forwards} forwards of about {per_forward:.0f} s each "
-            f"(estimated from the matmul rate just measured; rows that cannot run here are "
-            f"skipped at once): expect tens of minutes")
+        log(f"a CPU at this size: each row that runs takes {warmup + runs} forwards of about "
+            f"{per_forward:.0f} s (estimated from the matmul rate just measured); by default "
+            "the reference and the fast engine in fp32, and the fast engine in bf16 where the "
+            "CPU has bf16 arithmetic; the other rows are skipped at once")
     timer = "CUDA events, each run from an idle device" if gpu else "perf_counter"
     json_path = None
     if args.json:
