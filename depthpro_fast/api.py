@@ -11,6 +11,7 @@ import torch
 
 from . import backends
 from . import checkpoint as ckpt
+from ._spelling import option
 from .config import DepthProConfig, resolve_config
 from .inference import Transform
 from .model import DepthPro
@@ -28,10 +29,12 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         isinstance(dtype, torch.dtype) and "float8" in str(dtype))
     if fp8:
         raise ValueError(f"dtype {dtype!r}: FP8 inference is not implemented; use "
-                         "torch.bfloat16 or torch.float16 (with fast=True for the fast path)")
+                         + option("torch.bfloat16 or torch.float16 (with fast=True for the fast "
+                                  "path)", "--dtype bf16 or fp16 (with --fast for the fast path)"))
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+            raise ValueError(f"unknown {option('dtype', '--dtype')} {dtype!r}; accepted: "
+                             f"{', '.join(DTYPES)}")
         return DTYPES[dtype]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype {dtype} not supported; torch.float32, torch.float16 or "
@@ -45,9 +48,11 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"invalid device {device!r}; e.g. 'cpu', 'cuda', 'cuda:1'") from None
+        raise ValueError(f"invalid {option('device', '--device')} {device!r}; e.g. cpu, cuda, "
+                         "cuda:1") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+        raise ValueError(f"{option('device', '--device')} {device!r} requested but CUDA is not "
+                         "available here; use " + option("device='cpu'", "--device cpu"))
     return dev
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ._spelling import in_cli, option
 from .config import DepthProConfig
 
 CHECKPOINT_NAME = "depth_pro.pt"
@@ -52,11 +53,16 @@ def find_checkpoint() -> Path:
         if path.is_file():
             return path
         looked.append(f"  {what}: {path.resolve()} (not found)")
+    if in_cli():
+        choices = ("pass --checkpoint PATH; to try the command without them, "
+                   "--random-weights --config tiny (meaningless depth, no download)")
+    else:
+        choices = "pass checkpoint=PATH; checkpoint=None builds random weights"
     raise FileNotFoundError(
         "no DepthPro checkpoint found. Looked at:\n" + "\n".join(looked) + "\n"
-        f"Get Apple's weights ({CHECKPOINT_NAME}, 1.9 GB) from {CHECKPOINT_URL} and put the "
-        f"file in one of those places (or set ${ENV_VAR}), or pass checkpoint=PATH; "
-        "checkpoint=None builds random weights.")
+        f"Get Apple's weights ({CHECKPOINT_NAME}, 1.9 GB) with `depthpro-fast download` (or "
+        f"from {CHECKPOINT_URL}) and put the file in one of those places (or set ${ENV_VAR}), "
+        f"or {choices}.")
 
 
 HF_WEIGHTS_NAME = "model.safetensors"  # the Hugging Face (DepthPro-hf) weights file
@@ -209,5 +215,6 @@ def check_keys(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str,
         parts.append(f"  {len(wrong)} keys with wrong shapes: {_short(wrong, 5)}")
     if not_float:
         parts.append(f"  {len(not_float)} non-float tensors: {_short(not_float, 5)}")
-    parts.append(f"  ({guess_config(state_dict)}; pass the matching config=)")
+    parts.append(f"  ({guess_config(state_dict)}; pass the matching "
+                 f"{option('config=', '--config')})")
     raise CheckpointError("\n".join(parts))

@@ -11,7 +11,9 @@ Formats (``FORMATS`` gives the file suffix of each):
 
 * ``npz``: ``depth`` (H, W) float32 metres, ``focallength_px`` and ``fov_deg`` (float32
   scalars), ``image_size`` [H, W] and, when known, ``focallength_source`` (``"estimated"``,
-  ``"exif"`` or ``"given"``). ``np.load(path)`` opens it without pickle.
+  ``"exif"`` or ``"given"``); ``random_weights`` (True) when the network had random weights
+  (``predict --random-weights``: the depth is meaningless). ``np.load(path)`` opens it without
+  pickle.
 * ``png16``: 16-bit grayscale PNG of the depth in millimetres, rounded to the nearest mm. The
   range of uint16 caps it: depths beyond 65.535 m are stored as 65535 (saturated), depths below
   0.5 mm (and any non-finite value) as 0. Read back with ``depth_m = png / 1000``.
@@ -171,8 +173,11 @@ def point_cloud(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1,
 
 
 def write_npz(path: str | os.PathLike, depth: Any, focallength_px: float, fov_deg: float,
-              focallength_source: str | None = None) -> None:
-    """Depth (float32 metres), focal length (px), FOV (degrees) and image size, atomically."""
+              focallength_source: str | None = None, *, random_weights: bool = False) -> None:
+    """Depth (float32 metres), focal length (px), FOV (degrees) and image size, atomically.
+
+    ``random_weights``: the network had random weights; the file then says so
+    (``random_weights`` = True), so that a meaningless depth map cannot pass for a real one."""
     d = as_depth_array(depth)
     arrays = {"depth": d,
               "focallength_px": np.float32(_positive_float(focallength_px, "focallength_px")),
@@ -180,6 +185,8 @@ def write_npz(path: str | os.PathLike, depth: Any, focallength_px: float, fov_de
               "image_size": np.array(d.shape, dtype=np.int32)}
     if focallength_source is not None:
         arrays["focallength_source"] = np.array(str(focallength_source))
+    if random_weights:
+        arrays["random_weights"] = np.array(True)
     with atomic_write(path) as f:
         np.savez(f, **arrays)
 

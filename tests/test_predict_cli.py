@@ -297,6 +297,68 @@ def test_failed_write_is_reported_and_leaves_no_partial_file(tmp_path, fake_mode
 
 
 # ----------------------------------------------------------------------------------------------
+# trying predict without Apple's checkpoint (issue 16, item 1)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_random_weights_runs_without_a_checkpoint_and_says_so(tmp_path, fake_model, capsys):
+    img = tmp_path / "photo.png"
+    Image.fromarray(noisy_rgb(10, 12)).save(img)
+    out = tmp_path / "out"
+    assert cli.main(["predict", "--config", "tiny", "--random-weights", str(img), "-o", str(out),
+                     "--quiet"]) == 0
+    checkpoint, kwargs = fake_model.loads[0]
+    assert checkpoint is None and kwargs["config"] == "tiny"
+    captured = capsys.readouterr()
+    assert "MEANINGLESS" in captured.err and "MEANINGLESS" in captured.out  # before and after
+    assert "random weights" in captured.out
+    with np.load(out / "photo.npz") as z:
+        assert bool(z["random_weights"]) is True
+    # with a checkpoint: no note and no flag in the file
+    fake_model.loads.clear()
+    assert cli.main(["predict", "--checkpoint", "some.pt", str(img), "-o", str(out), "--quiet",
+                     "--overwrite"]) == 0
+    assert fake_model.loads[0][0] == "some.pt"
+    captured = capsys.readouterr()
+    assert "MEANINGLESS" not in captured.err + captured.out
+    with np.load(out / "photo.npz") as z:
+        assert "random_weights" not in z.files
+    fake_model.loads.clear()
+    assert cli.main(["predict", str(img), "-o", str(out), "--quiet", "--overwrite"]) == 0
+    assert fake_model.loads[0][0] == "auto"  # the default
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--checkpoint", "None"], "--checkpoint None: no such file. To run without Apple's weights "
+                               "pass --random-weights --config tiny"),
+    (["--checkpoint", "random"], "pass --random-weights --config tiny"),
+    (["--checkpoint", "none"], "pass --random-weights --config tiny"),
+    (["--random-weights"], "--random-weights needs --config: tiny"),
+    (["--random-weights", "--config", "tiny", "--checkpoint", "x.pt"], "exclude each other"),
+])
+def test_checkpoint_choice_errors(tmp_path, fake_model, capsys, extra, message):
+    img = tmp_path / "photo.png"
+    Image.fromarray(noisy_rgb(10, 12)).save(img)
+    assert cli.main(["predict", str(img), "-o", str(tmp_path / "out"), "--quiet", *extra]) == 1
+    assert message in capsys.readouterr().err
+    assert fake_model.loads == []  # refused before any loading
+
+
+def test_readme_random_weights_command_works(tmp_path, monkeypatch, capsys):
+    """The README's no-download line, for real: `predict --config tiny --random-weights`."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(smooth_rgb(30, 40)).save("photo.jpg", quality=95)
+    assert cli.main(["predict", "--config", "tiny", "--random-weights", "photo.jpg",
+                     "--quiet", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "1 image: 1 written" in captured.out and "MEANINGLESS" in captured.out
+    with np.load(tmp_path / "depthpro_out" / "photo.npz") as z:
+        assert z["depth"].shape == (30, 40) and np.isfinite(z["depth"]).all()
+        assert bool(z["random_weights"]) is True
+    assert (tmp_path / "depthpro_out" / "photo.color.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
 # end to end with the tiny fixture model
 # ----------------------------------------------------------------------------------------------
 

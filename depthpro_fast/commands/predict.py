@@ -57,9 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of outputs: " + ", ".join(
                             f"{k} ({v})" for k, v in FORMATS.items())
                         + f", or all (default: {DEFAULT_SAVE})")
-    parser.add_argument("--checkpoint", default="auto",
+    parser.add_argument("--checkpoint", default=None,
                         help="depth_pro.pt, a .safetensors, a Hugging Face DepthPro-hf folder, "
-                             "or auto (default: search, see `depthpro-fast info`)")
+                             "or auto (default: auto = search, see `depthpro-fast info`)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="no checkpoint: random weights, to try the command without "
+                             "downloading anything (with --config, e.g. --config tiny); the "
+                             "depth maps are meaningless")
     parser.add_argument("--config", default=None,
                         help="preset (official, tiny) or JSON file of knobs (default: official)")
     parser.add_argument("--device", default=None,
@@ -298,7 +302,7 @@ def _describe(e: BaseException) -> str:
 
 
 def write_outputs(job: _Job, result: dict[str, Any], *, ply_stride: int = 1,
-                  ply_binary: bool = True) -> None:
+                  ply_binary: bool = True, random_weights: bool = False) -> None:
     """Every requested output of one image (each file atomically)."""
     from .. import outputs
 
@@ -307,7 +311,8 @@ def write_outputs(job: _Job, result: dict[str, Any], *, ply_stride: int = 1,
     fov = float(result["fov_deg"])
     for fmt, path in job.outputs.items():
         if fmt == "npz":
-            outputs.write_npz(path, depth, f_px, fov, focallength_source=job.f_source)
+            outputs.write_npz(path, depth, f_px, fov, focallength_source=job.f_source,
+                              random_weights=random_weights)
         elif fmt == "png16":
             outputs.write_png16(path, depth)
         elif fmt == "color":
@@ -323,7 +328,7 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
                     batch_size: int = 1, f_px: float | None = None, ignore_exif: bool = False,
                     overwrite: bool = False, ply_stride: int = 1, ply_binary: bool = True,
                     workers: int = 2, progress: bool = True, label: str = "",
-                    ) -> Summary:
+                    random_weights: bool = False) -> Summary:
     """Run the model over ``named`` (from ``assign_names``) and write the outputs."""
     from tqdm import tqdm
 
@@ -401,7 +406,8 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
                     continue
                 writes.append((job, writers.submit(write_outputs, job, result,
                                                    ply_stride=ply_stride,
-                                                   ply_binary=ply_binary)))
+                                                   ply_binary=ply_binary,
+                                                   random_weights=random_weights)))
             finish_writes(limit=2 * batch_size)
         finish_writes(limit=0)
     finally:
@@ -439,15 +445,48 @@ def _free_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def format_summary(s: Summary, outdir: str | os.PathLike) -> str:
     processed = s.written + len(s.failed)
     rate = processed / s.seconds if s.seconds > 0 else 0.0
-    text = (f"{s.total} images: {s.written} written, {s.skipped} skipped (outputs exist), "
-            f"{len(s.failed)} failed, in {s.seconds:.1f} s ({rate:.2f} images/s); "
+    text = (f"{_plural(s.total, 'image')}: {s.written} written, {s.skipped} skipped (outputs "
+            f"exist), {len(s.failed)} failed, in {s.seconds:.1f} s ({rate:.2f} images/s); "
             f"outputs in {outdir}")
     if s.failed:
         text += "\nfailed:\n" + "\n".join(f"  {path}: {why}" for path, why in s.failed)
     return text
+
+
+# what users type when they mean "no checkpoint" (Python's checkpoint=None)
+_NO_CHECKPOINT_WORDS = frozenset({"none", "null", "random", "no", "false", "-"})
+RANDOM_WEIGHTS_NOTE = ("NOTE: --random-weights: the network has random weights, so the depth "
+                       "maps and focal lengths are MEANINGLESS (this only shows that the "
+                       "command works). For real depth: `depthpro-fast download`, then run "
+                       "without --random-weights.")
+
+
+def checkpoint_choice(args: argparse.Namespace) -> str | None:
+    """What to pass to ``load``: a checkpoint path, ``"auto"``, or None for random weights."""
+    if args.random_weights:
+        if args.checkpoint is not None:
+            raise ValueError(f"--random-weights and --checkpoint {args.checkpoint} exclude each "
+                             "other (random weights replace the checkpoint); drop one")
+        if args.config is None:
+            raise ValueError("--random-weights needs --config: tiny (a small network, seconds "
+                             "per image on a CPU) or official (the full-size network: minutes "
+                             "per image on a CPU)")
+        return None
+    if args.checkpoint is None:
+        return "auto"
+    if (args.checkpoint.strip().lower() in _NO_CHECKPOINT_WORDS
+            and not os.path.exists(args.checkpoint)):
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such file. To run without Apple's "
+                         "weights pass --random-weights --config tiny instead (the depth is "
+                         "then meaningless)")
+    return args.checkpoint
 
 
 def _resolve_dtype(dtype: str, device: Any) -> str:
@@ -461,6 +500,7 @@ def run(args: argparse.Namespace) -> int:
     from ..api import load, resolve_device
 
     formats = parse_save(args.save)
+    checkpoint = checkpoint_choice(args)
     if args.f_px is not None and not (math.isfinite(args.f_px) and args.f_px > 0):
         raise ValueError(f"--f-px must be a positive number of pixels, got {args.f_px}")
     if args.ply_stride < 1:
@@ -488,7 +528,9 @@ def run(args: argparse.Namespace) -> int:
 
         device = resolve_device(distributed.local_device(args.device))
         t0 = time.perf_counter()
-        model, transform = load(args.checkpoint, config=args.config, device=device,
+        if checkpoint is None and rank == 0:
+            print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
+        model, transform = load(checkpoint, config=args.config, device=device,
                                 dtype=_resolve_dtype(args.dtype, device), backend=args.backend,
                                 fast=args.fast)
         load_s = time.perf_counter() - t0
@@ -496,13 +538,18 @@ def run(args: argparse.Namespace) -> int:
             named, model, transform, args.outdir, formats=formats, batch_size=args.batch_size,
             f_px=args.f_px, ignore_exif=args.ignore_exif, overwrite=args.overwrite,
             ply_stride=args.ply_stride, ply_binary=not args.ply_ascii, workers=args.workers,
-            progress=not args.quiet and rank == 0, label=label)
+            progress=not args.quiet and rank == 0, label=label,
+            random_weights=checkpoint is None)
         summary.failed = [(arg, why) for arg, why in problems] + summary.failed
         summary.total += len(problems)
 
         prefix = f"[{label}] " if label else ""
-        print(f"{prefix}model loaded in {load_s:.1f} s on {device} ({model.backend} backend); "
-              + format_summary(summary, args.outdir), file=sys.stderr if world > 1 else sys.stdout)
+        weights = "random weights, " if checkpoint is None else ""
+        print(f"{prefix}model loaded in {load_s:.1f} s on {device} ({weights}{model.backend} "
+              "backend); " + format_summary(summary, args.outdir),
+              file=sys.stderr if world > 1 else sys.stdout)
+        if checkpoint is None and rank == 0:  # again at the end, where the eye lands
+            print(RANDOM_WEIGHTS_NOTE, file=sys.stdout)
         failed = len(summary.failed)
         if world > 1:
             total, written, skipped, failed, seconds = distributed.sum_counts(
