@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -40,9 +41,11 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
     except ImportError:  # Pillow is a dependency, but keep tensors usable without it
         Image = None  # type: ignore[assignment]
     if Image is not None and isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        image = np.asarray(image)
+        from .io import pil_to_rgb
+
+        # as load_image decodes files: EXIF orientation, 16-bit / float scaled, alpha dropped
+        # (a plain convert("RGB") clips I;16 to white and ignores the orientation)
+        image = pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError("numpy images must be HWC with 3 channels (RGB), got shape "
@@ -68,8 +71,10 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
             return _check_unit_range(image.to(torch.float32, copy=True))
         raise TypeError(f"tensor image dtype {image.dtype} not accepted; uint8 (0..255) or "
                         "float (0..1)")
+    hint = ("; for a file use depthpro_fast.load_image(path), which returns (rgb, f_px)"
+            if isinstance(image, (str, os.PathLike)) else "")
     raise TypeError("image must be a PIL image, an HWC numpy array or a CHW tensor, got "
-                    f"{type(image).__name__}")
+                    f"{type(image).__name__}{hint}")
 
 
 def _check_unit_range(x: torch.Tensor, slack: float = 1e-3) -> torch.Tensor:
