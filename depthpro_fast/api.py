@@ -97,7 +97,8 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     ``fast``: ``True`` (or a dict of ``depthpro_fast.fast.FastOptions`` fields) prepares the
     fast path once, here: exact conv folds, fused ViT epilogues, channels_last, and on CUDA a
     second stream, cuDNN autotuning and CUDA graphs; the FOV branch is then skipped when
-    ``infer`` is given ``f_px`` (``fov_deg`` is the FOV implied by ``f_px``). Use it with
+    ``infer`` is given ``f_px`` (``fov_deg`` is the FOV of ``f_px`` on every path; the fast
+    path then has no ``fov_deg_estimated``). Use it with
     ``dtype=torch.bfloat16`` or ``torch.float16`` on a GPU.
     """
     cfg = resolve_config(config)

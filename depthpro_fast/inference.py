@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._spelling import option
 from .config import IMG_SIZE
 
 if TYPE_CHECKING:
@@ -173,17 +174,31 @@ def focal_length_tensor(f_px: Any, batch: int, device: torch.device) -> torch.Te
     return f.reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1)
 
 
-def focal_from_fov(fov_deg: torch.Tensor, width: int) -> torch.Tensor:
-    """``f = 0.5 W / tan(fov / 2)`` in float32 (W is the original image width)."""
+def clamp_fov(fov_deg: torch.Tensor, *, warn: bool = True) -> torch.Tensor:
+    """The network's FOV estimate in float32, clamped to ``FOV_RANGE_DEG`` (NaN -> 60 degrees),
+    with a warning when ``warn`` and a value had to be clamped."""
     fov = fov_deg.to(torch.float32)
     low, high = FOV_RANGE_DEG
     bad = ~torch.isfinite(fov) | (fov < low) | (fov > high)
     if bool(bad.any()):
-        warnings.warn(f"estimated field of view {fov.flatten().tolist()} deg is outside "
-                      f"[{low}, {high}]; clamped (pass f_px to override)", RuntimeWarning,
-                      stacklevel=3)
+        if warn:
+            warnings.warn(f"estimated field of view {fov.flatten().tolist()} deg is outside "
+                          f"[{low}, {high}]; clamped (pass {option('f_px', '--f-px')} to "
+                          "override)", RuntimeWarning, stacklevel=4)
         fov = torch.nan_to_num(fov, nan=60.0).clamp(low, high)
+    return fov
+
+
+def focal_from_fov(fov_deg: torch.Tensor, width: int) -> torch.Tensor:
+    """``f = 0.5 W / tan(fov / 2)`` in float32 (W is the original image width); an estimate
+    outside ``FOV_RANGE_DEG`` is clamped with a warning."""
+    fov = clamp_fov(fov_deg)
     return 0.5 * width / torch.tan(0.5 * torch.deg2rad(fov))
+
+
+def fov_from_focal(f_px: torch.Tensor, width: int) -> torch.Tensor:
+    """The horizontal FOV in degrees of a focal length (pixels) on an image ``width`` wide."""
+    return torch.rad2deg(2 * torch.atan(0.5 * width / f_px.to(torch.float32)))
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -262,21 +277,30 @@ def postprocess(canonical_inverse_depth: torch.Tensor, fov_deg: torch.Tensor | N
     """Network outputs (B, 1, 1536, 1536) and (B, 1, 1, 1) -> infer's result at (height, width).
 
     ``f_given``: the user's focal lengths as from :func:`focal_length_tensor`, or None to use
-    the FOV estimate (spec §7 steps 4-9)."""
+    the FOV estimate (spec §7 steps 4-9). ``fov_deg``: the network's estimate, or None when the
+    FOV network did not run (no FOV network, or skipped by the fast path because ``f_given``
+    made it unnecessary).
+
+    One rule for the FOV, whichever path produced the outputs: ``fov_deg`` is the FOV of the
+    focal length used (``focallength_px``, on the original width), and ``fov_deg_estimated``
+    is the network's own estimate (clamped to ``FOV_RANGE_DEG``), present exactly when the
+    FOV network ran. Without ``f_given`` the two are equal."""
     batch = canonical_inverse_depth.shape[0]
+    estimated = None if fov_deg is None else clamp_fov(fov_deg, warn=f_given is None)
     if f_given is None:
-        if fov_deg is None:
-            raise ValueError("this model has no FOV network (use_fov=False): pass f_px")
-        f = focal_from_fov(fov_deg, width)
+        if estimated is None:
+            raise ValueError("this model has no FOV network (use_fov=False): pass "
+                             + option("f_px", "--f-px"))
+        f = 0.5 * width / torch.tan(0.5 * torch.deg2rad(estimated))
+        fov_used = estimated  # the FOV of that focal length, without a float round trip
     else:
         f = f_given
+        fov_used = fov_from_focal(f, width)
     inverse_depth = canonical_inverse_depth * (width / f)
     if (height, width) != (IMG_SIZE, IMG_SIZE):
         inverse_depth = _resize(inverse_depth, (height, width), interpolation_mode)
     depth = 1.0 / torch.clamp(inverse_depth, min=INVERSE_DEPTH_RANGE[0],
                               max=INVERSE_DEPTH_RANGE[1])
-    if fov_deg is None:  # no FOV network: report the FOV implied by the given focal length
-        fov_deg = torch.rad2deg(2 * torch.atan(0.5 * width / f))
 
     def per_image(t: torch.Tensor, is_map: bool) -> torch.Tensor:
         """(B, 1, H, W) -> (B, H, W) or (B, 1, 1, 1) -> (B,); no batch axis for one image."""
@@ -284,7 +308,9 @@ def postprocess(canonical_inverse_depth: torch.Tensor, fov_deg: torch.Tensor | N
         return t[0] if batch == 1 else t
 
     out = {"depth": per_image(depth, True), "focallength_px": per_image(f, False),
-           "fov_deg": per_image(fov_deg.to(torch.float32), False)}
+           "fov_deg": per_image(fov_used, False)}
+    if estimated is not None:
+        out["fov_deg_estimated"] = per_image(estimated, False)
     if return_inverse_depth:
         out["inverse_depth"] = per_image(inverse_depth, True)
     return out

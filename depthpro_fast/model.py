@@ -389,8 +389,10 @@ class DepthPro(nn.Module):
               ) -> dict[str, torch.Tensor]:
         """Metric depth of a normalised (3, H, W) image or (B, 3, H, W) batch (spec §7).
 
-        Returns ``{"depth", "focallength_px", "fov_deg"}`` (plus ``"inverse_depth"`` on
-        request); for one image ``depth`` is (H, W) and the scalars are 0-dim tensors.
+        Returns ``{"depth", "focallength_px", "fov_deg"}``, plus ``"fov_deg_estimated"`` when
+        the FOV network ran and ``"inverse_depth"`` on request; for one image ``depth`` is
+        (H, W) and the scalars are 0-dim tensors. ``fov_deg`` is the FOV of the focal length
+        used; ``fov_deg_estimated`` the network's estimate (see ``inference.postprocess``).
         """
         from .inference import infer
 

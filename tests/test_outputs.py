@@ -59,6 +59,14 @@ def test_npz_round_trip(tmp_path):
         assert z["focallength_px"] == np.float32(123.5) and z["fov_deg"] == np.float32(61.25)
         assert z["image_size"].tolist() == [30, 41]
         assert str(z["focallength_source"]) == "exif"
+        assert "fov_deg_estimated" not in z.files and "random_weights" not in z.files
+    outputs.write_npz(path, depth, 123.5, 61.25, fov_deg_estimated=48.5, random_weights=True)
+    with np.load(path) as z:
+        assert z["fov_deg_estimated"] == np.float32(48.5) and bool(z["random_weights"])
+    for bad in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="fov_deg"):
+            outputs.write_npz(tmp_path / "b.npz", depth, 123.5, bad)
+    assert not (tmp_path / "b.npz").exists()
 
 
 def test_png16_round_trip_within_1mm(tmp_path):

@@ -297,6 +297,64 @@ def test_failed_write_is_reported_and_leaves_no_partial_file(tmp_path, fake_mode
 
 
 # ----------------------------------------------------------------------------------------------
+# one FOV rule in the files, with and without --fast (issue 16, item 3)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro_models():
+    """A small random model (reference modules) and its fast-path copy."""
+    import copy
+
+    import depthpro_fast
+    from tests.test_fast_path import MICRO
+
+    torch.manual_seed(12)
+    model, _ = depthpro_fast.load(None, config=MICRO, device="cpu", backend="reference")
+    return model, copy.deepcopy(model).prepare_fast(True)
+
+
+def test_fov_rule_in_files_is_the_same_with_and_without_fast(tmp_path, monkeypatch,
+                                                             micro_models, capsys):
+    model, fast = micro_models
+    monkeypatch.setattr("depthpro_fast.api.load",
+                        lambda checkpoint, **kw: (fast if kw["fast"] else model, Transform()))
+    photo = tmp_path / "photo.jpg"  # 600 px wide, EXIF 50 mm (35 mm equivalent) = 833.3 px
+    Image.fromarray(smooth_rgb(400, 600)).save(photo, quality=95, exif=exif_with(f35=50))
+    f_exif = load_image(photo)[1]
+    assert f_exif == pytest.approx(833.3, abs=0.1)
+    runs = {}
+    for use_fast in (False, True):
+        for extra in ((), ("--f-px", "1000"), ("--ignore-exif",)):
+            out = tmp_path / f"out-{use_fast}-{'-'.join(extra)}"
+            argv = ["predict", str(photo), "-o", str(out), "--save", "npz,ply", "--quiet",
+                    *extra, *(["--fast"] if use_fast else [])]
+            assert cli.main(argv) == 0, capsys.readouterr().err
+            with np.load(out / "photo.npz") as z:
+                runs[use_fast, extra] = {k: z[k].item() for k in z.files if z[k].ndim == 0}
+            header, _ = read_ply(out / "photo.ply")
+            comment = next(line for line in header["lines"] if "focal_length_px" in line).split()
+            assert float(comment[comment.index("fov_deg") + 1]) == pytest.approx(
+                runs[use_fast, extra]["fov_deg"], abs=1e-5)
+
+    def fov(f):
+        return math.degrees(2 * math.atan(300 / f))
+
+    for extra, f in (((), f_exif), (("--f-px", "1000"), 1000.0)):
+        ref, fst = runs[False, extra], runs[True, extra]
+        assert ref["fov_deg"] == fst["fov_deg"] == pytest.approx(fov(f), abs=1e-3)
+        assert ref["focallength_px"] == fst["focallength_px"] == pytest.approx(f, rel=1e-6)
+        assert "fov_deg_estimated" in ref  # the reference path runs the FOV network ...
+        assert "fov_deg_estimated" not in fst  # ... the fast path skips it
+    ref, fst = runs[False, ("--ignore-exif",)], runs[True, ("--ignore-exif",)]
+    for r in (ref, fst):  # estimated: fov_deg is the estimate, the FOV of focallength_px
+        assert r["fov_deg"] == r["fov_deg_estimated"]
+        assert r["fov_deg"] == pytest.approx(fov(r["focallength_px"]), rel=1e-5)
+    assert ref["fov_deg"] == pytest.approx(fst["fov_deg"], abs=0.05)
+    assert runs[False, ()]["fov_deg_estimated"] == pytest.approx(ref["fov_deg"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
 # trying predict without Apple's checkpoint (issue 16, item 1)
 # ----------------------------------------------------------------------------------------------
 

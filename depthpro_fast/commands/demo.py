@@ -69,8 +69,11 @@ def run(args: argparse.Namespace) -> int:
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=out_dir)
     os.close(fd)
     try:
+        # the same keys as predict's npz (fov_deg_estimated: the FOV network ran)
         np.savez(tmp, depth=depth, focallength_px=float(prediction["focallength_px"]),
-                 fov_deg=float(prediction["fov_deg"]), image=image)
+                 fov_deg=float(prediction["fov_deg"]),
+                 fov_deg_estimated=float(prediction["fov_deg_estimated"]), image=image,
+                 random_weights=np.array(True))
         os.replace(tmp, args.out)
     finally:
         if os.path.exists(tmp):

@@ -94,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads for decoding and for writing, each (default: 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.epilog = (
-        "Outputs: npz = depth (float32 metres), focallength_px, fov_deg, image_size; png16 = "
+        "Outputs: npz = depth (float32 metres), focallength_px, fov_deg (the FOV of "
+        "focallength_px), fov_deg_estimated (the network's estimate, when the FOV network "
+        "ran), image_size, focallength_source (estimated, exif, given); png16 = "
         "uint16 depth in millimetres (depths beyond 65.535 m are stored as 65535, i.e. "
         "clipped; 0 = invalid); color = turbo-style preview of the inverse depth (near red, far "
         "blue), same size as the image; ply = coloured point cloud, pinhole with the principal "
@@ -267,7 +269,9 @@ def infer_batch(model: Any, images: Sequence[Any], f_pxs: Sequence[float | None]
             x = _resize(x, (IMG_SIZE, IMG_SIZE), "bilinear")
         net.append(x)
     with torch.no_grad():
-        cid, fov = model(torch.cat(net))
+        # the FOV network is needed only for images without a focal length (the fast path
+        # skips it otherwise, as infer does)
+        cid, fov = model(torch.cat(net), need_fov=any(f is None for f in f_pxs))
         return [_post_process(cid[i:i + 1], None if fov is None else fov[i:i + 1], f,
                               int(x.shape[-2]), int(x.shape[-1]))
                 for i, (x, f) in enumerate(zip(images, f_pxs, strict=True))]
@@ -309,16 +313,18 @@ def write_outputs(job: _Job, result: dict[str, Any], *, ply_stride: int = 1,
     depth = outputs.as_depth_array(result["depth"])
     f_px = float(result["focallength_px"])
     fov = float(result["fov_deg"])
+    fov_estimated = result.get("fov_deg_estimated")
     for fmt, path in job.outputs.items():
         if fmt == "npz":
             outputs.write_npz(path, depth, f_px, fov, focallength_source=job.f_source,
-                              random_weights=random_weights)
+                              fov_deg_estimated=fov_estimated, random_weights=random_weights)
         elif fmt == "png16":
             outputs.write_png16(path, depth)
         elif fmt == "color":
             outputs.write_color(path, depth)
         elif fmt == "ply":
-            outputs.write_ply(path, depth, job.rgb, f_px, stride=ply_stride, binary=ply_binary)
+            outputs.write_ply(path, depth, job.rgb, f_px, stride=ply_stride, binary=ply_binary,
+                              fov_deg=fov)
         else:  # parse_save only lets known formats through
             raise ValueError(f"unknown output format {fmt!r}")
 
@@ -433,9 +439,12 @@ def _run_batch(model: Any, transform: Callable, batch: list[_Job]) -> list[tuple
 
 
 def _to_cpu(result: dict[str, Any]) -> dict[str, Any]:
-    return {"depth": result["depth"].detach().float().cpu().numpy(),
-            "focallength_px": float(result["focallength_px"]),
-            "fov_deg": float(result["fov_deg"])}
+    out = {"depth": result["depth"].detach().float().cpu().numpy(),
+           "focallength_px": float(result["focallength_px"]),
+           "fov_deg": float(result["fov_deg"])}
+    if "fov_deg_estimated" in result:  # present exactly when the FOV network ran
+        out["fov_deg_estimated"] = float(result["fov_deg_estimated"])
+    return out
 
 
 def _free_cuda_cache() -> None:
