@@ -110,6 +110,10 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     from .fast.engine import FastOptions
 
     fast_options = FastOptions.resolve(fast)  # checked before the (slow) weight loading
+    # a backend that cannot run here is refused now, not once per image later
+    backends.require_backend(backend, dev)
+    if fast_options is not None and fast_options.epilogue_backend is not None:
+        backends.require_backend(fast_options.epilogue_backend, dev)
 
     if checkpoint is None:
         model = build_model(cfg, use_fov=use_fov, device=dev)

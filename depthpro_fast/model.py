@@ -319,11 +319,12 @@ class DepthPro(nn.Module):
 
     def set_backend(self, backend: str) -> DepthPro:
         """Route every op of this model through ``backend`` (reference, triton, cuda, auto)."""
-        from .backends import check_backend, preload
+        from .backends import check_backend, preload, require_backend
 
         backend = check_backend(backend)
-        self._backend = backend
         device = next(self.parameters()).device
+        require_backend(backend, device)  # refused here, with the reason, not at every call
+        self._backend = backend
         if device.type != "meta":
             preload(backend, device)
         for m in self.modules():

@@ -156,3 +156,42 @@ def test_explicit_unavailable_backend_says_why():
         depthpro_fast.ops.attention(*(torch.zeros(1, 1, 4, 8),) * 3, backend="cuda")
     with pytest.raises(ValueError, match="accepted"):
         depthpro_fast.ops.attention(*(torch.zeros(1, 1, 4, 8),) * 3, backend="fastest")
+
+
+# ----------------------------------------------------------------------------------------------
+# a backend that cannot run here is refused at load, with info()'s reason (issue 16, item 5)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_unavailable_backend_refused_at_load_with_the_reason(backend, monkeypatch, tmp_path):
+    from depthpro_fast import backends
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton on CPU needs it
+    cpu = torch.device("cpu")
+    ok, why = backends.backend_status(backend, cpu)
+    assert not ok and why
+    with pytest.raises(backends.BackendUnavailableError) as err:
+        # a checkpoint that does not exist: the backend is refused before any weight is read
+        depthpro_fast.load(tmp_path / "missing.pt", config="tiny", device="cpu",
+                           backend=backend)
+    assert f"backend {backend!r} cannot run on cpu: {why}" in str(err.value)
+    assert "backend='auto'" in str(err.value)
+    assert isinstance(err.value, RuntimeError)
+    with pytest.raises(backends.BackendUnavailableError) as err:
+        depthpro_fast.load(None, config="tiny", device="cpu", fast={"epilogue_backend": backend})
+    assert why in str(err.value)
+
+
+def test_set_backend_refuses_and_keeps_the_old_one(tiny_model, monkeypatch):
+    import copy
+
+    from depthpro_fast import backends
+
+    model = copy.deepcopy(tiny_model[0])
+    with pytest.raises(backends.BackendUnavailableError, match="'cuda' cannot run on cpu"):
+        model.set_backend("cuda")
+    assert model.backend == "reference"
+    assert all(m.backend == "reference" for m in model.modules() if hasattr(m, "backend"))
+    model.set_backend("auto")  # always possible
+    assert model.backend == "auto"
