@@ -33,8 +33,10 @@ Formats (``FORMATS`` gives the file suffix of each):
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -73,6 +75,49 @@ def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class OutputFolderError(OSError):
+    """The output folder cannot be used: it is a file, cannot be created, or is not writable."""
+
+
+_ERRNO_WORDS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space left",
+                errno.EDQUOT: "disk quota exceeded",
+                # an existing folder that answers "no such file" to a new entry: /proc and alike
+                errno.ENOENT: "that file system does not accept new folders"}
+
+
+def check_output_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Fail fast, with one message naming the folder and the reason, if outputs cannot be
+    written under ``folder``: it is a file, lies under a file, or it (or, when it does not
+    exist yet, the folder it would be created in) does not accept new entries.
+
+    Nothing is left behind: the probe is a hidden folder created and removed at once, and a
+    missing ``folder`` is not created here (the first output creates it). Returns the path."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"cannot use {what} {os.fspath(folder)}: it is a file, not a "
+                                "folder; pick another one")
+    target = path.absolute()
+    while not target.exists() and not target.is_symlink():  # the nearest existing ancestor
+        target = target.parent
+    if target.is_symlink() and not target.exists():
+        raise OutputFolderError(f"cannot create {what} {os.fspath(folder)}: {target} is a "
+                                "broken symbolic link")
+    if not target.is_dir():
+        raise OutputFolderError(f"cannot create {what} {os.fspath(folder)}: {target} is a "
+                                "file, not a folder")
+    try:  # the only reliable test (permissions, ACLs, read-only mounts, root): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".depthpro-write-test-", dir=target))
+    except OSError as e:
+        reason = _ERRNO_WORDS.get(e.errno, e.strerror or type(e).__name__)
+        if target == path.absolute():
+            raise OutputFolderError(f"cannot write to {what} {os.fspath(folder)}: "
+                                    f"{reason}") from None
+        raise OutputFolderError(f"cannot create {what} {os.fspath(folder)}: creating a folder "
+                                f"in {target} fails: {reason}") from None
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

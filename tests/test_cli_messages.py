@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 
 import depthpro_fast
@@ -90,3 +91,18 @@ def test_command_line_warnings_are_one_plain_line(capsys, monkeypatch):
     assert cli.main(["info"]) == 0
     err = capsys.readouterr().err
     assert err == "depthpro-fast info: warning: something to know\n"
+
+
+def test_demo_end_to_end_and_its_output_checks(tmp_path, capsys):
+    out = tmp_path / "d" / "demo.npz"
+    assert cli.main(["demo", "--size", "48x64", "--out", str(out)]) == 0
+    assert "random weights" in capsys.readouterr().out
+    with np.load(out) as z:
+        assert z["depth"].shape == (48, 64) and bool(z["random_weights"])
+        assert z["fov_deg"] == z["fov_deg_estimated"]  # estimated focal length: the same
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert cli.main(["demo", "--out", str(tmp_path / "f" / "demo.npz")]) == 1
+    line = capsys.readouterr().err
+    assert "folder of --out" in line and "is a file, not a folder" in line

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +109,10 @@ def test_collect_sources_and_unique_names(tmp_path):
     out.mkdir()
     Image.fromarray(noisy_rgb(8, 8)).save(out / "old.png")
 
-    sources, problems = predict.collect_sources([str(root), str(other), str(root / "a.png"),
-                                                 str(tmp_path / "nope")],
-                                                recursive=True, outdir=out)
+    sources, problems, left_out = predict.collect_sources(
+        [str(root), str(other), str(root / "a.png"), str(tmp_path / "nope")], recursive=True,
+        outdir=out)
+    assert left_out == {}
     rels = sorted(str(s.rel) for s in sources)
     assert rels == ["a.jpg", "a.png", "a.png", "broken.jpg", "sub/deeper/x.webp",
                     "sub/gray16.png"]  # in/a.png given twice is taken once
@@ -122,12 +124,13 @@ def test_collect_sources_and_unique_names(tmp_path):
     assert names[str(root / "broken.jpg")] == "broken"
     assert len(set(names.values())) == len(names)
 
-    flat, _ = predict.collect_sources([str(root)], recursive=False)
+    flat, _, left_out = predict.collect_sources([str(root)], recursive=False, outdir=out)
     assert sorted(str(s.rel) for s in flat) == ["a.jpg", "a.png", "broken.jpg"]
+    assert left_out == {str(root): 1}  # sub/ (results/ is the output folder: not counted)
 
-    globbed, problems = predict.collect_sources([str(root / "sub" / "*.png"),
-                                                 str(root / "**" / "*.webp"),
-                                                 str(root / "*.gif")])
+    globbed, problems, _ = predict.collect_sources([str(root / "sub" / "*.png"),
+                                                    str(root / "**" / "*.webp"),
+                                                    str(root / "*.gif")])
     assert sorted(str(s.rel) for s in globbed) == ["gray16.png", "sub/deeper/x.webp"]
     assert problems == [(str(root / "*.gif"), "no image matches this pattern")]
 
@@ -294,6 +297,141 @@ def test_failed_write_is_reported_and_leaves_no_partial_file(tmp_path, fake_mode
     assert cli.main(["predict", str(tmp_path), "-o", str(out), "--save", "npz,ply",
                      "--quiet"]) == 0
     assert "1 written, 2 skipped" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# errors before the model loads; an honest summary (issue 16, items 4, 5, 6)
+# ----------------------------------------------------------------------------------------------
+
+
+def two_photos(root: Path) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        Image.fromarray(noisy_rgb(10, 12, seed=i)).save(root / f"p{i}.png")
+    return [str(root / "p0.png"), str(root / "p1.png")]
+
+
+def only_error(err: str) -> str:
+    """The one error line of a run that stopped before any work."""
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["is a file", "under a file", "not writable", "read-only",
+                                  "cannot be created"])
+def test_unusable_output_folder_is_refused_before_the_model(tmp_path, fake_model, monkeypatch,
+                                                           capsys, case):
+    photos = two_photos(tmp_path / "in")
+    (tmp_path / "a_file").write_text("x")
+    out, expected = {
+        "is a file": (tmp_path / "a_file", "it is a file, not a folder"),
+        "under a file": (tmp_path / "a_file" / "out", "a_file is a file, not a folder"),
+        "not writable": (tmp_path / "ro", "cannot write to output folder (-o)"),
+        "read-only": (tmp_path / "ro", "the file system is read-only"),
+        "cannot be created": (tmp_path / "ro" / "new" / "deeper", "creating a folder in"),
+    }[case]
+    (tmp_path / "ro").mkdir()
+    if case in ("not writable", "read-only", "cannot be created"):
+        import errno
+        import tempfile
+
+        real = tempfile.mkdtemp
+        code = errno.EROFS if case == "read-only" else errno.EACCES
+
+        def refusing_mkdtemp(*args, dir=None, **kwargs):  # root ignores chmod: simulate it
+            if Path(dir) == tmp_path / "ro":
+                raise OSError(code, os.strerror(code))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refusing_mkdtemp)
+    assert cli.main(["predict", *photos, "-o", str(out), "--quiet"]) == 1
+    line = only_error(capsys.readouterr().err)
+    assert expected in line and str(out) in line, line
+    if case == "not writable":
+        assert line.endswith("permission denied")
+    assert fake_model.loads == [] and fake_model.calls == []  # no model, no image
+    assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == []  # nothing created
+
+
+def test_unavailable_backend_is_refused_before_the_model(tmp_path, fake_model, capsys):
+    from depthpro_fast import backends
+
+    photos = two_photos(tmp_path / "in")
+    ok, why = backends.backend_status("cuda", torch.device("cpu"))
+    assert not ok
+    assert cli.main(["predict", *photos, "-o", str(tmp_path / "out"), "--quiet", "--device",
+                     "cpu", "--backend", "cuda"]) == 1
+    line = only_error(capsys.readouterr().err)
+    assert f"backend 'cuda' cannot run on cpu: {why}" in line and "--backend auto" in line
+    assert fake_model.loads == [] and not (tmp_path / "out").exists()
+
+
+def test_missing_paths_alone_are_nothing_to_do(tmp_path, fake_model, capsys):
+    rc = cli.main(["predict", str(tmp_path / "missing.jpg"), str(tmp_path / "*.png"), "-o",
+                   str(tmp_path / "out")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "missing.jpg: no such file or folder" in err
+    assert "*.png: no image matches this pattern" in err
+    assert "no images found" in err and "nothing to do" in err
+    assert fake_model.loads == []
+
+
+def test_summary_counts_images_not_missing_paths(tmp_path, fake_model, capsys):
+    photos = two_photos(tmp_path / "in")
+    rc = cli.main(["predict", photos[0], str(tmp_path / "missing.jpg"), str(tmp_path / "*.gif"),
+                   "-o", str(tmp_path / "out"), "--quiet"])
+    assert rc == 1  # a path that matched nothing is still a mistake worth an exit code
+    out = capsys.readouterr().out
+    assert "1 image: 1 written, 0 skipped (outputs exist), 0 failed, in " in out
+    assert "2 arguments matched no image" in out
+    assert "missing.jpg: no such file or folder" in out  # listed under "no image:"
+    seconds, rate = (float(v) for v in re.search(r"in ([\d.]+) s \(([\d.]+) images/s\)",
+                                                 out).groups())
+    # one image over the run's time (both printed rounded), not 3 "images" over ~0 s
+    assert 1 / (seconds + 0.05) - 0.005 <= rate
+    assert seconds < 0.05 or rate <= 1 / (seconds - 0.05) + 0.005
+
+
+def test_nothing_left_to_do_does_not_load_the_model(tmp_path, fake_model, capsys):
+    photos = two_photos(tmp_path / "in")
+    out = tmp_path / "out"
+    assert cli.main(["predict", *photos, "-o", str(out), "--quiet"]) == 0
+    assert len(fake_model.loads) == 1
+    capsys.readouterr()
+    assert cli.main(["predict", *photos, "-o", str(out), "--quiet"]) == 0
+    assert len(fake_model.loads) == 1  # not loaded again
+    text = capsys.readouterr().out
+    assert "nothing left to do (--overwrite recomputes), model not loaded" in text
+    assert "2 images: 0 written, 2 skipped (outputs exist), 0 failed" in text
+    assert "images/s" not in text
+    # a folder that became read-only is no obstacle when nothing needs writing
+    assert cli.main(["predict", *photos, "-o", str(out), "--quiet", "--overwrite"]) == 0
+    assert len(fake_model.loads) == 2
+
+
+def test_folder_without_recursive_says_what_it_left_out(tmp_path, fake_model, capsys):
+    root = tmp_path / "in"
+    two_photos(root)
+    for sub in ("2023", "2024", ".cache"):
+        two_photos(root / sub)
+    out = root / "out"  # inside the input folder: the output folder is not counted
+    assert cli.main(["predict", str(root), "-o", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    note = f"2 sub-folders of {root} not searched (-r / --recursive takes them)"
+    assert note in captured.err and note in captured.out
+    assert "2 images: 2 written" in captured.out
+    assert cli.main(["predict", str(root), "-o", str(out), "--quiet", "-r"]) == 0
+    captured = capsys.readouterr()
+    assert "not searched" not in captured.err + captured.out
+    assert "6 images: 4 written, 2 skipped" in captured.out
+    # only sub-folders: the "no images" error says where they are
+    empty_top = tmp_path / "top"
+    two_photos(empty_top / "sub")
+    assert cli.main(["predict", str(empty_top), "-o", str(tmp_path / "o2")]) == 1
+    line = only_error(capsys.readouterr().err)
+    assert "no images found" in line and "1 sub-folder of" in line and "takes it" in line
 
 
 # ----------------------------------------------------------------------------------------------

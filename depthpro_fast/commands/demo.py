@@ -53,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..api import load
+    from ..outputs import check_output_folder
 
     height, width = parse_size(args.size)
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a folder; give a file name, e.g. "
+                         f"{os.path.join(args.out, 'depthpro_demo.npz')}")
+    # before the model is built, not after the inference
+    check_output_folder(os.path.dirname(os.path.abspath(args.out)), "folder of --out")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, transform = load(None, config=args.config, device=args.device, backend=args.backend)

@@ -137,34 +137,47 @@ def _is_own_output(name: str) -> bool:
     return name.endswith((FORMATS["color"], FORMATS["png16"]))
 
 
-def _walk(root: Path, recursive: bool, exclude: Path | None) -> list[Path]:
-    found = []
+def _walk(root: Path, recursive: bool, exclude: Path | None) -> tuple[list[Path], int]:
+    """(image files under ``root``, number of sub-folders left out because not ``recursive``)."""
+    found, left_out = [], 0
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         if exclude is not None and here.resolve() == exclude and here.resolve() != root.resolve():
             dirnames[:] = []
             continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        visible = sorted(d for d in dirnames if not d.startswith("."))
+        if not recursive:  # the output folder is not an input folder: not counted
+            left_out += sum(1 for d in visible if (here / d).resolve() != exclude)
+        dirnames[:] = visible if recursive else []
         for name in sorted(filenames):
             if (name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES
                     or _is_own_output(name)):
                 continue
             found.append(here / name)
-    return found
+    return found, left_out
 
 
 def collect_sources(paths: Sequence[str], recursive: bool = False,
                     outdir: str | os.PathLike | None = None,
-                    ) -> tuple[list[Source], list[tuple[str, str]]]:
-    """Expand files, folders and globs -> (sorted unique sources, [(argument, problem)])."""
+                    ) -> tuple[list[Source], list[tuple[str, str]], dict[str, int]]:
+    """Expand files, folders and globs -> (sorted unique sources, [(argument, problem)],
+    {folder argument: sub-folders not searched because not ``recursive``})."""
     exclude = Path(outdir).resolve() if outdir is not None else None
     sources: list[Source] = []
     problems: list[tuple[str, str]] = []
+    left_out: dict[str, int] = {}
+
+    def walk(folder: Path, arg: str) -> list[Path]:
+        files, n = _walk(folder, recursive, exclude)
+        if n:
+            left_out[arg] = left_out.get(arg, 0) + n
+        return files
+
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
             sources += [Source(f, PurePosixPath(f.relative_to(p).as_posix()))
-                        for f in _walk(p, recursive, exclude)]
+                        for f in walk(p, arg)]
         elif p.is_file():
             sources.append(Source(p, PurePosixPath(p.name)))
         elif _has_magic(arg):
@@ -174,7 +187,7 @@ def collect_sources(paths: Sequence[str], recursive: bool = False,
                 mp = Path(m)
                 if mp.is_dir():
                     matched += [Source(f, PurePosixPath(f.relative_to(base).as_posix()))
-                                for f in _walk(mp, recursive, exclude)]
+                                for f in walk(mp, arg)]
                 elif (mp.is_file() and mp.suffix.lower() in IMAGE_SUFFIXES
                       and not mp.name.startswith(".") and not _is_own_output(mp.name)):
                     matched.append(Source(mp, PurePosixPath(mp.relative_to(base).as_posix())))
@@ -189,7 +202,7 @@ def collect_sources(paths: Sequence[str], recursive: bool = False,
         if real not in seen:  # the same file reached twice (two arguments, a link)
             seen.add(real)
             unique.append(s)
-    return unique, problems
+    return unique, problems, left_out
 
 
 def assign_names(sources: Sequence[Source]) -> list[tuple[Source, str]]:
@@ -284,11 +297,16 @@ def infer_batch(model: Any, images: Sequence[Any], f_pxs: Sequence[float | None]
 
 @dataclass
 class Summary:
+    """What a run did. ``total`` counts images found; arguments that matched no image are in
+    ``missing``, not in ``total`` or ``failed``."""
+
     total: int = 0
     written: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (argument, why)
+    left_out: dict[str, int] = field(default_factory=dict)  # folder -> sub-folders not searched
 
 
 @dataclass
@@ -352,6 +370,10 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             summary.skipped += 1
         else:
             todo.append(_Job(source.path, outs))
+    if todo:  # one clear error now rather than one per image after its inference
+        from ..outputs import check_output_folder
+
+        check_output_folder(outdir)
 
     bar = tqdm(total=len(todo), unit="img", desc=label or "predict", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
@@ -459,14 +481,29 @@ def _plural(n: int, word: str) -> str:
 
 
 def format_summary(s: Summary, outdir: str | os.PathLike) -> str:
-    processed = s.written + len(s.failed)
-    rate = processed / s.seconds if s.seconds > 0 else 0.0
+    """One line (then the failures, one per line). The rate counts only images the model
+    processed and written, so that a missing file or a skipped image does not show up as
+    thousands of images per second."""
+    rate = f" ({s.written / s.seconds:.2f} images/s)" if s.written and s.seconds > 0 else ""
     text = (f"{_plural(s.total, 'image')}: {s.written} written, {s.skipped} skipped (outputs "
-            f"exist), {len(s.failed)} failed, in {s.seconds:.1f} s ({rate:.2f} images/s); "
-            f"outputs in {outdir}")
+            f"exist), {len(s.failed)} failed, in {s.seconds:.1f} s{rate}")
+    if s.missing:
+        text += f"; {_plural(len(s.missing), 'argument')} matched no image"
+    if s.left_out:
+        text += f"; {left_out_note(s.left_out)}"
+    text += f"; outputs in {outdir}"
     if s.failed:
         text += "\nfailed:\n" + "\n".join(f"  {path}: {why}" for path, why in s.failed)
+    if s.missing:
+        text += "\nno image:\n" + "\n".join(f"  {arg}: {why}" for arg, why in s.missing)
     return text
+
+
+def left_out_note(left_out: dict[str, int]) -> str:
+    n = sum(left_out.values())
+    where = ", ".join(left_out)
+    return (f"{_plural(n, 'sub-folder')} of {where} not searched (-r / --recursive takes "
+            f"{'it' if n == 1 else 'them'})")
 
 
 # what users type when they mean "no checkpoint" (Python's checkpoint=None)
@@ -507,7 +544,10 @@ def _resolve_dtype(dtype: str, device: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..api import load, resolve_device
+    from ..backends import require_backend
+    from ..outputs import check_output_folder
 
+    # every check that needs no image and no model comes first, each once
     formats = parse_save(args.save)
     checkpoint = checkpoint_choice(args)
     if args.f_px is not None and not (math.isfinite(args.f_px) and args.f_px > 0):
@@ -521,51 +561,66 @@ def run(args: argparse.Namespace) -> int:
 
     rank, world = distributed.rank_world()
     label = f"rank {rank}/{world}" if world > 1 else ""
+    prefix = f"[{label}] " if label else ""
     own_group = distributed.init_process_group() if world > 1 else False
     try:
-        sources, problems = collect_sources(args.paths, args.recursive, args.outdir)
-        if not sources and not problems:
-            raise FileNotFoundError(f"no images found in {' '.join(args.paths)} (looked for "
-                                    f"{', '.join(sorted(IMAGE_SUFFIXES))}"
-                                    f"{'' if args.recursive else '; --recursive for sub-folders'})")
+        device = resolve_device(distributed.local_device(args.device))
+        require_backend(args.backend, device)  # not once per image, after loading
+        sources, problems, left_out = collect_sources(args.paths, args.recursive, args.outdir)
+        if rank == 0:  # reported once
+            for arg, why in problems:
+                print(f"depthpro-fast predict: {arg}: {why}", file=sys.stderr)
+            if left_out:
+                print(f"depthpro-fast predict: note: {left_out_note(left_out)}",
+                      file=sys.stderr)
+        if not sources:
+            looked = f"looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
+            if left_out:
+                looked += f"; {left_out_note(left_out)}"
+            raise FileNotFoundError(f"no images found in {' '.join(args.paths)} ({looked}); "
+                                    "nothing to do")
         named = distributed.shard(assign_names(sources), rank, world,
                                   key=lambda pair: (str(pair[0].rel), str(pair[0].path)))
-        if rank != 0:
-            problems = []  # reported once, by rank 0
-        for arg, why in problems:
-            print(f"depthpro-fast predict: {arg}: {why}", file=sys.stderr)
+        todo = [n for n in named if args.overwrite or not all(
+            p.exists() for p in output_paths(args.outdir, n[1], formats).values())]
 
-        device = resolve_device(distributed.local_device(args.device))
-        t0 = time.perf_counter()
-        if checkpoint is None and rank == 0:
-            print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
-        model, transform = load(checkpoint, config=args.config, device=device,
-                                dtype=_resolve_dtype(args.dtype, device), backend=args.backend,
-                                fast=args.fast)
-        load_s = time.perf_counter() - t0
-        summary = predict_sources(
-            named, model, transform, args.outdir, formats=formats, batch_size=args.batch_size,
-            f_px=args.f_px, ignore_exif=args.ignore_exif, overwrite=args.overwrite,
-            ply_stride=args.ply_stride, ply_binary=not args.ply_ascii, workers=args.workers,
-            progress=not args.quiet and rank == 0, label=label,
-            random_weights=checkpoint is None)
-        summary.failed = [(arg, why) for arg, why in problems] + summary.failed
-        summary.total += len(problems)
+        if todo:
+            check_output_folder(args.outdir, "output folder (-o)")  # before the model loads
+            if checkpoint is None and rank == 0:
+                print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
+            t0 = time.perf_counter()
+            model, transform = load(checkpoint, config=args.config, device=device,
+                                    dtype=_resolve_dtype(args.dtype, device),
+                                    backend=args.backend, fast=args.fast)
+            load_s = time.perf_counter() - t0
+            summary = predict_sources(
+                named, model, transform, args.outdir, formats=formats,
+                batch_size=args.batch_size, f_px=args.f_px, ignore_exif=args.ignore_exif,
+                overwrite=args.overwrite, ply_stride=args.ply_stride,
+                ply_binary=not args.ply_ascii, workers=args.workers,
+                progress=not args.quiet and rank == 0, label=label,
+                random_weights=checkpoint is None)
+            weights = "random weights, " if checkpoint is None else ""
+            head = (f"model loaded in {load_s:.1f} s on {device} ({weights}{model.backend} "
+                    "backend); ")
+        else:  # every output exists: no model to load
+            summary = Summary(total=len(named), skipped=len(named))
+            head = "nothing left to do (--overwrite recomputes), model not loaded; "
+        if rank == 0:
+            summary.missing = list(problems)
+            summary.left_out = dict(left_out)
 
-        prefix = f"[{label}] " if label else ""
-        weights = "random weights, " if checkpoint is None else ""
-        print(f"{prefix}model loaded in {load_s:.1f} s on {device} ({weights}{model.backend} "
-              "backend); " + format_summary(summary, args.outdir),
+        print(prefix + head + format_summary(summary, args.outdir),
               file=sys.stderr if world > 1 else sys.stdout)
-        if checkpoint is None and rank == 0:  # again at the end, where the eye lands
+        if checkpoint is None and rank == 0 and todo:  # again at the end, where the eye lands
             print(RANDOM_WEIGHTS_NOTE, file=sys.stdout)
-        failed = len(summary.failed)
+        failed = len(summary.failed) + len(summary.missing)
         if world > 1:
             total, written, skipped, failed, seconds = distributed.sum_counts(
                 [summary.total, summary.written, summary.skipped, failed, summary.seconds])
             if rank == 0:
-                print(f"all {world} ranks: {int(total)} images: {int(written)} written, "
-                      f"{int(skipped)} skipped, {int(failed)} failed")
+                print(f"all {world} ranks: {_plural(int(total), 'image')}: {int(written)} "
+                      f"written, {int(skipped)} skipped, {int(failed)} failed")
         return 1 if failed else 0
     finally:
         if own_group:
