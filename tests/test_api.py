@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -195,3 +197,49 @@ def test_set_backend_refuses_and_keeps_the_old_one(tiny_model, monkeypatch):
     assert all(m.backend == "reference" for m in model.modules() if hasattr(m, "backend"))
     model.set_backend("auto")  # always possible
     assert model.backend == "auto"
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16 / bf16 on a CPU without their arithmetic: a warning, and the dtype kept (issue 16, item 7)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, dtype, warns, suggests_bf16", [
+    ({"avx2", "f16c"}, torch.float16, True, False),
+    ({"avx2", "avx512_bf16"}, torch.float16, True, True),
+    ({"avx2", "avx512_fp16", "avx512_bf16"}, torch.float16, False, False),
+    ({"avx2"}, torch.bfloat16, True, False),
+    ({"amx_bf16"}, torch.bfloat16, False, False),
+    (None, torch.float16, False, False),  # unknown CPU: no claim
+    ({"avx2"}, torch.float32, False, False),
+])
+def test_slow_cpu_dtype_warns_and_keeps_the_dtype(monkeypatch, flags, dtype, warns,
+                                                  suggests_bf16):
+    import warnings
+
+    from depthpro_fast import api
+
+    monkeypatch.setattr(api, "cpu_flags", lambda: None if flags is None else frozenset(flags))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, transform = depthpro_fast.load(None, config="tiny", device="cpu", dtype=dtype)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert next(model.parameters()).dtype == dtype and transform.dtype == dtype  # not remapped
+    if not warns:
+        assert msgs == []
+        return
+    (msg,) = msgs
+    name = "float16" if dtype == torch.float16 else "bfloat16"
+    assert f"dtype=torch.{name} on this CPU: it has no {name} arithmetic" in msg
+    assert "7x or more slower than in float32" in msg and "torch.float32" in msg
+    assert ("torch.bfloat16 (native here)" in msg) == suggests_bf16
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo():
+    from depthpro_fast import api
+
+    flags = api.cpu_flags()
+    if not os.path.exists("/proc/cpuinfo"):
+        assert flags is None
+    else:
+        assert flags and ("avx2" in flags or "fp" in flags or "sse2" in flags)

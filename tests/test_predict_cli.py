@@ -604,3 +604,27 @@ def test_tiny_model_end_to_end_batched(tmp_path, tiny_model, capsys):
     assert tmp_files(out) == []
     assert not list(out.glob("zz_corrupt*"))
     assert os.path.isdir(out / "sub")
+
+
+def test_fp16_on_a_cpu_is_said_once_in_command_line_words(tmp_path, monkeypatch, capsys):
+    from depthpro_fast import api
+
+    monkeypatch.setattr(api, "cpu_flags", lambda: frozenset({"avx2", "f16c"}))
+    seen = []
+
+    def no_inference(named, model, *args, **kwargs):  # the load is what this test is about
+        seen.append(next(model.parameters()).dtype)
+        return predict.Summary(total=len(named), written=len(named), seconds=1.0)
+
+    monkeypatch.setattr(predict, "predict_sources", no_inference)
+    img = tmp_path / "photo.png"
+    Image.fromarray(noisy_rgb(10, 12)).save(img)
+    assert cli.main(["predict", str(img), "-o", str(tmp_path / "out"), "--random-weights",
+                     "--config", "tiny", "--device", "cpu", "--dtype", "fp16", "--quiet"]) == 0
+    assert seen == [torch.float16]  # kept, not remapped
+    err = capsys.readouterr().err
+    warnings_ = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings_) == 1, err
+    assert warnings_[0].startswith("depthpro-fast predict: warning: --dtype fp16 on this CPU: "
+                                   "it has no float16 arithmetic")
+    assert "Use --dtype fp32" in warnings_[0] and "RuntimeWarning" not in err
