@@ -628,3 +628,104 @@ def test_fp16_on_a_cpu_is_said_once_in_command_line_words(tmp_path, monkeypatch,
     assert warnings_[0].startswith("depthpro-fast predict: warning: --dtype fp16 on this CPU: "
                                    "it has no float16 arithmetic")
     assert "Use --dtype fp32" in warnings_[0] and "RuntimeWarning" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C while outputs are written (issue 16, item 7)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ctrl_c_run(tmp_path, fake_model, monkeypatch):
+    """Three images; the second forward is a Ctrl-C; the first image's colour preview stays
+    in its atomic write (half a file in a hidden temporary) until ``release`` is set."""
+    import threading
+
+    for i in range(3):
+        Image.fromarray(noisy_rgb(10, 12, seed=i)).save(tmp_path / f"img{i}.png")
+    release, released = threading.Event(), threading.Event()
+    notices: list[str] = []
+
+    def slow_color(path, depth):
+        try:
+            with outputs.atomic_write(path) as f:
+                f.write(b"\x89PNG half a file")
+                release.wait(30)
+        finally:  # also when the rename fails: the temporary was removed by the abort
+            released.set()
+
+    real_forward = fake_model.forward
+
+    def forward(x, need_fov=True):
+        if len(fake_model.calls) == 1:
+            raise KeyboardInterrupt
+        return real_forward(x, need_fov)
+
+    monkeypatch.setattr(outputs, "write_color", slow_color)
+    monkeypatch.setattr(fake_model, "forward", forward)
+    out = tmp_path / "out"
+    argv = ["predict", str(tmp_path), "-o", str(out), "--quiet"]
+    yield argv, out, release, released, notices
+    release.set()  # let an abandoned writer go in any case
+
+
+def test_ctrl_c_finishes_the_computed_outputs_and_prints_the_partial_summary(
+        ctrl_c_run, monkeypatch, capsys):
+    argv, out, release, released, notices = ctrl_c_run
+    real_announce = predict.announce
+
+    def announce(bar, text):
+        notices.append(text)
+        real_announce(bar, text)
+        release.set()  # the pending write can only finish after the notice
+
+    monkeypatch.setattr(predict, "announce", announce)
+    assert cli.main(argv) == 130
+    assert notices == ["interrupted: finishing the 2 outputs of 1 image already computed "
+                       "(Ctrl-C again to abort them; no partial file is left)"]
+    captured = capsys.readouterr()
+    assert ("interrupted: 3 images: 1 written, 0 skipped (outputs exist), 0 failed, "
+            "2 not done, in ") in captured.out
+    assert "a rerun with the same arguments continues" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["img0.color.png", "img0.npz"]
+    assert (out / "img0.color.png").read_bytes() == b"\x89PNG half a file"  # complete write
+    assert tmp_files(out) == []
+
+
+def test_second_ctrl_c_aborts_promptly_and_leaves_no_temporary_file(ctrl_c_run, monkeypatch,
+                                                                   capsys):
+    import signal
+    import threading
+    import time
+
+    argv, out, release, released, notices = ctrl_c_run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    real_announce = predict.announce
+    sent = []
+
+    def announce(bar, text):
+        notices.append(text)
+        real_announce(bar, text)
+        if text.startswith("interrupted"):  # the user presses Ctrl-C again while it waits
+            def press():
+                time.sleep(0.3)
+                sent.append(time.perf_counter())
+                os.kill(os.getpid(), signal.SIGINT)
+            threading.Thread(target=press, daemon=True).start()
+
+    monkeypatch.setattr(predict, "announce", announce)
+    rc = cli.main(argv)
+    returned = time.perf_counter()
+    assert rc == 130
+    assert returned - sent[0] < 3.0  # not held by the write, which is still blocked
+    assert not released.is_set()
+    assert notices[1] == "aborted: the outputs of 1 image were not written (a rerun computes it)"
+    captured = capsys.readouterr()
+    assert "interrupted: 3 images: 0 written, 0 skipped (outputs exist), 0 failed, 3 not done" \
+        in captured.out
+    assert tmp_files(out) == []  # the abandoned write's hidden temporary is gone
+    release.set()  # the abandoned writer wakes up: it must not put a file in place now
+    assert released.wait(10)
+    time.sleep(0.2)
+    assert sorted(p.name for p in out.iterdir()) == ["img0.npz"]  # the rerun redoes img0
+    assert tmp_files(out) == []

@@ -30,13 +30,16 @@ import glob
 import math
 import os
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from ..workers import DaemonPool
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".webp",
                             ".bmp", ".heic", ".heif", ".hif", ".avif"})
@@ -307,6 +310,12 @@ class Summary:
     seconds: float = 0.0
     missing: list[tuple[str, str]] = field(default_factory=list)  # (argument, why)
     left_out: dict[str, int] = field(default_factory=dict)  # folder -> sub-folders not searched
+    interrupted: bool = False  # Ctrl-C: the run stopped early
+    abandoned: int = 0  # images whose outputs a second Ctrl-C gave up on
+
+    @property
+    def not_done(self) -> int:
+        return self.total - self.written - self.skipped - len(self.failed)
 
 
 @dataclass
@@ -323,9 +332,15 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+class Aborted(Exception):
+    """The run was aborted (a second Ctrl-C) before this output was started."""
+
+
 def write_outputs(job: _Job, result: dict[str, Any], *, ply_stride: int = 1,
-                  ply_binary: bool = True, random_weights: bool = False) -> None:
-    """Every requested output of one image (each file atomically)."""
+                  ply_binary: bool = True, random_weights: bool = False,
+                  abort: threading.Event | None = None) -> None:
+    """Every requested output of one image (each file atomically); when ``abort`` is set, the
+    files not yet started are not started."""
     from .. import outputs
 
     depth = outputs.as_depth_array(result["depth"])
@@ -333,6 +348,8 @@ def write_outputs(job: _Job, result: dict[str, Any], *, ply_stride: int = 1,
     fov = float(result["fov_deg"])
     fov_estimated = result.get("fov_deg_estimated")
     for fmt, path in job.outputs.items():
+        if abort is not None and abort.is_set():
+            raise Aborted(f"{path} not written: aborted")
         if fmt == "npz":
             outputs.write_npz(path, depth, f_px, fov, focallength_source=job.f_source,
                               fov_deg_estimated=fov_estimated, random_weights=random_weights)
@@ -385,11 +402,12 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
         bar.update(1)
 
     start = time.perf_counter()
-    readers = ThreadPoolExecutor(workers, thread_name_prefix="depthpro-read")
-    writers = ThreadPoolExecutor(workers, thread_name_prefix="depthpro-write")
+    readers = DaemonPool(workers, "depthpro-read")
+    writers = DaemonPool(workers, "depthpro-write")
     reads: deque[tuple[_Job, Future]] = deque()
     writes: deque[tuple[_Job, Future]] = deque()
     queue = iter(todo)
+    abort = threading.Event()  # set by a second Ctrl-C: writers start no further file
 
     def read_ahead() -> None:  # keep two batches decoding while the model runs
         while len(reads) < 2 * batch_size:
@@ -400,15 +418,16 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
 
     def finish_writes(limit: int) -> None:  # collect finished writes; block above `limit`
         while writes and (writes[0][1].done() or len(writes) > limit):
-            job, fut = writes.popleft()
-            try:
-                fut.result()
-            except Exception as e:
-                fail(job, e)
+            job, fut = writes[0]
+            error = fut.exception()  # waits; a Ctrl-C here leaves the job in `writes`
+            writes.popleft()
+            if error is not None:
+                fail(job, error)
             else:
                 summary.written += 1
                 bar.update(1)
 
+    aborted = False
     try:
         read_ahead()
         while reads:
@@ -435,15 +454,55 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
                 writes.append((job, writers.submit(write_outputs, job, result,
                                                    ply_stride=ply_stride,
                                                    ply_binary=ply_binary,
-                                                   random_weights=random_weights)))
+                                                   random_weights=random_weights,
+                                                   abort=abort)))
             finish_writes(limit=2 * batch_size)
         finish_writes(limit=0)
+    except KeyboardInterrupt:
+        # Ctrl-C: no new image; the outputs already computed are finished (each file is
+        # atomic, so this is only about not throwing the work away) unless Ctrl-C comes again
+        summary.interrupted = True
+        readers.shutdown(wait=False, cancel=True)
+        reads.clear()
+        try:
+            if writes:
+                files = sum(len(job.outputs) for job, _ in writes)
+                announce(bar, f"{label + ': ' if label else ''}interrupted: finishing the "
+                         f"{_plural(files, 'output')} of {_plural(len(writes), 'image')} "
+                         "already computed (Ctrl-C again to abort them; no partial file is "
+                         "left)")
+            finish_writes(limit=0)
+        except KeyboardInterrupt:
+            aborted = True
+            abort.set()
+            writers.shutdown(wait=False, cancel=True)
+            summary.abandoned = len(writes)
+            remove_temp_files([p for job, _ in writes for p in job.outputs.values()])
+            announce(bar, f"{label + ': ' if label else ''}aborted: the outputs of "
+                     f"{_plural(len(writes), 'image')} were not written (a rerun computes "
+                     f"{'it' if len(writes) == 1 else 'them'})")
     finally:
-        readers.shutdown(wait=True, cancel_futures=True)
-        writers.shutdown(wait=True, cancel_futures=True)  # no write is cut off halfway
+        interrupted = summary.interrupted
+        readers.shutdown(wait=not interrupted, cancel=True)
+        writers.shutdown(wait=not aborted, cancel=True)  # no write is cut off halfway
         bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def announce(bar: Any, text: str) -> None:
+    """A line on stderr that does not tear the progress bar."""
+    bar.write(text, file=sys.stderr)
+
+
+def remove_temp_files(paths: Sequence[Path]) -> None:
+    """Delete the hidden temporary files that abandoned atomic writes of ``paths`` left."""
+    import contextlib
+
+    for path in paths:
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def _run_batch(model: Any, transform: Callable, batch: list[_Job]) -> list[tuple[_Job, Any]]:
@@ -485,8 +544,10 @@ def format_summary(s: Summary, outdir: str | os.PathLike) -> str:
     processed and written, so that a missing file or a skipped image does not show up as
     thousands of images per second."""
     rate = f" ({s.written / s.seconds:.2f} images/s)" if s.written and s.seconds > 0 else ""
-    text = (f"{_plural(s.total, 'image')}: {s.written} written, {s.skipped} skipped (outputs "
-            f"exist), {len(s.failed)} failed, in {s.seconds:.1f} s{rate}")
+    not_done = f", {s.not_done} not done" if s.interrupted else ""
+    text = (f"{'interrupted: ' if s.interrupted else ''}{_plural(s.total, 'image')}: "
+            f"{s.written} written, {s.skipped} skipped (outputs exist), {len(s.failed)} failed"
+            f"{not_done}, in {s.seconds:.1f} s{rate}")
     if s.missing:
         text += f"; {_plural(len(s.missing), 'argument')} matched no image"
     if s.left_out:
@@ -496,6 +557,8 @@ def format_summary(s: Summary, outdir: str | os.PathLike) -> str:
         text += "\nfailed:\n" + "\n".join(f"  {path}: {why}" for path, why in s.failed)
     if s.missing:
         text += "\nno image:\n" + "\n".join(f"  {arg}: {why}" for arg, why in s.missing)
+    if s.interrupted:
+        text += "\na rerun with the same arguments continues where this one stopped"
     return text
 
 
@@ -614,6 +677,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr if world > 1 else sys.stdout)
         if checkpoint is None and rank == 0 and todo:  # again at the end, where the eye lands
             print(RANDOM_WEIGHTS_NOTE, file=sys.stdout)
+        if summary.interrupted:  # Ctrl-C: the partial summary above, no collective (may hang)
+            return 130
         failed = len(summary.failed) + len(summary.missing)
         if world > 1:
             total, written, skipped, failed, seconds = distributed.sum_counts(
