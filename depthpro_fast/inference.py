@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import warnings
@@ -152,9 +153,45 @@ def _check_image_batch(x: Any) -> torch.Tensor:
     return x
 
 
+def _list_value(v: Any, i: int) -> float:
+    """One entry of an ``f_px`` list: a number (or a 1-element array / tensor), or None."""
+    if v is None:
+        return math.nan  # marks "estimate this one"
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, np.generic, np.ndarray,
+                                                 torch.Tensor)):
+        raise TypeError(f"f_px[{i}] must be a number of pixels or None, got "
+                        f"{type(v).__name__}")
+    n = v.numel() if isinstance(v, torch.Tensor) else getattr(v, "size", 1)
+    if n != 1:
+        raise ValueError(f"f_px[{i}] must be one number, got shape {tuple(v.shape)}")
+    try:
+        value = float(v.item() if isinstance(v, (np.ndarray, torch.Tensor)) else v)
+    except (TypeError, ValueError):
+        raise ValueError(f"f_px[{i}] must be one number, got {v!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"f_px[{i}] must be finite and > 0 (pixels), got {value}")
+    return value
+
+
 def focal_length_tensor(f_px: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """A user's focal length (float, numpy scalar/array or tensor; one value or one per image)
-    -> float32 tensor (B, 1, 1, 1)."""
+    """A user's focal length -> float32 tensor (B, 1, 1, 1).
+
+    Accepted: a number, a numpy scalar / array or a tensor (one value, or one per image), or a
+    list / tuple of numbers, one per image (or one for all), where ``None`` means "no focal
+    length for this image": its entry is NaN, and ``infer`` estimates it from the FOV."""
+    if isinstance(f_px, np.ndarray) and f_px.dtype == object:  # e.g. np.array([800, None])
+        f_px = f_px.ravel().tolist()
+    if isinstance(f_px, (list, tuple)):
+        if not f_px:
+            raise ValueError("f_px is an empty list; pass one value, or one per image "
+                             f"({batch}), or None")
+        if len(f_px) not in (1, batch):
+            raise ValueError(f"f_px has {len(f_px)} values but the batch has {batch} "
+                             f"image{'s' if batch != 1 else ''}; pass one value, or one per "
+                             "image")
+        values = [_list_value(v, i) for i, v in enumerate(f_px)]
+        f = torch.tensor(values, dtype=torch.float32, device=device)
+        return f.reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1)
     if isinstance(f_px, torch.Tensor):
         f = f_px.detach().to(device=device, dtype=torch.float32)
     elif isinstance(f_px, (numbers.Real, np.ndarray, np.generic)) and not isinstance(f_px, bool):
@@ -164,7 +201,8 @@ def focal_length_tensor(f_px: Any, batch: int, device: torch.device) -> torch.Te
         except (TypeError, ValueError):
             raise TypeError(f"f_px must be numeric, got {f_px!r}") from None
     else:
-        raise TypeError("f_px must be None, a number, a numpy scalar/array or a tensor, got "
+        raise TypeError("f_px must be None, a number, a list of numbers (None for an image "
+                        "without one), a numpy scalar/array or a tensor, got "
                         f"{type(f_px).__name__}")
     if f.numel() not in (1, batch):
         raise ValueError(f"f_px must hold 1 value or one per image ({batch}), got shape "
@@ -174,13 +212,15 @@ def focal_length_tensor(f_px: Any, batch: int, device: torch.device) -> torch.Te
     return f.reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1)
 
 
-def clamp_fov(fov_deg: torch.Tensor, *, warn: bool = True) -> torch.Tensor:
+def clamp_fov(fov_deg: torch.Tensor, *, warn: bool | torch.Tensor = True) -> torch.Tensor:
     """The network's FOV estimate in float32, clamped to ``FOV_RANGE_DEG`` (NaN -> 60 degrees),
-    with a warning when ``warn`` and a value had to be clamped."""
+    with a warning when a clamped value is used (``warn``: True, False, or a per-image mask)."""
     fov = fov_deg.to(torch.float32)
     low, high = FOV_RANGE_DEG
     bad = ~torch.isfinite(fov) | (fov < low) | (fov > high)
     if bool(bad.any()):
+        if isinstance(warn, torch.Tensor):
+            warn = bool((bad & warn.reshape(bad.shape)).any())
         if warn:
             warnings.warn(f"estimated field of view {fov.flatten().tolist()} deg is outside "
                           f"[{low}, {high}]; clamped (pass {option('f_px', '--f-px')} to "
@@ -264,8 +304,9 @@ def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
     if (height, width) != (IMG_SIZE, IMG_SIZE):
         x = _resize(x, (IMG_SIZE, IMG_SIZE), interpolation_mode)
 
-    # need_fov=False lets a model that skips unused work (the fast path) drop the FOV branch
-    canonical_inverse_depth, fov_deg = model(x, need_fov=f_given is None)
+    # need_fov=False lets the fast path skip the FOV network: every image has a focal length
+    need_fov = f_given is None or bool(torch.isnan(f_given).any())
+    canonical_inverse_depth, fov_deg = model(x, need_fov=need_fov)
     return postprocess(canonical_inverse_depth, fov_deg, f_given, height, width,
                        interpolation_mode, return_inverse_depth=return_inverse_depth)
 
@@ -286,16 +327,26 @@ def postprocess(canonical_inverse_depth: torch.Tensor, fov_deg: torch.Tensor | N
     is the network's own estimate (clamped to ``FOV_RANGE_DEG``), present exactly when the
     FOV network ran. Without ``f_given`` the two are equal."""
     batch = canonical_inverse_depth.shape[0]
-    estimated = None if fov_deg is None else clamp_fov(fov_deg, warn=f_given is None)
+    # images without a given focal length (all, or the None entries of an f_px list: NaN)
+    unknown = None if f_given is None else torch.isnan(f_given)
+    if unknown is not None and not bool(unknown.any()):
+        unknown = None
+    if (f_given is None or unknown is not None) and fov_deg is None:
+        raise ValueError("this model has no FOV network (use_fov=False): pass "
+                         + option("f_px", "--f-px")
+                         + ("" if f_given is None else " for every image (no None entries)"))
+    warn: bool | torch.Tensor = f_given is None or (unknown if unknown is not None else False)
+    estimated = None if fov_deg is None else clamp_fov(fov_deg, warn=warn)
     if f_given is None:
-        if estimated is None:
-            raise ValueError("this model has no FOV network (use_fov=False): pass "
-                             + option("f_px", "--f-px"))
         f = 0.5 * width / torch.tan(0.5 * torch.deg2rad(estimated))
         fov_used = estimated  # the FOV of that focal length, without a float round trip
-    else:
+    elif unknown is None:
         f = f_given
         fov_used = fov_from_focal(f, width)
+    else:  # a mix: the estimate where no focal length was given, the given one elsewhere
+        f = torch.where(unknown, 0.5 * width / torch.tan(0.5 * torch.deg2rad(estimated)),
+                        f_given)
+        fov_used = torch.where(unknown, estimated, fov_from_focal(f, width))
     inverse_depth = canonical_inverse_depth * (width / f)
     if (height, width) != (IMG_SIZE, IMG_SIZE):
         inverse_depth = _resize(inverse_depth, (height, width), interpolation_mode)

@@ -243,3 +243,99 @@ def test_cpu_flags_are_read_from_proc_cpuinfo():
         assert flags is None
     else:
         assert flags and ("avx2" in flags or "fp" in flags or "sse2" in flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# f_px as a Python list, one per image, None for "estimate this one" (issue 16, item 8)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro_model():
+    """A small random model: these tests are about f_px's handling, not about the network."""
+    from tests.test_fast_path import MICRO
+
+    torch.manual_seed(5)
+    return depthpro_fast.load(None, config=MICRO, device="cpu", backend="reference")
+
+
+@pytest.fixture(scope="module")
+def pair(micro_model, tiny_image):
+    model, transform = micro_model
+    a = transform(tiny_image)
+    b = transform(tiny_image.flip(-1).roll(37, dims=-2))
+    return model, torch.stack([a, b]), [model.infer(a), model.infer(b)]
+
+
+def test_f_px_list_equals_tensor_and_single_calls(pair):
+    from depthpro_fast.inference import focal_length_tensor
+
+    model, x, singles = pair
+    cpu = torch.device("cpu")
+    want = focal_length_tensor(torch.tensor([300.0, 600.0]), 2, cpu)
+    for spelling in ([300.0, 600], (np.float32(300.0), torch.tensor(600.0)),
+                     [np.array(300.0), np.array([600.0])]):
+        assert torch.equal(focal_length_tensor(spelling, 2, cpu), want)
+    assert focal_length_tensor([300.0], 2, cpu).flatten().tolist() == [300.0, 300.0]
+    as_list = model.infer(x, f_px=[300.0, 600])
+    as_tensor = model.infer(x, f_px=torch.tensor([300.0, 600.0]))
+    for key in ("depth", "focallength_px", "fov_deg", "fov_deg_estimated"):
+        assert torch.equal(as_list[key], as_tensor[key]), key
+    for i, f in enumerate((300.0, 600.0)):
+        single = model.infer(x[i], f_px=f)
+        torch.testing.assert_close(as_list["depth"][i], single["depth"], rtol=1e-5, atol=1e-6)
+        assert float(as_list["fov_deg"][i]) == float(single["fov_deg"])
+
+
+def test_f_px_list_with_none_estimates_those_images(pair):
+    model, x, singles = pair
+    mixed = model.infer(x, f_px=[None, 600.0])
+    # image 0: as without f_px; image 1: as with f_px=600
+    torch.testing.assert_close(mixed["depth"][0], singles[0]["depth"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed["focallength_px"][0], singles[0]["focallength_px"],
+                               rtol=1e-5, atol=0)
+    assert float(mixed["fov_deg"][0]) == pytest.approx(float(singles[0]["fov_deg"]), rel=1e-5)
+    given = model.infer(x[1], f_px=600.0)
+    torch.testing.assert_close(mixed["depth"][1], given["depth"], rtol=1e-5, atol=1e-6)
+    assert float(mixed["focallength_px"][1]) == 600.0
+    assert float(mixed["fov_deg"][1]) == float(given["fov_deg"])  # the FOV of 600 px
+    assert mixed["fov_deg_estimated"].shape == (2,)  # the FOV network ran for both
+    all_none = model.infer(x, f_px=[None, None])
+    torch.testing.assert_close(all_none["depth"], model.infer(x)["depth"], rtol=0, atol=0)
+
+
+def test_f_px_list_with_none_runs_the_fov_network_on_the_fast_path(micro_model, tiny_image):
+    import copy
+
+    model, transform = micro_model
+    fast = copy.deepcopy(model).prepare_fast(True)
+    x = torch.stack([transform(tiny_image)] * 2)
+    mixed = fast.infer(x, f_px=[None, 600.0])  # needs the estimate for image 0
+    assert "fov_deg_estimated" in mixed and float(mixed["focallength_px"][1]) == 600.0
+    assert "fov_deg_estimated" not in fast.infer(x, f_px=[300.0, 600.0])  # skipped
+
+
+@pytest.mark.parametrize("f_px, error, match", [
+    ([300.0, 600.0, 900.0], ValueError, "f_px has 3 values but the batch has 2 images"),
+    ([], ValueError, "empty list"),
+    ([300.0, -1.0], ValueError, r"f_px\[1\] must be finite and > 0"),
+    ([300.0, float("nan")], ValueError, r"f_px\[1\] must be finite and > 0"),
+    ([300.0, "600"], TypeError, r"f_px\[1\] must be a number of pixels or None, got str"),
+    ([True, 600.0], TypeError, r"f_px\[0\] must be a number"),
+    ([np.array([1.0, 2.0]), 600.0], ValueError, r"f_px\[0\] must be one number, got shape"),
+    ({"a": 1}, TypeError, "a list of numbers"),
+])
+def test_bad_f_px_lists_say_which_entry(pair, f_px, error, match):
+    model, x, _ = pair
+    with pytest.raises(error, match=match):
+        model.infer(x, f_px=f_px)
+
+
+def test_no_fov_network_needs_every_focal_length():
+    from tests.test_fast_path import MICRO
+
+    model, _ = depthpro_fast.load(None, config=MICRO, device="cpu", use_fov=False)
+    x = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="pass f_px for every image"):
+        model.infer(x, f_px=[None, 600.0])
+    assert model.infer(x, f_px=[300.0, 600.0])["fov_deg"].shape == (2,)
