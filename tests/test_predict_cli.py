@@ -374,7 +374,8 @@ def test_missing_paths_alone_are_nothing_to_do(tmp_path, fake_model, capsys):
     err = capsys.readouterr().err
     assert "missing.jpg: no such file or folder" in err
     assert "*.png: no image matches this pattern" in err
-    assert "no images found" in err and "nothing to do" in err
+    assert ("no images found: none of the 2 paths given is or matches an image (see above); "
+            "nothing to do") in err
     assert fake_model.loads == []
 
 

@@ -547,7 +547,7 @@ def format_summary(s: Summary, outdir: str | os.PathLike) -> str:
     not_done = f", {s.not_done} not done" if s.interrupted else ""
     text = (f"{'interrupted: ' if s.interrupted else ''}{_plural(s.total, 'image')}: "
             f"{s.written} written, {s.skipped} skipped (outputs exist), {len(s.failed)} failed"
-            f"{not_done}, in {s.seconds:.1f} s{rate}")
+            f"{not_done}" + (f", in {s.seconds:.1f} s{rate}" if s.seconds > 0 else ""))
     if s.missing:
         text += f"; {_plural(len(s.missing), 'argument')} matched no image"
     if s.left_out:
@@ -637,6 +637,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"depthpro-fast predict: note: {left_out_note(left_out)}",
                       file=sys.stderr)
         if not sources:
+            if len(problems) == len(args.paths):  # each argument already said why, above
+                which = ("the path given is no image and matches none" if len(problems) == 1
+                         else f"none of the {len(problems)} paths given is or matches an image")
+                raise FileNotFoundError(f"no images found: {which} (see above); nothing to do")
             looked = f"looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
             if left_out:
                 looked += f"; {left_out_note(left_out)}"
