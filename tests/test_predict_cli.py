@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from depthpro_fast import cli, outputs
-from depthpro_fast.commands import predict
+from depthpro_fast.commands import predict, predict_run
 from depthpro_fast.inference import Transform
 from depthpro_fast.io import load_image
 from tests.conftest import TINY_DIR
@@ -673,14 +673,14 @@ def ctrl_c_run(tmp_path, fake_model, monkeypatch):
 def test_ctrl_c_finishes_the_computed_outputs_and_prints_the_partial_summary(
         ctrl_c_run, monkeypatch, capsys):
     argv, out, release, released, notices = ctrl_c_run
-    real_announce = predict.announce
+    real_announce = predict_run.announce
 
     def announce(bar, text):
         notices.append(text)
         real_announce(bar, text)
         release.set()  # the pending write can only finish after the notice
 
-    monkeypatch.setattr(predict, "announce", announce)
+    monkeypatch.setattr(predict_run, "announce", announce)
     assert cli.main(argv) == 130
     assert notices == ["interrupted: finishing the 2 outputs of 1 image already computed "
                        "(Ctrl-C again to abort them; no partial file is left)"]
@@ -701,7 +701,7 @@ def test_second_ctrl_c_aborts_promptly_and_leaves_no_temporary_file(ctrl_c_run, 
 
     argv, out, release, released, notices = ctrl_c_run
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    real_announce = predict.announce
+    real_announce = predict_run.announce
     sent = []
 
     def announce(bar, text):
@@ -714,7 +714,7 @@ def test_second_ctrl_c_aborts_promptly_and_leaves_no_temporary_file(ctrl_c_run, 
                 os.kill(os.getpid(), signal.SIGINT)
             threading.Thread(target=press, daemon=True).start()
 
-    monkeypatch.setattr(predict, "announce", announce)
+    monkeypatch.setattr(predict_run, "announce", announce)
     rc = cli.main(argv)
     returned = time.perf_counter()
     assert rc == 130
