@@ -268,7 +268,8 @@ def check_keys(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str,
     if not (missing or unexpected or wrong or not_float):
         return
     parts = [f"checkpoint {source} does not match the model config {config.to_dict()} "
-             f"(use_fov={use_fov}):"]
+             + option(f"(use_fov={use_fov}):", "(with its FOV network):" if use_fov
+                      else "(without a FOV network):")]
     if missing:
         parts.append(f"  {len(missing)} missing keys: {_short(missing)}")
     if unexpected:

@@ -278,7 +278,7 @@ def check_output_memory(batch: int, height: int, width: int, device: torch.devic
             f"a {batch}x{height}x{width} input needs about {needed / 2**30:.1f} GiB for its "
             f"full-resolution depth outputs on {device}, but only {free / 2**30:.1f} GiB is "
             "free; downscale the image (the network itself always runs at 1536x1536) or use a "
-            "smaller batch")
+            "smaller batch" + option("", " (--batch-size)"))
 
 
 def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,

@@ -16,7 +16,7 @@ from tests.conftest import TINY_DIR
 
 # Python spellings that must never reach a command-line user
 PYTHON_SPELLINGS = re.compile(r"\b(checkpoint|config|expected_sha256|expected_size|device|dtype|"
-                              r"backend|f_px|url)=|expected_sha256|expected_size")
+                              r"backend|f_px|url|use_fov)=|expected_sha256|expected_size")
 
 
 @pytest.fixture
