@@ -147,7 +147,11 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
                     overwrite: bool = False, ply_stride: int = 1, ply_binary: bool = True,
                     workers: int = 2, progress: bool = True, label: str = "",
                     random_weights: bool = False) -> Summary:
-    """Run the model over ``named`` (from ``assign_names``) and write the outputs."""
+    """Run the model over ``named`` (from ``assign_names``) and write the outputs.
+
+    A Ctrl-C (``KeyboardInterrupt``) does not propagate: the outputs already computed are
+    finished (or, on a second Ctrl-C, abandoned) and the partial ``Summary`` is returned with
+    ``interrupted`` set, for the caller to report; ``depthpro-fast predict`` exits with 130."""
     from tqdm import tqdm
 
     from ..io import load_image
