@@ -332,7 +332,8 @@ def postprocess(canonical_inverse_depth: torch.Tensor, fov_deg: torch.Tensor | N
     if unknown is not None and not bool(unknown.any()):
         unknown = None
     if (f_given is None or unknown is not None) and fov_deg is None:
-        raise ValueError("this model has no FOV network (use_fov=False): pass "
+        raise ValueError("this model has no FOV network ("
+                         + option("use_fov=False", "use_fov false in its config") + "): pass "
                          + option("f_px", "--f-px")
                          + ("" if f_given is None else " for every image (no None entries)"))
     warn: bool | torch.Tensor = f_given is None or (unknown if unknown is not None else False)

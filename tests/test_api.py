@@ -26,6 +26,7 @@ def test_transform_pil_numpy_tensor_identical(tiny_model, tiny_image):
     assert torch.equal(from_tensor, expected)
 
 
+@pytest.mark.filterwarnings("ignore:dtype=torch.float16 on this CPU")  # expected
 def test_transform_float_input_and_dtype():
     _, transform = depthpro_fast.load(None, config="tiny", device="cpu", dtype=torch.float16)
     x = torch.rand(3, 8, 9)

@@ -47,6 +47,7 @@ def test_saved_state_dict_loads_back_strictly(tmp_path):
         assert k == k2 and torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:dtype=torch.float16 on this CPU")  # expected
 def test_fixture_loads_fp16_into_fp32(tiny_state_dict):
     model, _ = depthpro_fast.load(TINY_DIR / "state_dict_fp16.pt", config=TINY, device="cpu")
     w = model.encoder.patch_encoder.blocks[0].attn.qkv.weight
