@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 
 from . import backends
 from . import checkpoint as ckpt
+from ._spelling import option
 from .config import DepthProConfig, resolve_config
 from .inference import Transform
 from .model import DepthPro
@@ -28,10 +30,12 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         isinstance(dtype, torch.dtype) and "float8" in str(dtype))
     if fp8:
         raise ValueError(f"dtype {dtype!r}: FP8 inference is not implemented; use "
-                         "torch.bfloat16 or torch.float16 (with fast=True for the fast path)")
+                         + option("torch.bfloat16 or torch.float16 (with fast=True for the fast "
+                                  "path)", "--dtype bf16 or fp16 (with --fast for the fast path)"))
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+            raise ValueError(f"unknown {option('dtype', '--dtype')} {dtype!r}; accepted: "
+                             f"{', '.join(DTYPES)}")
         return DTYPES[dtype]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype {dtype} not supported; torch.float32, torch.float16 or "
@@ -45,10 +49,64 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"invalid device {device!r}; e.g. 'cpu', 'cuda', 'cuda:1'") from None
+        raise ValueError(f"invalid {option('device', '--device')} {device!r}; e.g. cpu, cuda, "
+                         "cuda:1") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+        raise ValueError(f"{option('device', '--device')} {device!r} requested but CUDA is not "
+                         "available here; use " + option("device='cpu'", "--device cpu"))
     return dev
+
+
+_CPU_FLAGS: frozenset[str] | None = None
+# CPU feature flags (/proc/cpuinfo: x86 "flags", Arm "Features") that give native arithmetic
+_NATIVE_FLAGS = {torch.float16: ("avx512_fp16", "amx_fp16", "fphp", "asimdhp"),
+                 torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16")}
+_DTYPE_WORDS = {torch.float16: ("float16", "torch.float16", "fp16"),
+                torch.bfloat16: ("bfloat16", "torch.bfloat16", "bf16")}
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (read once), or None where unknown."""
+    global _CPU_FLAGS
+    if _CPU_FLAGS is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key.strip() in ("flags", "Features"):
+                        _CPU_FLAGS = frozenset(value.split())
+                        break
+        except OSError:
+            pass
+    return _CPU_FLAGS
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool | None:
+    """Whether this CPU has arithmetic for ``dtype`` (fp16 / bf16); None when unknown."""
+    flags = cpu_flags()
+    if flags is None:
+        return None
+    return any(f in flags for f in _NATIVE_FLAGS.get(dtype, ()))
+
+
+def warn_slow_cpu_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    """Say so when fp16 / bf16 on this CPU is emulated: every op then converts to fp32 and
+    back, and the whole model runs many times slower than in fp32 (tiny config, 2-core AMD
+    EPYC without AVX512-FP16 / -BF16: fp16 7-15x, bf16 about 14x). The computation stays in
+    the dtype asked for; only the user can decide to change it."""
+    if device.type != "cpu" or dtype not in _NATIVE_FLAGS or cpu_has_native(dtype) is not False:
+        return
+    name, py_name, cli_name = _DTYPE_WORDS[dtype]
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    alternatives = [option("torch.float32", "--dtype fp32")]
+    if cpu_has_native(torch.bfloat16) and other == torch.bfloat16:
+        alternatives.append(option("torch.bfloat16", "--dtype bf16") + " (native here)")
+    flags = " / ".join(f.upper().replace("_", "-") for f in _NATIVE_FLAGS[dtype][:2])
+    warnings.warn(
+        f"{option('dtype=' + py_name, '--dtype ' + cli_name)} on this CPU: it has no {name} "
+        f"arithmetic (no {flags}), so PyTorch emulates it and the model runs about 7x or more "
+        f"slower than in float32 (measured 7-15x). Use {' or '.join(alternatives)} for speed; "
+        f"the model stays in {name} as asked.", RuntimeWarning, stacklevel=3)
 
 
 def build_model(config: DepthProConfig, *, use_fov: bool = True,
@@ -92,7 +150,8 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     ``fast``: ``True`` (or a dict of ``depthpro_fast.fast.FastOptions`` fields) prepares the
     fast path once, here: exact conv folds, fused ViT epilogues, channels_last, and on CUDA a
     second stream, cuDNN autotuning and CUDA graphs; the FOV branch is then skipped when
-    ``infer`` is given ``f_px`` (``fov_deg`` is the FOV implied by ``f_px``). Use it with
+    ``infer`` is given ``f_px`` (``fov_deg`` is the FOV of ``f_px`` on every path; the fast
+    path then has no ``fov_deg_estimated``). Use it with
     ``dtype=torch.bfloat16`` or ``torch.float16`` on a GPU.
     """
     cfg = resolve_config(config)
@@ -104,6 +163,11 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     from .fast.engine import FastOptions
 
     fast_options = FastOptions.resolve(fast)  # checked before the (slow) weight loading
+    # a backend that cannot run here is refused now, not once per image later
+    backends.require_backend(backend, dev)
+    if fast_options is not None and fast_options.epilogue_backend is not None:
+        backends.require_backend(fast_options.epilogue_backend, dev)
+    warn_slow_cpu_dtype(dev, dt)
 
     if checkpoint is None:
         model = build_model(cfg, use_fov=use_fov, device=dev)

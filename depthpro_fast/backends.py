@@ -197,3 +197,24 @@ def fallback_log() -> dict[str, str]:
 
 def registered_ops() -> dict[str, tuple[str, ...]]:
     return {op: tuple(sorted(impls)) for op, impls in sorted(_REGISTRY.items())}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly chosen backend cannot run on the model's device."""
+
+
+def require_backend(backend: str | None, device: torch.device) -> None:
+    """Refuse, before any work, an explicit backend that cannot run on ``device``, with the
+    reason ``info()`` gives; otherwise every call of every op would fail on its own."""
+    from ._spelling import option
+
+    backend = check_backend(backend)
+    if device.type == "meta":  # nothing runs on meta tensors (shape tracing, AOT capture)
+        return
+    ok, why = backend_status(backend, device)
+    if not ok:
+        raise BackendUnavailableError(
+            f"backend {backend!r} cannot run on {device}: {why}. "
+            + option("backend='auto'", "--backend auto")
+            + " uses the fastest backend that can; `depthpro-fast info` lists which are "
+            "available and why not")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from ._spelling import in_cli, option
 from .config import DepthProConfig
 
 CHECKPOINT_NAME = "depth_pro.pt"
@@ -52,11 +55,16 @@ def find_checkpoint() -> Path:
         if path.is_file():
             return path
         looked.append(f"  {what}: {path.resolve()} (not found)")
+    if in_cli():
+        choices = ("pass --checkpoint PATH; to try the command without them, "
+                   "--random-weights --config tiny (meaningless depth, no download)")
+    else:
+        choices = "pass checkpoint=PATH; checkpoint=None builds random weights"
     raise FileNotFoundError(
         "no DepthPro checkpoint found. Looked at:\n" + "\n".join(looked) + "\n"
-        f"Get Apple's weights ({CHECKPOINT_NAME}, 1.9 GB) from {CHECKPOINT_URL} and put the "
-        f"file in one of those places (or set ${ENV_VAR}), or pass checkpoint=PATH; "
-        "checkpoint=None builds random weights.")
+        f"Get Apple's weights ({CHECKPOINT_NAME}, 1.9 GB) with `depthpro-fast download` (or "
+        f"from {CHECKPOINT_URL}) and put the file in one of those places (or set ${ENV_VAR}), "
+        f"or {choices}.")
 
 
 HF_WEIGHTS_NAME = "model.safetensors"  # the Hugging Face (DepthPro-hf) weights file
@@ -97,27 +105,87 @@ def _read_any(path: Path) -> dict[str, torch.Tensor]:
                               f"containing {HF_WEIGHTS_NAME})")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    if path.suffix == ".safetensors":
+    kind = _sniff(path)
+    if kind == "safetensors" or path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:
-        try:
-            # mmap: 952M parameters are paged in on use instead of read up front
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            # legacy (pre-zipfile) serialisation cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's note about a pickle protocol it did not write: noise for the user, and
+            # the file's real problem is reported below
+            warnings.filterwarnings("ignore", message=r".*pickle protocol")
+            try:
+                # mmap: 952M parameters are paged in on use instead of read up front
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # legacy (pre-zipfile) serialisation cannot be memory-mapped
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
             OSError, AttributeError, TypeError, IndexError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            msg = ("it contains objects other than tensors, which are not loaded for safety "
-                   "(weights_only=True)")
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {msg}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
+                              f"{_explain_load_error(e, kind)}") from None
     return _as_state_dict(obj, path)
 
 
+def _sniff(path: Path) -> str:
+    """What the file is from its first bytes: ``"zip"`` (torch.save), ``"pickle"`` (legacy
+    torch.save, or a plain pickle) or ``"safetensors"``; anything else is refused here, with
+    what it looks like, instead of being fed to the unpickler (whose error reads like a
+    security refusal for random bytes)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= size - 8:
+            return "safetensors"
+    stripped = head.lstrip().lower()
+    if stripped.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        what = "an HTML / XML page (a failed download or an error page saved under this name?)"
+    elif head.startswith(b"version https://git-lfs"):
+        what = "a Git LFS pointer, not the weights (`git lfs pull` fetches them)"
+    elif head.startswith(b"\x1f\x8b"):
+        what = "a gzip file (decompress it first)"
+    elif head[257:262] == b"ustar":
+        what = "a tar archive (extract it first)"
+    elif head and all(32 <= c < 127 or c in b"\r\n\t" for c in head):
+        first = head.decode("ascii").strip().splitlines()[0][:40] if head.strip() else ""
+        what = f"a text file (it starts with {first!r})"
+    else:
+        what = (f"neither a PyTorch file (a zip archive or a pickle) nor safetensors: "
+                f"{size} bytes starting with {head[:8].hex(' ')}")
+    raise CheckpointError(f"{path} is not a checkpoint: it is {what}. DepthPro's weights are "
+                          f"{CHECKPOINT_NAME} ({CHECKPOINT_URL}; `depthpro-fast download` "
+                          "fetches and checks it)")
+
+
+def _explain_load_error(e: BaseException, kind: str) -> str:
+    """torch.load's error, in a sentence about the file (not torch's internals)."""
+    text = str(e)
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsupported:
+        return (f"it contains Python objects other than tensors ({unsupported.group(1)}), which "
+                "are not loaded for safety (weights_only=True: they could run code). A whole "
+                "pickled model must be saved as its state_dict()")
+    if "weights_only" in text or "Weights only load failed" in text:
+        if kind == "pickle":  # not the protocol torch.save writes, or damaged
+            return ("it is a Python pickle that torch.save did not write (or a damaged one), "
+                    "which is not loaded for safety (weights_only=True: pickles can run code)")
+        return ("it contains objects other than tensors, which are not loaded for safety "
+                "(weights_only=True)")
+    if kind == "zip" and re.search(r"data\.pkl|not in a subdirectory|archive/", text):
+        return "it is a zip archive, but not one written by torch.save (no data.pkl inside)"
+    if (kind == "zip" and re.search(r"central directory|miniz|truncat|corrupt", text, re.I)
+            or isinstance(e, (zipfile.BadZipFile, EOFError))):
+        return ("the file is damaged or truncated (an interrupted download or copy?); get it "
+                "again (`depthpro-fast download` resumes and checks it)")
+    first = text.split(". ")[0].splitlines()[0] if text else type(e).__name__
+    return first
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         from safetensors.torch import load_file
@@ -200,7 +268,8 @@ def check_keys(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str,
     if not (missing or unexpected or wrong or not_float):
         return
     parts = [f"checkpoint {source} does not match the model config {config.to_dict()} "
-             f"(use_fov={use_fov}):"]
+             + option(f"(use_fov={use_fov}):", "(with its FOV network):" if use_fov
+                      else "(without a FOV network):")]
     if missing:
         parts.append(f"  {len(missing)} missing keys: {_short(missing)}")
     if unexpected:
@@ -209,5 +278,6 @@ def check_keys(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str,
         parts.append(f"  {len(wrong)} keys with wrong shapes: {_short(wrong, 5)}")
     if not_float:
         parts.append(f"  {len(not_float)} non-float tensors: {_short(not_float, 5)}")
-    parts.append(f"  ({guess_config(state_dict)}; pass the matching config=)")
+    parts.append(f"  ({guess_config(state_dict)}; pass the matching "
+                 f"{option('config=', '--config')})")
     raise CheckpointError("\n".join(parts))

@@ -8,9 +8,12 @@ when their subcommand runs, so ``depthpro-fast info`` stays quick.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import sys
+import warnings
+from collections.abc import Iterator
 
 # name -> one-line help; the module is depthpro_fast.commands.<name>
 COMMANDS = {
@@ -45,21 +48,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _plain_warnings(command: str) -> Iterator[None]:
+    """Show warnings as one line naming the command, not as ``file:line: Category: text`` with
+    a source line from deep inside the package (which reads like a crash)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"depthpro-fast {command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ._spelling import cli_spelling
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     module = importlib.import_module(f"depthpro_fast.commands.{args.command}")
-    try:
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"depthpro-fast {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    # errors and warnings name command-line options (--config), not Python ones (config=)
+    with cli_spelling(), _plain_warnings(args.command):
+        try:
+            return int(module.run(args) or 0)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except (ValueError, TypeError, OSError, RuntimeError, MemoryError) as e:
+            # OSError covers FileNotFoundError and PermissionError: a message, not a traceback
+            print(f"depthpro-fast {args.command}: error: {e}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ._spelling import option
+
 # Fixed architecture constants (spec §1.1, §2).
 PATCH_SIZE = 16
 WINDOW_SIZE = 384
@@ -143,7 +145,7 @@ def resolve_config(config: DepthProConfig | Mapping[str, Any] | str | os.PathLik
             return PRESETS[config]
         if os.path.exists(config):
             return DepthProConfig.from_json(config)
-        raise ValueError(f"config {os.fspath(config)!r} is neither a preset "
-                         f"({', '.join(PRESETS)}) nor an existing JSON file")
+        raise ValueError(f"{option('config', '--config')} {os.fspath(config)!r} is neither a "
+                         f"preset ({', '.join(PRESETS)}) nor an existing JSON file")
     raise TypeError("config must be None, a DepthProConfig, a dict of knobs, a preset name or a "
                     f"path to a JSON file, got {type(config).__name__}")

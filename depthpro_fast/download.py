@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from ._spelling import option
 from .checkpoint import CHECKPOINT_NAME, CHECKPOINT_URL, cache_dir
 
 OFFICIAL_URL = CHECKPOINT_URL
@@ -43,12 +44,13 @@ def _check_expectations(expected_size: int | None, expected_sha256: str | None) 
     if expected_size is not None and (isinstance(expected_size, bool)
                                       or not isinstance(expected_size, int)
                                       or expected_size < 0):
-        raise ValueError(f"expected_size must be a non-negative integer, got {expected_size!r}")
+        raise ValueError(f"{option('expected_size', '--size')} must be a non-negative integer "
+                         f"(bytes), got {expected_size!r}")
     if expected_sha256 is not None:
         if not isinstance(expected_sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}",
                                                                     expected_sha256):
-            raise ValueError("expected_sha256 must be 64 hex digits, got "
-                             f"{expected_sha256!r}")
+            raise ValueError(f"{option('expected_sha256', '--sha256')} must be 64 hex digits, "
+                             f"got {expected_sha256!r}")
         return expected_sha256.lower()
     return None
 
@@ -102,7 +104,7 @@ def download(url: str = OFFICIAL_URL, dest: str | os.PathLike | None = None, *,
     deleted, so that the next attempt starts over).
     """
     if not isinstance(url, str) or urllib.parse.urlparse(url).scheme not in ("http", "https"):
-        raise ValueError(f"url must be an http(s) URL, got {url!r}")
+        raise ValueError(f"{option('url', '--url')} must be an http(s) URL, got {url!r}")
     expected_sha256 = _check_expectations(expected_size, expected_sha256)
     dest = cache_dir() if dest is None else Path(dest)
     if filename is None:

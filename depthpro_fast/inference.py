@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._spelling import option
 from .config import IMG_SIZE
 
 if TYPE_CHECKING:
@@ -40,9 +43,11 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
     except ImportError:  # Pillow is a dependency, but keep tensors usable without it
         Image = None  # type: ignore[assignment]
     if Image is not None and isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        image = np.asarray(image)
+        from .io import pil_to_rgb
+
+        # as load_image decodes files: EXIF orientation, 16-bit / float scaled, alpha dropped
+        # (a plain convert("RGB") clips I;16 to white and ignores the orientation)
+        image = pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError("numpy images must be HWC with 3 channels (RGB), got shape "
@@ -68,8 +73,10 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
             return _check_unit_range(image.to(torch.float32, copy=True))
         raise TypeError(f"tensor image dtype {image.dtype} not accepted; uint8 (0..255) or "
                         "float (0..1)")
+    hint = ("; for a file use depthpro_fast.load_image(path), which returns (rgb, f_px)"
+            if isinstance(image, (str, os.PathLike)) else "")
     raise TypeError("image must be a PIL image, an HWC numpy array or a CHW tensor, got "
-                    f"{type(image).__name__}")
+                    f"{type(image).__name__}{hint}")
 
 
 def _check_unit_range(x: torch.Tensor, slack: float = 1e-3) -> torch.Tensor:
@@ -146,9 +153,45 @@ def _check_image_batch(x: Any) -> torch.Tensor:
     return x
 
 
+def _list_value(v: Any, i: int) -> float:
+    """One entry of an ``f_px`` list: a number (or a 1-element array / tensor), or None."""
+    if v is None:
+        return math.nan  # marks "estimate this one"
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, np.generic, np.ndarray,
+                                                 torch.Tensor)):
+        raise TypeError(f"f_px[{i}] must be a number of pixels or None, got "
+                        f"{type(v).__name__}")
+    n = v.numel() if isinstance(v, torch.Tensor) else getattr(v, "size", 1)
+    if n != 1:
+        raise ValueError(f"f_px[{i}] must be one number, got shape {tuple(v.shape)}")
+    try:
+        value = float(v.item() if isinstance(v, (np.ndarray, torch.Tensor)) else v)
+    except (TypeError, ValueError):
+        raise ValueError(f"f_px[{i}] must be one number, got {v!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"f_px[{i}] must be finite and > 0 (pixels), got {value}")
+    return value
+
+
 def focal_length_tensor(f_px: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """A user's focal length (float, numpy scalar/array or tensor; one value or one per image)
-    -> float32 tensor (B, 1, 1, 1)."""
+    """A user's focal length -> float32 tensor (B, 1, 1, 1).
+
+    Accepted: a number, a numpy scalar / array or a tensor (one value, or one per image), or a
+    list / tuple of numbers, one per image (or one for all), where ``None`` means "no focal
+    length for this image": its entry is NaN, and ``infer`` estimates it from the FOV."""
+    if isinstance(f_px, np.ndarray) and f_px.dtype == object:  # e.g. np.array([800, None])
+        f_px = f_px.ravel().tolist()
+    if isinstance(f_px, (list, tuple)):
+        if not f_px:
+            raise ValueError("f_px is an empty list; pass one value, or one per image "
+                             f"({batch}), or None")
+        if len(f_px) not in (1, batch):
+            raise ValueError(f"f_px has {len(f_px)} values but the batch has {batch} "
+                             f"image{'s' if batch != 1 else ''}; pass one value, or one per "
+                             "image")
+        values = [_list_value(v, i) for i, v in enumerate(f_px)]
+        f = torch.tensor(values, dtype=torch.float32, device=device)
+        return f.reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1)
     if isinstance(f_px, torch.Tensor):
         f = f_px.detach().to(device=device, dtype=torch.float32)
     elif isinstance(f_px, (numbers.Real, np.ndarray, np.generic)) and not isinstance(f_px, bool):
@@ -158,7 +201,8 @@ def focal_length_tensor(f_px: Any, batch: int, device: torch.device) -> torch.Te
         except (TypeError, ValueError):
             raise TypeError(f"f_px must be numeric, got {f_px!r}") from None
     else:
-        raise TypeError("f_px must be None, a number, a numpy scalar/array or a tensor, got "
+        raise TypeError("f_px must be None, a number, a list of numbers (None for an image "
+                        "without one), a numpy scalar/array or a tensor, got "
                         f"{type(f_px).__name__}")
     if f.numel() not in (1, batch):
         raise ValueError(f"f_px must hold 1 value or one per image ({batch}), got shape "
@@ -168,17 +212,33 @@ def focal_length_tensor(f_px: Any, batch: int, device: torch.device) -> torch.Te
     return f.reshape(-1, 1, 1, 1).expand(batch, 1, 1, 1)
 
 
-def focal_from_fov(fov_deg: torch.Tensor, width: int) -> torch.Tensor:
-    """``f = 0.5 W / tan(fov / 2)`` in float32 (W is the original image width)."""
+def clamp_fov(fov_deg: torch.Tensor, *, warn: bool | torch.Tensor = True) -> torch.Tensor:
+    """The network's FOV estimate in float32, clamped to ``FOV_RANGE_DEG`` (NaN -> 60 degrees),
+    with a warning when a clamped value is used (``warn``: True, False, or a per-image mask)."""
     fov = fov_deg.to(torch.float32)
     low, high = FOV_RANGE_DEG
     bad = ~torch.isfinite(fov) | (fov < low) | (fov > high)
     if bool(bad.any()):
-        warnings.warn(f"estimated field of view {fov.flatten().tolist()} deg is outside "
-                      f"[{low}, {high}]; clamped (pass f_px to override)", RuntimeWarning,
-                      stacklevel=3)
+        if isinstance(warn, torch.Tensor):
+            warn = bool((bad & warn.reshape(bad.shape)).any())
+        if warn:
+            warnings.warn(f"estimated field of view {fov.flatten().tolist()} deg is outside "
+                          f"[{low}, {high}]; clamped (pass {option('f_px', '--f-px')} to "
+                          "override)", RuntimeWarning, stacklevel=4)
         fov = torch.nan_to_num(fov, nan=60.0).clamp(low, high)
+    return fov
+
+
+def focal_from_fov(fov_deg: torch.Tensor, width: int) -> torch.Tensor:
+    """``f = 0.5 W / tan(fov / 2)`` in float32 (W is the original image width); an estimate
+    outside ``FOV_RANGE_DEG`` is clamped with a warning."""
+    fov = clamp_fov(fov_deg)
     return 0.5 * width / torch.tan(0.5 * torch.deg2rad(fov))
+
+
+def fov_from_focal(f_px: torch.Tensor, width: int) -> torch.Tensor:
+    """The horizontal FOV in degrees of a focal length (pixels) on an image ``width`` wide."""
+    return torch.rad2deg(2 * torch.atan(0.5 * width / f_px.to(torch.float32)))
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -218,7 +278,7 @@ def check_output_memory(batch: int, height: int, width: int, device: torch.devic
             f"a {batch}x{height}x{width} input needs about {needed / 2**30:.1f} GiB for its "
             f"full-resolution depth outputs on {device}, but only {free / 2**30:.1f} GiB is "
             "free; downscale the image (the network itself always runs at 1536x1536) or use a "
-            "smaller batch")
+            "smaller batch" + option("", " (--batch-size)"))
 
 
 def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
@@ -244,8 +304,9 @@ def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
     if (height, width) != (IMG_SIZE, IMG_SIZE):
         x = _resize(x, (IMG_SIZE, IMG_SIZE), interpolation_mode)
 
-    # need_fov=False lets a model that skips unused work (the fast path) drop the FOV branch
-    canonical_inverse_depth, fov_deg = model(x, need_fov=f_given is None)
+    # need_fov=False lets the fast path skip the FOV network: every image has a focal length
+    need_fov = f_given is None or bool(torch.isnan(f_given).any())
+    canonical_inverse_depth, fov_deg = model(x, need_fov=need_fov)
     return postprocess(canonical_inverse_depth, fov_deg, f_given, height, width,
                        interpolation_mode, return_inverse_depth=return_inverse_depth)
 
@@ -257,21 +318,41 @@ def postprocess(canonical_inverse_depth: torch.Tensor, fov_deg: torch.Tensor | N
     """Network outputs (B, 1, 1536, 1536) and (B, 1, 1, 1) -> infer's result at (height, width).
 
     ``f_given``: the user's focal lengths as from :func:`focal_length_tensor`, or None to use
-    the FOV estimate (spec §7 steps 4-9)."""
+    the FOV estimate (spec §7 steps 4-9). ``fov_deg``: the network's estimate, or None when the
+    FOV network did not run (no FOV network, or skipped by the fast path because ``f_given``
+    made it unnecessary).
+
+    One rule for the FOV, whichever path produced the outputs: ``fov_deg`` is the FOV of the
+    focal length used (``focallength_px``, on the original width), and ``fov_deg_estimated``
+    is the network's own estimate (clamped to ``FOV_RANGE_DEG``), present exactly when the
+    FOV network ran. Without ``f_given`` the two are equal."""
     batch = canonical_inverse_depth.shape[0]
+    # images without a given focal length (all, or the None entries of an f_px list: NaN)
+    unknown = None if f_given is None else torch.isnan(f_given)
+    if unknown is not None and not bool(unknown.any()):
+        unknown = None
+    if (f_given is None or unknown is not None) and fov_deg is None:
+        raise ValueError("this model has no FOV network ("
+                         + option("use_fov=False", "use_fov false in its config") + "): pass "
+                         + option("f_px", "--f-px")
+                         + ("" if f_given is None else " for every image (no None entries)"))
+    warn: bool | torch.Tensor = f_given is None or (unknown if unknown is not None else False)
+    estimated = None if fov_deg is None else clamp_fov(fov_deg, warn=warn)
     if f_given is None:
-        if fov_deg is None:
-            raise ValueError("this model has no FOV network (use_fov=False): pass f_px")
-        f = focal_from_fov(fov_deg, width)
-    else:
+        f = 0.5 * width / torch.tan(0.5 * torch.deg2rad(estimated))
+        fov_used = estimated  # the FOV of that focal length, without a float round trip
+    elif unknown is None:
         f = f_given
+        fov_used = fov_from_focal(f, width)
+    else:  # a mix: the estimate where no focal length was given, the given one elsewhere
+        f = torch.where(unknown, 0.5 * width / torch.tan(0.5 * torch.deg2rad(estimated)),
+                        f_given)
+        fov_used = torch.where(unknown, estimated, fov_from_focal(f, width))
     inverse_depth = canonical_inverse_depth * (width / f)
     if (height, width) != (IMG_SIZE, IMG_SIZE):
         inverse_depth = _resize(inverse_depth, (height, width), interpolation_mode)
     depth = 1.0 / torch.clamp(inverse_depth, min=INVERSE_DEPTH_RANGE[0],
                               max=INVERSE_DEPTH_RANGE[1])
-    if fov_deg is None:  # no FOV network: report the FOV implied by the given focal length
-        fov_deg = torch.rad2deg(2 * torch.atan(0.5 * width / f))
 
     def per_image(t: torch.Tensor, is_map: bool) -> torch.Tensor:
         """(B, 1, H, W) -> (B, H, W) or (B, 1, 1, 1) -> (B,); no batch axis for one image."""
@@ -279,7 +360,9 @@ def postprocess(canonical_inverse_depth: torch.Tensor, fov_deg: torch.Tensor | N
         return t[0] if batch == 1 else t
 
     out = {"depth": per_image(depth, True), "focallength_px": per_image(f, False),
-           "fov_deg": per_image(fov_deg.to(torch.float32), False)}
+           "fov_deg": per_image(fov_used, False)}
+    if estimated is not None:
+        out["fov_deg_estimated"] = per_image(estimated, False)
     if return_inverse_depth:
         out["inverse_depth"] = per_image(inverse_depth, True)
     return out

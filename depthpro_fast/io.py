@@ -6,7 +6,9 @@ The counterpart of the official ``load_rgb`` (spec §8), with a few deliberate i
 * every Pillow mode becomes 3-channel RGB uint8: grayscale, palette, RGBA / LA (alpha dropped),
   CMYK, 1-bit, and 16-bit grayscale (``I;16*``) scaled to 8 bits with rounding (``v / 257``),
   not clipped; 32-bit integer images (``I``) are taken as 16-bit data, float images (``F``) as
-  0..1. 16-bit colour PNGs are reduced to 8 bits by Pillow itself (high byte);
+  0..1 (NaN as 0), and values outside those ranges are refused (``ImageReadError``) rather than
+  clipped into a saturated image. 16-bit colour PNGs are reduced to 8 bits by Pillow itself
+  (high byte);
 * HEIC / HEIF is read through ``pillow-heif`` when it is installed (a clear error otherwise);
 * a file that cannot be read raises ``ImageReadError`` (a ``ValueError``) naming the file.
 
@@ -87,23 +89,78 @@ def _to_rgb_uint8(img) -> np.ndarray:
         gray16 = np.asarray(img).astype(np.uint32)
         return _gray_to_rgb(((gray16 + 128) // 257).astype(np.uint8))
     if mode == "I":  # 32-bit integer: in practice 16-bit data (old Pillow PNGs, some TIFFs)
-        gray = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        gray = np.asarray(img, dtype=np.int64)
+        low, high = (int(gray.min()), int(gray.max())) if gray.size else (0, 0)
+        if low < 0 or high > 65535:  # clipping would saturate it silently: refuse instead
+            raise ImageReadError(
+                f"32-bit integer image (mode I) with values in [{low}, {high}]: it is read as "
+                "16-bit data (0..65535); scale it into that range, or convert it to an 8-bit "
+                "(L / RGB) or 16-bit (I;16) image first")
         return _gray_to_rgb(((gray + 128) // 257).astype(np.uint8))
     if mode == "F":
-        gray = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+        gray = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)  # NaN: no data
+        finite = gray[np.isfinite(gray)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if not np.isfinite(gray).all() or low < -1e-3 or high > 1 + 1e-3:
+            raise ImageReadError(
+                f"float image (mode F) with values in [{low:.4g}, {high:.4g}]"
+                f"{' and infinities' if not np.isfinite(gray).all() else ''}: float images are "
+                "read as 0..1; scale it into that range, or convert it to an 8-bit (L / RGB) or "
+                "16-bit (I;16) image first")
         return _gray_to_rgb(np.rint(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8))
-    if mode in ("L", "1", "P", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "La", "PA"):
-        if mode in ("LA", "La", "PA") or (mode == "P" and "transparency" in img.info):
+    try:  # L, 1, P, RGBA, RGBX, RGBa, CMYK, YCbCr, LAB, HSV, ...: Pillow's own conversion
+        if mode == "La":  # premultiplied: Pillow converts it only to LA
+            img = img.convert("LA")
+        if img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")  # via RGBA: the direct conversion is missing or warns
         return np.asarray(img.convert("RGB"))
-    try:  # anything else Pillow can convert (LAB, HSV, ...)
-        return np.asarray(img.convert("RGB"))
-    except (ValueError, OSError) as e:
+    except ValueError as e:  # a mode without a conversion to RGB
         raise ImageReadError(f"image mode {mode!r} cannot be converted to RGB: {e}") from None
 
 
 def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+# Pillow signals corrupt data with all of these, depending on the plugin
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError)
+
+
+def _upright_rgb(img) -> np.ndarray:
+    """EXIF orientation applied, then the mode rules: what both readers below share."""
+    from PIL import ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about odd EXIF; not fatal
+        img = ImageOps.exif_transpose(img)
+    rgb = np.ascontiguousarray(_to_rgb_uint8(img), dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ImageReadError(f"decoded to an unexpected shape {rgb.shape}")
+    return rgb if rgb.flags.writeable else rgb.copy()
+
+
+def pil_to_rgb(img) -> np.ndarray:
+    """A Pillow image (any mode Pillow opens) -> upright RGB uint8 HWC array, exactly as
+    :func:`load_image` decodes the same file: EXIF orientation applied, 16-bit and float
+    grayscale scaled (not clipped), alpha dropped, palette / CMYK converted.
+
+    The ``transform`` returned by ``load()`` calls this for PIL images, so
+    ``transform(Image.open(p))`` equals ``transform(load_image(p)[0])``. An image that cannot
+    be decoded (truncated file behind a lazy ``Image.open``) raises ``ImageReadError``."""
+    from PIL import Image
+
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(img).__name__}")
+    try:
+        return _upright_rgb(img)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"PIL image: {e}") from None
+    except _DECODE_ERRORS as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        name = getattr(img, "filename", "") or f"PIL image (mode {img.mode}, size {img.size})"
+        raise ImageReadError(f"{name} cannot be decoded (corrupt or truncated?): {msg}") from None
 
 
 def load_image(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
@@ -121,7 +178,7 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
     if path.is_dir():
         raise ImageReadError(f"{path} is a folder, not an image file")
 
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     is_heif = path.suffix.lower() in HEIF_SUFFIXES
     if is_heif and not _register_heif():
@@ -131,26 +188,19 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
         with Image.open(path) as img:
             img.load()  # decode now: truncated or corrupt data fails here, inside the try
             exif = img.getexif()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Pillow warns about odd EXIF; not fatal
-                img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb_uint8(img)
+            rgb = _upright_rgb(img)
+    except ImageReadError as e:
+        raise ImageReadError(f"{path}: {e}") from None
     except UnidentifiedImageError:
         formats = "JPEG, PNG, TIFF, WebP, BMP" + (", HEIC" if _register_heif() else "")
         raise ImageReadError(f"{path} cannot be read as an image: corrupt, or not a format "
                              f"Pillow reads ({formats})") from None
     except Image.DecompressionBombError as e:
         raise ImageReadError(f"{path}: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) as e:
-        # Pillow signals corrupt data with all of these, depending on the plugin
+    except _DECODE_ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageReadError(f"{path} is corrupt or truncated: {msg}") from None
 
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise ImageReadError(f"{path}: decoded to an unexpected shape {rgb.shape}")
-    if not rgb.flags.writeable:
-        rgb = rgb.copy()
     f35 = exif_focal_length_35mm(exif)
     height, width = rgb.shape[:2]
     f_px = focal_length_px(f35, width, height) if f35 is not None else None

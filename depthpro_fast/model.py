@@ -319,11 +319,12 @@ class DepthPro(nn.Module):
 
     def set_backend(self, backend: str) -> DepthPro:
         """Route every op of this model through ``backend`` (reference, triton, cuda, auto)."""
-        from .backends import check_backend, preload
+        from .backends import check_backend, preload, require_backend
 
         backend = check_backend(backend)
-        self._backend = backend
         device = next(self.parameters()).device
+        require_backend(backend, device)  # refused here, with the reason, not at every call
+        self._backend = backend
         if device.type != "meta":
             preload(backend, device)
         for m in self.modules():
@@ -389,8 +390,10 @@ class DepthPro(nn.Module):
               ) -> dict[str, torch.Tensor]:
         """Metric depth of a normalised (3, H, W) image or (B, 3, H, W) batch (spec §7).
 
-        Returns ``{"depth", "focallength_px", "fov_deg"}`` (plus ``"inverse_depth"`` on
-        request); for one image ``depth`` is (H, W) and the scalars are 0-dim tensors.
+        Returns ``{"depth", "focallength_px", "fov_deg"}``, plus ``"fov_deg_estimated"`` when
+        the FOV network ran and ``"inverse_depth"`` on request; for one image ``depth`` is
+        (H, W) and the scalars are 0-dim tensors. ``fov_deg`` is the FOV of the focal length
+        used; ``fov_deg_estimated`` the network's estimate (see ``inference.postprocess``).
         """
         from .inference import infer
 

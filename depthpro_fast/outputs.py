@@ -10,8 +10,12 @@ a broken output.)
 Formats (``FORMATS`` gives the file suffix of each):
 
 * ``npz``: ``depth`` (H, W) float32 metres, ``focallength_px`` and ``fov_deg`` (float32
-  scalars), ``image_size`` [H, W] and, when known, ``focallength_source`` (``"estimated"``,
-  ``"exif"`` or ``"given"``). ``np.load(path)`` opens it without pickle.
+  scalars; ``fov_deg`` is the FOV of ``focallength_px``, whatever its source); when the FOV
+  network ran, ``fov_deg_estimated`` (its estimate: equal to ``fov_deg`` unless the focal
+  length was given or read from EXIF); ``image_size`` [H, W]; when known,
+  ``focallength_source`` (``"estimated"``, ``"exif"`` or ``"given"``); ``random_weights``
+  (True) when the network had random weights (``predict --random-weights``: the depth is
+  meaningless). ``np.load(path)`` opens it without pickle.
 * ``png16``: 16-bit grayscale PNG of the depth in millimetres, rounded to the nearest mm. The
   range of uint16 caps it: depths beyond 65.535 m are stored as 65535 (saturated), depths below
   0.5 mm (and any non-finite value) as 0. Read back with ``depth_m = png / 1000``.
@@ -29,8 +33,10 @@ Formats (``FORMATS`` gives the file suffix of each):
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -69,6 +75,49 @@ def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class OutputFolderError(OSError):
+    """The output folder cannot be used: it is a file, cannot be created, or is not writable."""
+
+
+_ERRNO_WORDS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space left",
+                errno.EDQUOT: "disk quota exceeded",
+                # an existing folder that answers "no such file" to a new entry: /proc and alike
+                errno.ENOENT: "that file system does not accept new folders"}
+
+
+def check_output_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Fail fast, with one message naming the folder and the reason, if outputs cannot be
+    written under ``folder``: it is a file, lies under a file, or it (or, when it does not
+    exist yet, the folder it would be created in) does not accept new entries.
+
+    Nothing is left behind: the probe is a hidden folder created and removed at once, and a
+    missing ``folder`` is not created here (the first output creates it). Returns the path."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"cannot use {what} {os.fspath(folder)}: it is a file, not a "
+                                "folder; pick another one")
+    target = path.absolute()
+    while not target.exists() and not target.is_symlink():  # the nearest existing ancestor
+        target = target.parent
+    if target.is_symlink() and not target.exists():
+        raise OutputFolderError(f"cannot create {what} {os.fspath(folder)}: {target} is a "
+                                "broken symbolic link")
+    if not target.is_dir():
+        raise OutputFolderError(f"cannot create {what} {os.fspath(folder)}: {target} is a "
+                                "file, not a folder")
+    try:  # the only reliable test (permissions, ACLs, read-only mounts, root): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".depthpro-write-test-", dir=target))
+    except OSError as e:
+        reason = _ERRNO_WORDS.get(e.errno, e.strerror or type(e).__name__)
+        if target == path.absolute():
+            raise OutputFolderError(f"cannot write to {what} {os.fspath(folder)}: "
+                                    f"{reason}") from None
+        raise OutputFolderError(f"cannot create {what} {os.fspath(folder)}: creating a folder "
+                                f"in {target} fails: {reason}") from None
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,15 +220,27 @@ def point_cloud(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1,
 
 
 def write_npz(path: str | os.PathLike, depth: Any, focallength_px: float, fov_deg: float,
-              focallength_source: str | None = None) -> None:
-    """Depth (float32 metres), focal length (px), FOV (degrees) and image size, atomically."""
+              focallength_source: str | None = None, *, fov_deg_estimated: float | None = None,
+              random_weights: bool = False) -> None:
+    """Depth (float32 metres), focal length (px), FOV (degrees) and image size, atomically.
+
+    ``fov_deg`` is the FOV of ``focallength_px``; ``fov_deg_estimated`` the network's estimate
+    (stored when given, i.e. when the FOV network ran; see ``inference.postprocess``).
+
+    ``random_weights``: the network had random weights; the file then says so
+    (``random_weights`` = True), so that a meaningless depth map cannot pass for a real one."""
     d = as_depth_array(depth)
     arrays = {"depth": d,
               "focallength_px": np.float32(_positive_float(focallength_px, "focallength_px")),
-              "fov_deg": np.float32(float(fov_deg)),
+              "fov_deg": np.float32(_positive_float(fov_deg, "fov_deg")),
               "image_size": np.array(d.shape, dtype=np.int32)}
+    if fov_deg_estimated is not None:
+        arrays["fov_deg_estimated"] = np.float32(_positive_float(fov_deg_estimated,
+                                                                 "fov_deg_estimated"))
     if focallength_source is not None:
         arrays["focallength_source"] = np.array(str(focallength_source))
+    if random_weights:
+        arrays["random_weights"] = np.array(True)
     with atomic_write(path) as f:
         np.savez(f, **arrays)
 
@@ -203,15 +264,18 @@ def write_color(path: str | os.PathLike, depth: Any) -> None:
 
 
 def write_ply(path: str | os.PathLike, depth: Any, rgb: np.ndarray, f_px: float,
-              stride: int = 1, binary: bool = True) -> int:
-    """Coloured point cloud (see the module docstring); returns the number of points."""
+              stride: int = 1, binary: bool = True, fov_deg: float | None = None) -> int:
+    """Coloured point cloud (see the module docstring); returns the number of points.
+
+    ``fov_deg`` (the FOV of ``f_px``) goes into a header comment when given."""
     points, colours = point_cloud(depth, rgb, f_px, stride)
     n = len(points)
+    fov = "" if fov_deg is None else f" fov_deg {_positive_float(fov_deg, 'fov_deg'):.6f}"
     header = ("ply\n"
               f"format {'binary_little_endian' if binary else 'ascii'} 1.0\n"
               "comment depthpro_fast: pinhole unprojection, principal point at the image centre,"
               " OpenCV axes (x right, y down, z forward), metres\n"
-              f"comment focal_length_px {float(f_px):.6f} stride {stride}\n"
+              f"comment focal_length_px {float(f_px):.6f}{fov} stride {stride}\n"
               f"element vertex {n}\n"
               "property float x\nproperty float y\nproperty float z\n"
               "property uchar red\nproperty uchar green\nproperty uchar blue\n"

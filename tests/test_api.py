@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,7 @@ def test_transform_pil_numpy_tensor_identical(tiny_model, tiny_image):
     assert torch.equal(from_tensor, expected)
 
 
+@pytest.mark.filterwarnings("ignore:dtype=torch.float16 on this CPU")  # expected
 def test_transform_float_input_and_dtype():
     _, transform = depthpro_fast.load(None, config="tiny", device="cpu", dtype=torch.float16)
     x = torch.rand(3, 8, 9)
@@ -156,3 +159,184 @@ def test_explicit_unavailable_backend_says_why():
         depthpro_fast.ops.attention(*(torch.zeros(1, 1, 4, 8),) * 3, backend="cuda")
     with pytest.raises(ValueError, match="accepted"):
         depthpro_fast.ops.attention(*(torch.zeros(1, 1, 4, 8),) * 3, backend="fastest")
+
+
+# ----------------------------------------------------------------------------------------------
+# a backend that cannot run here is refused at load, with info()'s reason (issue 16, item 5)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_unavailable_backend_refused_at_load_with_the_reason(backend, monkeypatch, tmp_path):
+    from depthpro_fast import backends
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton on CPU needs it
+    cpu = torch.device("cpu")
+    ok, why = backends.backend_status(backend, cpu)
+    assert not ok and why
+    with pytest.raises(backends.BackendUnavailableError) as err:
+        # a checkpoint that does not exist: the backend is refused before any weight is read
+        depthpro_fast.load(tmp_path / "missing.pt", config="tiny", device="cpu",
+                           backend=backend)
+    assert f"backend {backend!r} cannot run on cpu: {why}" in str(err.value)
+    assert "backend='auto'" in str(err.value)
+    assert isinstance(err.value, RuntimeError)
+    with pytest.raises(backends.BackendUnavailableError) as err:
+        depthpro_fast.load(None, config="tiny", device="cpu", fast={"epilogue_backend": backend})
+    assert why in str(err.value)
+
+
+def test_set_backend_refuses_and_keeps_the_old_one(tiny_model, monkeypatch):
+    import copy
+
+    from depthpro_fast import backends
+
+    model = copy.deepcopy(tiny_model[0])
+    with pytest.raises(backends.BackendUnavailableError, match="'cuda' cannot run on cpu"):
+        model.set_backend("cuda")
+    assert model.backend == "reference"
+    assert all(m.backend == "reference" for m in model.modules() if hasattr(m, "backend"))
+    model.set_backend("auto")  # always possible
+    assert model.backend == "auto"
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16 / bf16 on a CPU without their arithmetic: a warning, and the dtype kept (issue 16, item 7)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, dtype, warns, suggests_bf16", [
+    ({"avx2", "f16c"}, torch.float16, True, False),
+    ({"avx2", "avx512_bf16"}, torch.float16, True, True),
+    ({"avx2", "avx512_fp16", "avx512_bf16"}, torch.float16, False, False),
+    ({"avx2"}, torch.bfloat16, True, False),
+    ({"amx_bf16"}, torch.bfloat16, False, False),
+    (None, torch.float16, False, False),  # unknown CPU: no claim
+    ({"avx2"}, torch.float32, False, False),
+])
+def test_slow_cpu_dtype_warns_and_keeps_the_dtype(monkeypatch, flags, dtype, warns,
+                                                  suggests_bf16):
+    import warnings
+
+    from depthpro_fast import api
+
+    monkeypatch.setattr(api, "cpu_flags", lambda: None if flags is None else frozenset(flags))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, transform = depthpro_fast.load(None, config="tiny", device="cpu", dtype=dtype)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert next(model.parameters()).dtype == dtype and transform.dtype == dtype  # not remapped
+    if not warns:
+        assert msgs == []
+        return
+    (msg,) = msgs
+    name = "float16" if dtype == torch.float16 else "bfloat16"
+    assert f"dtype=torch.{name} on this CPU: it has no {name} arithmetic" in msg
+    assert "7x or more slower than in float32" in msg and "torch.float32" in msg
+    assert ("torch.bfloat16 (native here)" in msg) == suggests_bf16
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo():
+    from depthpro_fast import api
+
+    flags = api.cpu_flags()
+    if not os.path.exists("/proc/cpuinfo"):
+        assert flags is None
+    else:
+        assert flags and ("avx2" in flags or "fp" in flags or "sse2" in flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# f_px as a Python list, one per image, None for "estimate this one" (issue 16, item 8)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro_model():
+    """A small random model: these tests are about f_px's handling, not about the network."""
+    from tests.test_fast_path import MICRO
+
+    torch.manual_seed(5)
+    return depthpro_fast.load(None, config=MICRO, device="cpu", backend="reference")
+
+
+@pytest.fixture(scope="module")
+def pair(micro_model, tiny_image):
+    model, transform = micro_model
+    a = transform(tiny_image)
+    b = transform(tiny_image.flip(-1).roll(37, dims=-2))
+    return model, torch.stack([a, b]), [model.infer(a), model.infer(b)]
+
+
+def test_f_px_list_equals_tensor_and_single_calls(pair):
+    from depthpro_fast.inference import focal_length_tensor
+
+    model, x, singles = pair
+    cpu = torch.device("cpu")
+    want = focal_length_tensor(torch.tensor([300.0, 600.0]), 2, cpu)
+    for spelling in ([300.0, 600], (np.float32(300.0), torch.tensor(600.0)),
+                     [np.array(300.0), np.array([600.0])]):
+        assert torch.equal(focal_length_tensor(spelling, 2, cpu), want)
+    assert focal_length_tensor([300.0], 2, cpu).flatten().tolist() == [300.0, 300.0]
+    as_list = model.infer(x, f_px=[300.0, 600])
+    as_tensor = model.infer(x, f_px=torch.tensor([300.0, 600.0]))
+    for key in ("depth", "focallength_px", "fov_deg", "fov_deg_estimated"):
+        assert torch.equal(as_list[key], as_tensor[key]), key
+    for i, f in enumerate((300.0, 600.0)):
+        single = model.infer(x[i], f_px=f)
+        torch.testing.assert_close(as_list["depth"][i], single["depth"], rtol=1e-5, atol=1e-6)
+        assert float(as_list["fov_deg"][i]) == float(single["fov_deg"])
+
+
+def test_f_px_list_with_none_estimates_those_images(pair):
+    model, x, singles = pair
+    mixed = model.infer(x, f_px=[None, 600.0])
+    # image 0: as without f_px; image 1: as with f_px=600
+    torch.testing.assert_close(mixed["depth"][0], singles[0]["depth"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed["focallength_px"][0], singles[0]["focallength_px"],
+                               rtol=1e-5, atol=0)
+    assert float(mixed["fov_deg"][0]) == pytest.approx(float(singles[0]["fov_deg"]), rel=1e-5)
+    given = model.infer(x[1], f_px=600.0)
+    torch.testing.assert_close(mixed["depth"][1], given["depth"], rtol=1e-5, atol=1e-6)
+    assert float(mixed["focallength_px"][1]) == 600.0
+    assert float(mixed["fov_deg"][1]) == float(given["fov_deg"])  # the FOV of 600 px
+    assert mixed["fov_deg_estimated"].shape == (2,)  # the FOV network ran for both
+    all_none = model.infer(x, f_px=[None, None])
+    torch.testing.assert_close(all_none["depth"], model.infer(x)["depth"], rtol=0, atol=0)
+
+
+def test_f_px_list_with_none_runs_the_fov_network_on_the_fast_path(micro_model, tiny_image):
+    import copy
+
+    model, transform = micro_model
+    fast = copy.deepcopy(model).prepare_fast(True)
+    x = torch.stack([transform(tiny_image)] * 2)
+    mixed = fast.infer(x, f_px=[None, 600.0])  # needs the estimate for image 0
+    assert "fov_deg_estimated" in mixed and float(mixed["focallength_px"][1]) == 600.0
+    assert "fov_deg_estimated" not in fast.infer(x, f_px=[300.0, 600.0])  # skipped
+
+
+@pytest.mark.parametrize("f_px, error, match", [
+    ([300.0, 600.0, 900.0], ValueError, "f_px has 3 values but the batch has 2 images"),
+    ([], ValueError, "empty list"),
+    ([300.0, -1.0], ValueError, r"f_px\[1\] must be finite and > 0"),
+    ([300.0, float("nan")], ValueError, r"f_px\[1\] must be finite and > 0"),
+    ([300.0, "600"], TypeError, r"f_px\[1\] must be a number of pixels or None, got str"),
+    ([True, 600.0], TypeError, r"f_px\[0\] must be a number"),
+    ([np.array([1.0, 2.0]), 600.0], ValueError, r"f_px\[0\] must be one number, got shape"),
+    ({"a": 1}, TypeError, "a list of numbers"),
+])
+def test_bad_f_px_lists_say_which_entry(pair, f_px, error, match):
+    model, x, _ = pair
+    with pytest.raises(error, match=match):
+        model.infer(x, f_px=f_px)
+
+
+def test_no_fov_network_needs_every_focal_length():
+    from tests.test_fast_path import MICRO
+
+    model, _ = depthpro_fast.load(None, config=MICRO, device="cpu", use_fov=False)
+    x = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="pass f_px for every image"):
+        model.infer(x, f_px=[None, 600.0])
+    assert model.infer(x, f_px=[300.0, 600.0])["fov_deg"].shape == (2,)

@@ -89,7 +89,7 @@ def test_torchrun_two_processes_shard_and_resume(tmp_path):
     assert run.returncode == 0, log
     # sorted [a, b, c]: rank 0 takes a and c (c skipped), rank 1 takes b
     assert "[rank 0/2]" in log and "2 images: 1 written, 1 skipped" in log, log
-    assert "[rank 1/2]" in log and "1 images: 1 written, 0 skipped" in log, log
+    assert "[rank 1/2]" in log and "1 image: 1 written, 0 skipped" in log, log
     assert "all 2 ranks: 3 images: 2 written, 1 skipped, 0 failed" in log, log
     for name in ("a", "b"):
         with np.load(out / f"{name}.npz") as z:

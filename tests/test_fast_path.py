@@ -219,10 +219,44 @@ def test_infer_with_f_px_skips_the_fov_branch(micro_reference, monkeypatch):
 
 
 def test_reference_infer_keeps_estimated_fov_with_f_px(micro_reference):
-    """Default (reference) models keep the official behaviour: FOV computed, fov_deg estimated."""
+    """Default (reference) models keep the official behaviour: the FOV network runs even with
+    f_px, and its estimate is returned as fov_deg_estimated."""
     model, *_ = micro_reference
     assert model.skip_unused_fov is False
     assert model.fast_engine is None
+    image = torch.rand(3, 40, 60) * 2 - 1
+    out = model.infer(image, f_px=50.0)
+    with torch.no_grad():
+        _, fov = model(torch.nn.functional.interpolate(image[None], size=(1536, 1536),
+                                                       mode="bilinear", align_corners=False))
+    assert torch.equal(out["fov_deg_estimated"], fov.reshape(()))
+
+
+def test_one_fov_rule_on_reference_and_fast_paths(micro_reference):
+    """fov_deg is the FOV of the focal length used, identical on both paths when it is given;
+    fov_deg_estimated is there exactly when the FOV network ran."""
+    model, *_ = micro_reference
+    fast = _fast_copy(model)
+    image = torch.rand(3, 45, 600) * 2 - 1  # 600 px wide, as in the issue
+    implied = math.degrees(2 * math.atan(0.5 * 600 / 833.3))  # 39.60 degrees
+    ref_given, fast_given = model.infer(image, f_px=833.3), fast.infer(image, f_px=833.3)
+    assert torch.equal(ref_given["fov_deg"], fast_given["fov_deg"])  # bit for bit
+    assert float(ref_given["fov_deg"]) == pytest.approx(implied, abs=1e-4)
+    assert "fov_deg_estimated" in ref_given  # the reference path ran the FOV network ...
+    assert "fov_deg_estimated" not in fast_given  # ... the fast path skipped it
+    assert float(ref_given["fov_deg_estimated"]) != pytest.approx(implied, abs=1e-3)
+
+    ref_est, fast_est = model.infer(image), fast.infer(image)
+    for out in (ref_est, fast_est):
+        assert torch.equal(out["fov_deg"], out["fov_deg_estimated"])
+        # fov_deg is the FOV of focallength_px
+        assert float(out["fov_deg"]) == pytest.approx(
+            math.degrees(2 * math.atan(300 / float(out["focallength_px"]))), rel=1e-5)
+    assert abs(float(ref_est["fov_deg"]) - float(fast_est["fov_deg"])) <= FOV_BUDGET_DEG
+    # a batch of two with one focal length for both: the same rule per image
+    batch = model.infer(torch.stack([image, image.flip(-1)]), f_px=833.3)
+    assert batch["fov_deg"].shape == (2,) and batch["fov_deg_estimated"].shape == (2,)
+    assert torch.equal(batch["fov_deg"], ref_given["fov_deg"].expand(2))
 
 
 # ---------------------------------------------------------------------------------------------

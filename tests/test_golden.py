@@ -109,6 +109,8 @@ def test_infer_estimated_focal_length(estimated_run, expected_estimated):
     assert math.isclose(float(out["focallength_px"]), float(expected_estimated["focallength_px"]),
                         rel_tol=RTOL)
     assert math.isclose(float(out["fov_deg"]), float(expected_estimated["fov_deg"]), rel_tol=RTOL)
+    # estimated focal length: fov_deg is its FOV, which is the network's estimate itself
+    assert torch.equal(out["fov_deg_estimated"], out["fov_deg"])
     # the reciprocal relation of the returned inverse depth
     torch.testing.assert_close(out["depth"], 1 / out["inverse_depth"].clamp(1e-4, 1e4))
 
@@ -119,4 +121,9 @@ def test_infer_given_focal_length(tiny_model, tiny_image, expected_given):
     out = model.infer(transform(tiny_image), f_px=f_px)
     assert rel_err(out["depth"], expected_given["depth"]) < RTOL
     assert float(out["focallength_px"]) == f_px
-    assert math.isclose(float(out["fov_deg"]), float(expected_given["fov_deg"]), rel_tol=RTOL)
+    # fov_deg is the FOV of the focal length used; the official infer's fov_deg (the network's
+    # estimate, which it computes even when f_px is given) is fov_deg_estimated
+    implied = math.degrees(2 * math.atan(0.5 * 320 / f_px))
+    assert math.isclose(float(out["fov_deg"]), implied, rel_tol=1e-6)
+    assert math.isclose(float(out["fov_deg_estimated"]), float(expected_given["fov_deg"]),
+                        rel_tol=RTOL)

@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import depthpro_fast
@@ -295,3 +296,147 @@ def test_folder_and_wrong_type(tmp_path):
         load_image(tmp_path)
     with pytest.raises(TypeError, match="str or os.PathLike"):
         load_image(123)
+
+
+# ----------------------------------------------------------------------------------------------
+# transform(PIL image) == transform(load_image(path)[0]) (issue 16, item 2)
+# ----------------------------------------------------------------------------------------------
+
+FILE_CASES = ["rgb.png", "gray8.png", "gray16.png", "rgb16.png", "rgba.png", "gray_alpha.png",
+              "palette.png", "palette_transparent.png", "bilevel.png", "rgb.tif", "gray16.tif",
+              "lossless.webp", "photo.jpg", "gray.jpg", "cmyk.jpg", "photo.bmp"]
+
+
+@pytest.mark.parametrize("name", FILE_CASES)
+def test_transform_of_opened_file_equals_cli_decoding(tmp_path, name):
+    path, _, _ = _case(name, tmp_path)
+    transform = depthpro_fast.Transform()
+    want = transform(load_image(path)[0])
+    with Image.open(path) as im:  # lazily opened, not loaded: transform decodes it
+        got = transform(im)
+    assert torch.equal(got, want), name
+
+
+def _in_memory(mode: str) -> Image.Image:
+    """A PIL image of ``mode`` built in memory, with content that uses the mode's range."""
+    rgb = noisy_rgb(seed=5)
+    g16 = np.random.default_rng(6).integers(0, 65536, (H, W)).astype(np.uint16)
+    if mode == "I;16":
+        return Image.fromarray(g16)
+    if mode == "I":
+        return Image.fromarray(g16.astype(np.int32))
+    if mode == "F":
+        return Image.fromarray(g16.astype(np.float32) / 65535)
+    if mode == "La":
+        return Image.fromarray(rgb).convert("LA").convert("La")
+    if mode == "PA":
+        return Image.fromarray(rgb).convert("P").convert("PA")
+    if mode == "RGBa":
+        return Image.fromarray(np.concatenate([rgb, rgb[..., :1]], 2)).convert("RGBa")
+    return Image.fromarray(rgb).convert(mode)
+
+
+MODES = ["1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "I", "F",
+         "LA", "La", "PA", "I;16"]
+# the modes a file format here keeps as they are (TIFF keeps the most)
+FILE_MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "I", "F", "LA", "PA", "I;16"]
+
+
+def _expected_rgb(im: Image.Image) -> np.ndarray:
+    """The decoding rule, written out independently: 16-bit scaled with rounding, float as
+    0..1, grey repeated, alpha dropped (premultiplied colours restored), else Pillow's RGB."""
+    if im.mode in ("I;16", "I"):
+        g = np.asarray(im).astype(np.int64)
+        return np.repeat(((g + 128) // 257).astype(np.uint8)[..., None], 3, 2)
+    if im.mode == "F":
+        g = np.rint(np.asarray(im, dtype=np.float32) * 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, 2)
+    if im.mode in ("LA", "La"):
+        g = np.asarray(im.convert("LA"))[..., 0]
+        return np.repeat(g[..., None], 3, 2)
+    if im.mode == "PA":
+        return np.asarray(im.convert("RGBA"))[..., :3]
+    return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_transform_of_every_pil_mode_follows_the_decoding_rule(mode):
+    im = _in_memory(mode)
+    assert im.mode == mode
+    got = depthpro_fast.Transform()(im)
+    assert got.shape == (3, H, W) and got.dtype == torch.float32
+    want = torch.from_numpy(_expected_rgb(im).copy()).permute(2, 0, 1).float() / 255 * 2 - 1
+    assert torch.equal(got, want), mode
+    if mode in ("I;16", "I", "F"):  # the 16-bit content is not saturated
+        assert float((got >= 0.999).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize("mode", FILE_MODES)
+def test_transform_of_pil_mode_equals_load_image_of_its_file(tmp_path, mode):
+    """In memory, lazily opened and through load_image: the same tensor."""
+    im = _in_memory(mode)
+    path = tmp_path / "m.tiff"
+    im.save(path)
+    transform = depthpro_fast.Transform()
+    with Image.open(path) as back:
+        assert back.mode == mode
+        from_opened = transform(back)
+    want = transform(load_image(path)[0])
+    assert torch.equal(from_opened, want), mode
+    assert torch.equal(transform(im), want), mode
+
+
+def test_transform_of_16bit_png_is_not_saturated(tmp_path):
+    """The issue's case: an I;16 PNG through a plain convert('RGB') is ~100% white."""
+    g16 = np.random.default_rng(7).integers(0, 65536, (H, W)).astype(np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(g16).save(path)
+    with Image.open(path) as im:
+        assert im.mode == "I;16"
+        x = depthpro_fast.Transform()(im)
+    expected = ((g16.astype(np.int64) + 128) // 257) / 255.0 * 2 - 1
+    np.testing.assert_allclose(x[0].numpy(), expected, atol=1e-6)
+    assert float((x >= 0.999).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_transform_applies_exif_orientation(tmp_path, orientation):
+    stored = smooth_rgb()
+    path = tmp_path / f"o{orientation}.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=exif_with(orientation, f35=28))
+    transform = depthpro_fast.Transform()
+    with Image.open(path) as im:
+        x = transform(im)
+    assert tuple(x.shape[1:]) == UPRIGHT[orientation](stored).shape[:2]
+    assert torch.equal(x, transform(load_image(path)[0]))
+    # an image the user already turned upright is not turned again
+    from PIL import ImageOps
+
+    with Image.open(path) as im:
+        upright = ImageOps.exif_transpose(im)
+    assert torch.equal(transform(upright), x)
+
+
+@pytest.mark.parametrize("image, match", [
+    (Image.fromarray(np.full((4, 5), 255.0, np.float32)), r"mode F\) with values in \[255, 255\]"),
+    (Image.fromarray(np.full((4, 5), 70000, np.int32)), r"mode I\) with values in \[70000, "),
+    (Image.fromarray(np.full((4, 5), -3, np.int32)), "read as 16-bit data"),
+])
+def test_out_of_range_pil_images_are_refused_not_clipped(tmp_path, image, match):
+    with pytest.raises(ImageReadError, match=match):
+        depthpro_fast.Transform()(image)
+    path = tmp_path / "x.tiff"
+    image.save(path)
+    with pytest.raises(ImageReadError, match="x.tiff"):
+        load_image(path)
+
+
+def test_transform_of_truncated_lazy_image_and_of_a_path(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(noisy_rgb(64, 64)).save(good)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with Image.open(cut) as im, pytest.raises(ImageReadError, match="cut.png"):
+        depthpro_fast.Transform()(im)
+    with pytest.raises(TypeError, match=r"depthpro_fast.load_image\(path\)"):
+        depthpro_fast.Transform()(str(good))

@@ -59,6 +59,14 @@ def test_npz_round_trip(tmp_path):
         assert z["focallength_px"] == np.float32(123.5) and z["fov_deg"] == np.float32(61.25)
         assert z["image_size"].tolist() == [30, 41]
         assert str(z["focallength_source"]) == "exif"
+        assert "fov_deg_estimated" not in z.files and "random_weights" not in z.files
+    outputs.write_npz(path, depth, 123.5, 61.25, fov_deg_estimated=48.5, random_weights=True)
+    with np.load(path) as z:
+        assert z["fov_deg_estimated"] == np.float32(48.5) and bool(z["random_weights"])
+    for bad in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="fov_deg"):
+            outputs.write_npz(tmp_path / "b.npz", depth, 123.5, bad)
+    assert not (tmp_path / "b.npz").exists()
 
 
 def test_png16_round_trip_within_1mm(tmp_path):
@@ -239,3 +247,42 @@ def test_interrupted_writer_keeps_old_file_and_no_temp(tmp_path, monkeypatch, fm
         write(path)
     assert path.read_bytes() == old  # the previous complete file is untouched
     assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder is checked before any work (issue 16, item 4)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_check_output_folder_accepts_and_leaves_nothing(tmp_path):
+    assert outputs.check_output_folder(tmp_path) == tmp_path
+    assert list(tmp_path.iterdir()) == []  # the probe is gone
+    new = tmp_path / "a" / "b"
+    assert outputs.check_output_folder(new) == new
+    assert list(tmp_path.iterdir()) == []  # a missing folder is not created by the check
+
+
+def test_check_output_folder_refusals(tmp_path, monkeypatch):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(outputs.OutputFolderError, match="it is a file, not a folder"):
+        outputs.check_output_folder(f)
+    with pytest.raises(outputs.OutputFolderError, match=r"file is a file, not a folder"):
+        outputs.check_output_folder(f / "sub" / "deeper")
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(outputs.OutputFolderError, match="broken symbolic link"):
+        outputs.check_output_folder(link / "out")
+    err = outputs.OutputFolderError("x")
+    assert isinstance(err, OSError)
+
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(outputs.OutputFolderError,
+                       match=f"cannot write to output folder {tmp_path}: no space left"):
+        outputs.check_output_folder(tmp_path)

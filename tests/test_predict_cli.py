@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from depthpro_fast import cli, outputs
-from depthpro_fast.commands import predict
+from depthpro_fast.commands import predict, predict_run
 from depthpro_fast.inference import Transform
 from depthpro_fast.io import load_image
 from tests.conftest import TINY_DIR
@@ -108,9 +109,10 @@ def test_collect_sources_and_unique_names(tmp_path):
     out.mkdir()
     Image.fromarray(noisy_rgb(8, 8)).save(out / "old.png")
 
-    sources, problems = predict.collect_sources([str(root), str(other), str(root / "a.png"),
-                                                 str(tmp_path / "nope")],
-                                                recursive=True, outdir=out)
+    sources, problems, left_out = predict.collect_sources(
+        [str(root), str(other), str(root / "a.png"), str(tmp_path / "nope")], recursive=True,
+        outdir=out)
+    assert left_out == {}
     rels = sorted(str(s.rel) for s in sources)
     assert rels == ["a.jpg", "a.png", "a.png", "broken.jpg", "sub/deeper/x.webp",
                     "sub/gray16.png"]  # in/a.png given twice is taken once
@@ -122,12 +124,13 @@ def test_collect_sources_and_unique_names(tmp_path):
     assert names[str(root / "broken.jpg")] == "broken"
     assert len(set(names.values())) == len(names)
 
-    flat, _ = predict.collect_sources([str(root)], recursive=False)
+    flat, _, left_out = predict.collect_sources([str(root)], recursive=False, outdir=out)
     assert sorted(str(s.rel) for s in flat) == ["a.jpg", "a.png", "broken.jpg"]
+    assert left_out == {str(root): 1}  # sub/ (results/ is the output folder: not counted)
 
-    globbed, problems = predict.collect_sources([str(root / "sub" / "*.png"),
-                                                 str(root / "**" / "*.webp"),
-                                                 str(root / "*.gif")])
+    globbed, problems, _ = predict.collect_sources([str(root / "sub" / "*.png"),
+                                                    str(root / "**" / "*.webp"),
+                                                    str(root / "*.gif")])
     assert sorted(str(s.rel) for s in globbed) == ["gray16.png", "sub/deeper/x.webp"]
     assert problems == [(str(root / "*.gif"), "no image matches this pattern")]
 
@@ -297,6 +300,262 @@ def test_failed_write_is_reported_and_leaves_no_partial_file(tmp_path, fake_mode
 
 
 # ----------------------------------------------------------------------------------------------
+# errors before the model loads; an honest summary (issue 16, items 4, 5, 6)
+# ----------------------------------------------------------------------------------------------
+
+
+def two_photos(root: Path) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        Image.fromarray(noisy_rgb(10, 12, seed=i)).save(root / f"p{i}.png")
+    return [str(root / "p0.png"), str(root / "p1.png")]
+
+
+def only_error(err: str) -> str:
+    """The one error line of a run that stopped before any work."""
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["is a file", "under a file", "not writable", "read-only",
+                                  "cannot be created"])
+def test_unusable_output_folder_is_refused_before_the_model(tmp_path, fake_model, monkeypatch,
+                                                           capsys, case):
+    photos = two_photos(tmp_path / "in")
+    (tmp_path / "a_file").write_text("x")
+    out, expected = {
+        "is a file": (tmp_path / "a_file", "it is a file, not a folder"),
+        "under a file": (tmp_path / "a_file" / "out", "a_file is a file, not a folder"),
+        "not writable": (tmp_path / "ro", "cannot write to output folder (-o)"),
+        "read-only": (tmp_path / "ro", "the file system is read-only"),
+        "cannot be created": (tmp_path / "ro" / "new" / "deeper", "creating a folder in"),
+    }[case]
+    (tmp_path / "ro").mkdir()
+    if case in ("not writable", "read-only", "cannot be created"):
+        import errno
+        import tempfile
+
+        real = tempfile.mkdtemp
+        code = errno.EROFS if case == "read-only" else errno.EACCES
+
+        def refusing_mkdtemp(*args, dir=None, **kwargs):  # root ignores chmod: simulate it
+            if Path(dir) == tmp_path / "ro":
+                raise OSError(code, os.strerror(code))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refusing_mkdtemp)
+    assert cli.main(["predict", *photos, "-o", str(out), "--quiet"]) == 1
+    line = only_error(capsys.readouterr().err)
+    assert expected in line and str(out) in line, line
+    if case == "not writable":
+        assert line.endswith("permission denied")
+    assert fake_model.loads == [] and fake_model.calls == []  # no model, no image
+    assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == []  # nothing created
+
+
+def test_unavailable_backend_is_refused_before_the_model(tmp_path, fake_model, capsys):
+    from depthpro_fast import backends
+
+    photos = two_photos(tmp_path / "in")
+    ok, why = backends.backend_status("cuda", torch.device("cpu"))
+    assert not ok
+    assert cli.main(["predict", *photos, "-o", str(tmp_path / "out"), "--quiet", "--device",
+                     "cpu", "--backend", "cuda"]) == 1
+    line = only_error(capsys.readouterr().err)
+    assert f"backend 'cuda' cannot run on cpu: {why}" in line and "--backend auto" in line
+    assert fake_model.loads == [] and not (tmp_path / "out").exists()
+
+
+def test_missing_paths_alone_are_nothing_to_do(tmp_path, fake_model, capsys):
+    rc = cli.main(["predict", str(tmp_path / "missing.jpg"), str(tmp_path / "*.png"), "-o",
+                   str(tmp_path / "out")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "missing.jpg: no such file or folder" in err
+    assert "*.png: no image matches this pattern" in err
+    assert ("no images found: none of the 2 paths given is or matches an image (see above); "
+            "nothing to do") in err
+    assert fake_model.loads == []
+
+
+def test_summary_counts_images_not_missing_paths(tmp_path, fake_model, capsys):
+    photos = two_photos(tmp_path / "in")
+    rc = cli.main(["predict", photos[0], str(tmp_path / "missing.jpg"), str(tmp_path / "*.gif"),
+                   "-o", str(tmp_path / "out"), "--quiet"])
+    assert rc == 1  # a path that matched nothing is still a mistake worth an exit code
+    out = capsys.readouterr().out
+    assert "1 image: 1 written, 0 skipped (outputs exist), 0 failed, in " in out
+    assert "2 arguments matched no image" in out
+    assert "missing.jpg: no such file or folder" in out  # listed under "no image:"
+    seconds, rate = (float(v) for v in re.search(r"in ([\d.]+) s \(([\d.]+) images/s\)",
+                                                 out).groups())
+    # one image over the run's time (both printed rounded), not 3 "images" over ~0 s
+    assert 1 / (seconds + 0.05) - 0.005 <= rate
+    assert seconds < 0.05 or rate <= 1 / (seconds - 0.05) + 0.005
+
+
+def test_nothing_left_to_do_does_not_load_the_model(tmp_path, fake_model, capsys):
+    photos = two_photos(tmp_path / "in")
+    out = tmp_path / "out"
+    assert cli.main(["predict", *photos, "-o", str(out), "--quiet"]) == 0
+    assert len(fake_model.loads) == 1
+    capsys.readouterr()
+    assert cli.main(["predict", *photos, "-o", str(out), "--quiet"]) == 0
+    assert len(fake_model.loads) == 1  # not loaded again
+    text = capsys.readouterr().out
+    assert "nothing left to do (--overwrite recomputes), model not loaded" in text
+    assert "2 images: 0 written, 2 skipped (outputs exist), 0 failed" in text
+    assert "images/s" not in text
+    # a folder that became read-only is no obstacle when nothing needs writing
+    assert cli.main(["predict", *photos, "-o", str(out), "--quiet", "--overwrite"]) == 0
+    assert len(fake_model.loads) == 2
+
+
+def test_folder_without_recursive_says_what_it_left_out(tmp_path, fake_model, capsys):
+    root = tmp_path / "in"
+    two_photos(root)
+    for sub in ("2023", "2024", ".cache"):
+        two_photos(root / sub)
+    out = root / "out"  # inside the input folder: the output folder is not counted
+    assert cli.main(["predict", str(root), "-o", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    note = f"2 sub-folders of {root} not searched (-r / --recursive takes them)"
+    assert note in captured.err and note in captured.out
+    assert "2 images: 2 written" in captured.out
+    assert cli.main(["predict", str(root), "-o", str(out), "--quiet", "-r"]) == 0
+    captured = capsys.readouterr()
+    assert "not searched" not in captured.err + captured.out
+    assert "6 images: 4 written, 2 skipped" in captured.out
+    # only sub-folders: the "no images" error says where they are
+    empty_top = tmp_path / "top"
+    two_photos(empty_top / "sub")
+    assert cli.main(["predict", str(empty_top), "-o", str(tmp_path / "o2")]) == 1
+    line = only_error(capsys.readouterr().err)
+    assert "no images found" in line and "1 sub-folder of" in line and "takes it" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# one FOV rule in the files, with and without --fast (issue 16, item 3)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro_models():
+    """A small random model (reference modules) and its fast-path copy."""
+    import copy
+
+    import depthpro_fast
+    from tests.test_fast_path import MICRO
+
+    torch.manual_seed(12)
+    model, _ = depthpro_fast.load(None, config=MICRO, device="cpu", backend="reference")
+    return model, copy.deepcopy(model).prepare_fast(True)
+
+
+def test_fov_rule_in_files_is_the_same_with_and_without_fast(tmp_path, monkeypatch,
+                                                             micro_models, capsys):
+    model, fast = micro_models
+    monkeypatch.setattr("depthpro_fast.api.load",
+                        lambda checkpoint, **kw: (fast if kw["fast"] else model, Transform()))
+    photo = tmp_path / "photo.jpg"  # 600 px wide, EXIF 50 mm (35 mm equivalent) = 833.3 px
+    Image.fromarray(smooth_rgb(400, 600)).save(photo, quality=95, exif=exif_with(f35=50))
+    f_exif = load_image(photo)[1]
+    assert f_exif == pytest.approx(833.3, abs=0.1)
+    runs = {}
+    for use_fast in (False, True):
+        for extra in ((), ("--f-px", "1000"), ("--ignore-exif",)):
+            out = tmp_path / f"out-{use_fast}-{'-'.join(extra)}"
+            argv = ["predict", str(photo), "-o", str(out), "--save", "npz,ply", "--quiet",
+                    *extra, *(["--fast"] if use_fast else [])]
+            assert cli.main(argv) == 0, capsys.readouterr().err
+            with np.load(out / "photo.npz") as z:
+                runs[use_fast, extra] = {k: z[k].item() for k in z.files if z[k].ndim == 0}
+            header, _ = read_ply(out / "photo.ply")
+            comment = next(line for line in header["lines"] if "focal_length_px" in line).split()
+            assert float(comment[comment.index("fov_deg") + 1]) == pytest.approx(
+                runs[use_fast, extra]["fov_deg"], abs=1e-5)
+
+    def fov(f):
+        return math.degrees(2 * math.atan(300 / f))
+
+    for extra, f in (((), f_exif), (("--f-px", "1000"), 1000.0)):
+        ref, fst = runs[False, extra], runs[True, extra]
+        assert ref["fov_deg"] == fst["fov_deg"] == pytest.approx(fov(f), abs=1e-3)
+        assert ref["focallength_px"] == fst["focallength_px"] == pytest.approx(f, rel=1e-6)
+        assert "fov_deg_estimated" in ref  # the reference path runs the FOV network ...
+        assert "fov_deg_estimated" not in fst  # ... the fast path skips it
+    ref, fst = runs[False, ("--ignore-exif",)], runs[True, ("--ignore-exif",)]
+    for r in (ref, fst):  # estimated: fov_deg is the estimate, the FOV of focallength_px
+        assert r["fov_deg"] == r["fov_deg_estimated"]
+        assert r["fov_deg"] == pytest.approx(fov(r["focallength_px"]), rel=1e-5)
+    assert ref["fov_deg"] == pytest.approx(fst["fov_deg"], abs=0.05)
+    assert runs[False, ()]["fov_deg_estimated"] == pytest.approx(ref["fov_deg"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# trying predict without Apple's checkpoint (issue 16, item 1)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_random_weights_runs_without_a_checkpoint_and_says_so(tmp_path, fake_model, capsys):
+    img = tmp_path / "photo.png"
+    Image.fromarray(noisy_rgb(10, 12)).save(img)
+    out = tmp_path / "out"
+    assert cli.main(["predict", "--config", "tiny", "--random-weights", str(img), "-o", str(out),
+                     "--quiet"]) == 0
+    checkpoint, kwargs = fake_model.loads[0]
+    assert checkpoint is None and kwargs["config"] == "tiny"
+    captured = capsys.readouterr()
+    assert "MEANINGLESS" in captured.err and "MEANINGLESS" in captured.out  # before and after
+    assert "random weights" in captured.out
+    with np.load(out / "photo.npz") as z:
+        assert bool(z["random_weights"]) is True
+    # with a checkpoint: no note and no flag in the file
+    fake_model.loads.clear()
+    assert cli.main(["predict", "--checkpoint", "some.pt", str(img), "-o", str(out), "--quiet",
+                     "--overwrite"]) == 0
+    assert fake_model.loads[0][0] == "some.pt"
+    captured = capsys.readouterr()
+    assert "MEANINGLESS" not in captured.err + captured.out
+    with np.load(out / "photo.npz") as z:
+        assert "random_weights" not in z.files
+    fake_model.loads.clear()
+    assert cli.main(["predict", str(img), "-o", str(out), "--quiet", "--overwrite"]) == 0
+    assert fake_model.loads[0][0] == "auto"  # the default
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--checkpoint", "None"], "--checkpoint None: no such file. To run without Apple's weights "
+                               "pass --random-weights --config tiny"),
+    (["--checkpoint", "random"], "pass --random-weights --config tiny"),
+    (["--checkpoint", "none"], "pass --random-weights --config tiny"),
+    (["--random-weights"], "--random-weights needs --config: tiny"),
+    (["--random-weights", "--config", "tiny", "--checkpoint", "x.pt"], "exclude each other"),
+])
+def test_checkpoint_choice_errors(tmp_path, fake_model, capsys, extra, message):
+    img = tmp_path / "photo.png"
+    Image.fromarray(noisy_rgb(10, 12)).save(img)
+    assert cli.main(["predict", str(img), "-o", str(tmp_path / "out"), "--quiet", *extra]) == 1
+    assert message in capsys.readouterr().err
+    assert fake_model.loads == []  # refused before any loading
+
+
+def test_readme_random_weights_command_works(tmp_path, monkeypatch, capsys):
+    """The README's no-download line, for real: `predict --config tiny --random-weights`."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(smooth_rgb(30, 40)).save("photo.jpg", quality=95)
+    assert cli.main(["predict", "--config", "tiny", "--random-weights", "photo.jpg",
+                     "--quiet", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "1 image: 1 written" in captured.out and "MEANINGLESS" in captured.out
+    with np.load(tmp_path / "depthpro_out" / "photo.npz") as z:
+        assert z["depth"].shape == (30, 40) and np.isfinite(z["depth"]).all()
+        assert bool(z["random_weights"]) is True
+    assert (tmp_path / "depthpro_out" / "photo.color.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
 # end to end with the tiny fixture model
 # ----------------------------------------------------------------------------------------------
 
@@ -346,3 +605,128 @@ def test_tiny_model_end_to_end_batched(tmp_path, tiny_model, capsys):
     assert tmp_files(out) == []
     assert not list(out.glob("zz_corrupt*"))
     assert os.path.isdir(out / "sub")
+
+
+def test_fp16_on_a_cpu_is_said_once_in_command_line_words(tmp_path, monkeypatch, capsys):
+    from depthpro_fast import api
+
+    monkeypatch.setattr(api, "cpu_flags", lambda: frozenset({"avx2", "f16c"}))
+    seen = []
+
+    def no_inference(named, model, *args, **kwargs):  # the load is what this test is about
+        seen.append(next(model.parameters()).dtype)
+        return predict.Summary(total=len(named), written=len(named), seconds=1.0)
+
+    monkeypatch.setattr(predict, "predict_sources", no_inference)
+    img = tmp_path / "photo.png"
+    Image.fromarray(noisy_rgb(10, 12)).save(img)
+    assert cli.main(["predict", str(img), "-o", str(tmp_path / "out"), "--random-weights",
+                     "--config", "tiny", "--device", "cpu", "--dtype", "fp16", "--quiet"]) == 0
+    assert seen == [torch.float16]  # kept, not remapped
+    err = capsys.readouterr().err
+    warnings_ = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings_) == 1, err
+    assert warnings_[0].startswith("depthpro-fast predict: warning: --dtype fp16 on this CPU: "
+                                   "it has no float16 arithmetic")
+    assert "Use --dtype fp32" in warnings_[0] and "RuntimeWarning" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C while outputs are written (issue 16, item 7)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ctrl_c_run(tmp_path, fake_model, monkeypatch):
+    """Three images; the second forward is a Ctrl-C; the first image's colour preview stays
+    in its atomic write (half a file in a hidden temporary) until ``release`` is set."""
+    import threading
+
+    for i in range(3):
+        Image.fromarray(noisy_rgb(10, 12, seed=i)).save(tmp_path / f"img{i}.png")
+    release, released = threading.Event(), threading.Event()
+    notices: list[str] = []
+
+    def slow_color(path, depth):
+        try:
+            with outputs.atomic_write(path) as f:
+                f.write(b"\x89PNG half a file")
+                release.wait(30)
+        finally:  # also when the rename fails: the temporary was removed by the abort
+            released.set()
+
+    real_forward = fake_model.forward
+
+    def forward(x, need_fov=True):
+        if len(fake_model.calls) == 1:
+            raise KeyboardInterrupt
+        return real_forward(x, need_fov)
+
+    monkeypatch.setattr(outputs, "write_color", slow_color)
+    monkeypatch.setattr(fake_model, "forward", forward)
+    out = tmp_path / "out"
+    argv = ["predict", str(tmp_path), "-o", str(out), "--quiet"]
+    yield argv, out, release, released, notices
+    release.set()  # let an abandoned writer go in any case
+
+
+def test_ctrl_c_finishes_the_computed_outputs_and_prints_the_partial_summary(
+        ctrl_c_run, monkeypatch, capsys):
+    argv, out, release, released, notices = ctrl_c_run
+    real_announce = predict_run.announce
+
+    def announce(bar, text):
+        notices.append(text)
+        real_announce(bar, text)
+        release.set()  # the pending write can only finish after the notice
+
+    monkeypatch.setattr(predict_run, "announce", announce)
+    assert cli.main(argv) == 130
+    assert notices == ["interrupted: finishing the 2 outputs of 1 image already computed "
+                       "(Ctrl-C again to abort them; no partial file is left)"]
+    captured = capsys.readouterr()
+    assert ("interrupted: 3 images: 1 written, 0 skipped (outputs exist), 0 failed, "
+            "2 not done, in ") in captured.out
+    assert "a rerun with the same arguments continues" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["img0.color.png", "img0.npz"]
+    assert (out / "img0.color.png").read_bytes() == b"\x89PNG half a file"  # complete write
+    assert tmp_files(out) == []
+
+
+def test_second_ctrl_c_aborts_promptly_and_leaves_no_temporary_file(ctrl_c_run, monkeypatch,
+                                                                   capsys):
+    import signal
+    import threading
+    import time
+
+    argv, out, release, released, notices = ctrl_c_run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    real_announce = predict_run.announce
+    sent = []
+
+    def announce(bar, text):
+        notices.append(text)
+        real_announce(bar, text)
+        if text.startswith("interrupted"):  # the user presses Ctrl-C again while it waits
+            def press():
+                time.sleep(0.3)
+                sent.append(time.perf_counter())
+                os.kill(os.getpid(), signal.SIGINT)
+            threading.Thread(target=press, daemon=True).start()
+
+    monkeypatch.setattr(predict_run, "announce", announce)
+    rc = cli.main(argv)
+    returned = time.perf_counter()
+    assert rc == 130
+    assert returned - sent[0] < 3.0  # not held by the write, which is still blocked
+    assert not released.is_set()
+    assert notices[1] == "aborted: the outputs of 1 image were not written (a rerun computes it)"
+    captured = capsys.readouterr()
+    assert "interrupted: 3 images: 0 written, 0 skipped (outputs exist), 0 failed, 3 not done" \
+        in captured.out
+    assert tmp_files(out) == []  # the abandoned write's hidden temporary is gone
+    release.set()  # the abandoned writer wakes up: it must not put a file in place now
+    assert released.wait(10)
+    time.sleep(0.2)
+    assert sorted(p.name for p in out.iterdir()) == ["img0.npz"]  # the rerun redoes img0
+    assert tmp_files(out) == []

@@ -47,6 +47,7 @@ def test_saved_state_dict_loads_back_strictly(tmp_path):
         assert k == k2 and torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:dtype=torch.float16 on this CPU")  # expected
 def test_fixture_loads_fp16_into_fp32(tiny_state_dict):
     model, _ = depthpro_fast.load(TINY_DIR / "state_dict_fp16.pt", config=TINY, device="cpu")
     w = model.encoder.patch_encoder.blocks[0].attn.qkv.weight
@@ -95,7 +96,7 @@ class _Evil:
 
 @pytest.mark.parametrize("content, match", [
     (b"", "empty"),
-    (b"this is not a checkpoint", "not a readable PyTorch checkpoint"),
+    (b"this is not a checkpoint", "is not a checkpoint: it is a text file"),
     (None, "not a DepthPro checkpoint"),
     ("evil", "not loaded for safety"),
     ("evil-zip", "not loaded for safety"),
@@ -121,8 +122,67 @@ def test_truncated_checkpoint(tmp_path):
     full = (TINY_DIR / "state_dict_fp16.pt").read_bytes()
     path = tmp_path / "truncated.pt"
     path.write_bytes(full[: len(full) // 2])
-    with pytest.raises(CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="not a readable") as err:
         depthpro_fast.load(path, config=TINY, device="cpu")
+    assert "damaged or truncated" in str(err.value) and "miniz" not in str(err.value)
+
+
+class WholeModel(torch.nn.Module):  # torch.save(model) instead of its state_dict
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+
+
+def _random_bytes() -> bytes:
+    import random
+
+    data = bytearray(random.Random(3).randbytes(4096))
+    data[0] = 0x42  # neither a pickle's 0x80 nor a zip's "PK"
+    return bytes(data)
+
+
+@pytest.mark.parametrize("make, wanted", [
+    (lambda p: p.write_bytes(_random_bytes()),
+     "is not a checkpoint: it is neither a PyTorch file (a zip archive or a pickle) nor "
+     "safetensors: 4096 bytes starting with 42"),
+    (lambda p: p.write_text("<!DOCTYPE html><html><body>404</body></html>"),
+     "is not a checkpoint: it is an HTML / XML page"),
+    (lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n"),
+     "is not a checkpoint: it is a Git LFS pointer"),
+    (lambda p: p.write_bytes(__import__("gzip").compress(
+        (TINY_DIR / "state_dict_fp16.pt").read_bytes()[:1000])),
+     "is not a checkpoint: it is a gzip file"),
+    (lambda p: __import__("zipfile").ZipFile(p, "w").writestr("notes.txt", "hi"),
+     "it is a zip archive, but not one written by torch.save"),
+    (lambda p: torch.save(WholeModel(), p),
+     f"it contains Python objects other than tensors ({WholeModel.__module__}.WholeModel)"),
+    (lambda p: p.write_bytes(pickle.dumps({"w": [1, 2]}, protocol=4)),
+     "it is a Python pickle that torch.save did not write"),
+])
+def test_what_a_bad_checkpoint_is_is_said(tmp_path, make, wanted):
+    import warnings
+
+    path = tmp_path / "depth_pro.pt"
+    make(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError) as err:
+            depthpro_fast.load(path, config=TINY, device="cpu")
+    assert wanted in str(err.value), str(err.value)
+    assert str(path) in str(err.value)
+    assert "miniz" not in str(err.value) and "Weights only load failed" not in str(err.value)
+    assert not [w for w in caught if "pickle protocol" in str(w.message)]  # torch's noise
+
+
+def test_legacy_and_misnamed_safetensors_checkpoints_load(tmp_path, tiny_state_dict):
+    from safetensors.torch import save_file
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save(tiny_state_dict, legacy, _use_new_zipfile_serialization=False)
+    depthpro_fast.load(legacy, config=TINY, device="cpu")
+    misnamed = tmp_path / "weights.pt"  # safetensors content under a .pt name
+    save_file({k: v.contiguous() for k, v in tiny_state_dict.items()}, misnamed)
+    depthpro_fast.load(misnamed, config=TINY, device="cpu")
 
 
 def test_auto_checkpoint_search(tmp_path, monkeypatch):

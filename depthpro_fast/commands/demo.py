@@ -53,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..api import load
+    from ..outputs import check_output_folder
 
     height, width = parse_size(args.size)
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a folder; give a file name, e.g. "
+                         f"{os.path.join(args.out, 'depthpro_demo.npz')}")
+    # before the model is built, not after the inference
+    check_output_folder(os.path.dirname(os.path.abspath(args.out)), "folder of --out")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, transform = load(None, config=args.config, device=args.device, backend=args.backend)
@@ -69,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=out_dir)
     os.close(fd)
     try:
+        # the same keys as predict's npz (fov_deg_estimated: the FOV network ran)
         np.savez(tmp, depth=depth, focallength_px=float(prediction["focallength_px"]),
-                 fov_deg=float(prediction["fov_deg"]), image=image)
+                 fov_deg=float(prediction["fov_deg"]),
+                 fov_deg_estimated=float(prediction["fov_deg_estimated"]), image=image,
+                 random_weights=np.array(True))
         os.replace(tmp, args.out)
     finally:
         if os.path.exists(tmp):
