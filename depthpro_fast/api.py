@@ -14,6 +14,8 @@ from . import backends
 from . import checkpoint as ckpt
 from ._spelling import option
 from .config import DepthProConfig, resolve_config
+from .cpu import NATIVE_FLAGS as _NATIVE_FLAGS
+from .cpu import cpu_flags, native_from_flags
 from .inference import Transform
 from .model import DepthPro
 
@@ -57,28 +59,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
-_CPU_FLAGS: frozenset[str] | None = None
-# CPU feature flags (/proc/cpuinfo: x86 "flags", Arm "Features") that give native arithmetic
-_NATIVE_FLAGS = {torch.float16: ("avx512_fp16", "amx_fp16", "fphp", "asimdhp"),
-                 torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16")}
 _DTYPE_WORDS = {torch.float16: ("float16", "torch.float16", "fp16"),
                 torch.bfloat16: ("bfloat16", "torch.bfloat16", "bf16")}
-
-
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (read once), or None where unknown."""
-    global _CPU_FLAGS
-    if _CPU_FLAGS is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    key, _, value = line.partition(":")
-                    if key.strip() in ("flags", "Features"):
-                        _CPU_FLAGS = frozenset(value.split())
-                        break
-        except OSError:
-            pass
-    return _CPU_FLAGS
 
 
 def cpu_has_native(dtype: torch.dtype) -> bool | None:
@@ -86,7 +68,7 @@ def cpu_has_native(dtype: torch.dtype) -> bool | None:
     flags = cpu_flags()
     if flags is None:
         return None
-    return any(f in flags for f in _NATIVE_FLAGS.get(dtype, ()))
+    return native_from_flags(dtype, flags)
 
 
 def warn_slow_cpu_dtype(device: torch.device, dtype: torch.dtype) -> None:

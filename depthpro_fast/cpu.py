@@ -31,17 +31,28 @@ class CpuFeatures:
         return asdict(self)
 
 
-def _cpuinfo_flags() -> set[str]:
-    """The flags of the first processor in /proc/cpuinfo (empty where there is none)."""
+# CPU feature flags (/proc/cpuinfo: x86 "flags", Arm "Features") that give native arithmetic
+NATIVE_FLAGS = {torch.float16: ("avx512_fp16", "amx_fp16", "fphp", "asimdhp"),
+                torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16", "svebf16")}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (read once), or None where unknown."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip().lower() in ("flags", "features"):
-                    return set(value.split())
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
     except OSError:
         pass
-    return set()
+    return None
+
+
+def native_from_flags(dtype: torch.dtype, flags: frozenset[str]) -> bool:
+    """Whether ``flags`` include arithmetic for ``dtype`` (fp16 / bf16)."""
+    return any(f in flags for f in NATIVE_FLAGS.get(dtype, ()))
 
 
 def _torch_probe(name: str) -> bool | None:
@@ -61,20 +72,17 @@ def cpu_features() -> CpuFeatures:
         capability = str(torch.backends.cpu.get_cpu_capability())
     except Exception:  # noqa: BLE001
         capability = "unknown"
-    flags = _cpuinfo_flags()
+    flags = cpu_flags() or frozenset()
     arm = platform.machine().lower() in ("aarch64", "arm64")
+    bf16 = native_from_flags(torch.bfloat16, flags)
+    fp16 = native_from_flags(torch.float16, flags)
     if arm:
-        bf16 = "bf16" in flags or "svebf16" in flags
-        fp16 = "fphp" in flags and "asimdhp" in flags
         bf16_missing, fp16_missing = "the Arm BF16 extension", "the Arm FP16 extension"
     else:
+        # PyTorch's own probes (cpuinfo) work where /proc/cpuinfo does not exist
         probes = [_torch_probe("_is_avx512_bf16_supported"), _torch_probe("_is_amx_tile_supported")]
-        if any(p is not None for p in probes):
-            bf16 = any(bool(p) for p in probes)
-        else:
-            bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
-        amx_fp16 = _torch_probe("_is_amx_fp16_supported")
-        fp16 = bool(amx_fp16) or "avx512_fp16" in flags or "amx_fp16" in flags
+        bf16 = bf16 or any(bool(p) for p in probes)
+        fp16 = fp16 or bool(_torch_probe("_is_amx_fp16_supported"))
         bf16_missing, fp16_missing = "AVX512_BF16 or AMX-BF16", "AVX512_FP16 or AMX-FP16"
     name = f"this CPU ({capability})"
     return CpuFeatures(
