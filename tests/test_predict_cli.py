@@ -730,3 +730,24 @@ def test_second_ctrl_c_aborts_promptly_and_leaves_no_temporary_file(ctrl_c_run, 
     time.sleep(0.2)
     assert sorted(p.name for p in out.iterdir()) == ["img0.npz"]  # the rerun redoes img0
     assert tmp_files(out) == []
+
+
+def test_cpu_defaults_fast_path_and_the_cpu_dtype(tmp_path, fake_model, capsys):
+    """Issue 14: on a CPU predict runs the fast path by default (--no-fast: the reference) and
+    --dtype auto is bf16 where the CPU has bf16 arithmetic, else fp32; the summary says which."""
+    from depthpro_fast.cpu import fastest_cpu_dtype
+
+    img = tmp_path / "photo.png"
+    Image.fromarray(noisy_rgb(10, 12)).save(img)
+    out = tmp_path / "out"
+    base = ["predict", "--config", "tiny", "--random-weights", str(img), "-o", str(out),
+            "--device", "cpu", "--quiet", "--overwrite"]
+    assert cli.main(base) == 0
+    kwargs = fake_model.loads[-1][1]
+    assert kwargs["fast"] is True
+    assert kwargs["dtype"] == str(fastest_cpu_dtype()).removeprefix("torch.")
+    assert cli.main(base + ["--no-fast", "--dtype", "fp32"]) == 0
+    assert fake_model.loads[-1][1]["fast"] is False
+    assert "reference path, float32" in capsys.readouterr().out
+    assert predict._resolve_fast(None, torch.device("cuda")) is False
+    assert predict._resolve_dtype("auto", torch.device("cuda")) == "float16"

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="preset (tiny, official) or JSON file of knobs (default: tiny)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("--backend", default="reference",
-                        choices=["reference", "triton", "cuda", "auto"])
+                        choices=["reference", "torch", "triton", "cuda", "auto"])
     parser.add_argument("--size", default="480x640", help="HxW of the generated image")
     parser.add_argument("--out", default="depthpro_demo.npz", help="output .npz file")
     parser.add_argument("--seed", type=int, default=0)

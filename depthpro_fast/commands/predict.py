@@ -66,14 +66,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun "
                              "cuda:LOCAL_RANK)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                        help="auto = float16 on CUDA (as the official CLI), float32 on CPU")
+                        help="auto = float16 on CUDA (as the official CLI); on a CPU bfloat16 "
+                             "where it has bf16 arithmetic (AVX512_BF16 / AMX), else float32 "
+                             "(`depthpro-fast info` says which)")
     parser.add_argument("--backend", default="auto",
-                        choices=["auto", "reference", "triton", "cuda"])
-    parser.add_argument("--fast", action="store_true",
-                        help="run the fast path (fused ViT epilogues, exact conv folds, "
-                             "channels_last; on CUDA a side stream and CUDA graphs), see "
+                        choices=["auto", "reference", "torch", "triton", "cuda"])
+    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                        help="the fast path (fused ViT epilogues, exact conv folds, "
+                             "channels_last; on a CPU PyTorch's flash attention and the faster "
+                             "GEMM library; on CUDA a side stream and CUDA graphs), see "
                              "docs/fast_path.md; the FOV network is skipped for images whose "
-                             "focal length is known")
+                             "focal length is known. Default: on for a CPU (the same function "
+                             "as the reference up to float32 rounding, and faster), off on "
+                             "CUDA; --no-fast runs the reference path")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images per network call (default: 1)")
     parser.add_argument("--f-px", type=float, default=None,
@@ -161,7 +166,16 @@ def checkpoint_choice(args: argparse.Namespace) -> str | None:
 def _resolve_dtype(dtype: str, device: Any) -> str:
     if dtype != "auto":
         return dtype
-    return "float16" if device.type == "cuda" else "float32"
+    if device.type == "cuda":
+        return "float16"
+    from ..cpu import fastest_cpu_dtype
+
+    return str(fastest_cpu_dtype()).removeprefix("torch.")
+
+
+def _resolve_fast(fast: bool | None, device: Any) -> bool:
+    """``--fast`` / ``--no-fast``, or by default: on for a CPU, off on CUDA."""
+    return device.type == "cpu" if fast is None else fast
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             model, transform = load(checkpoint, config=args.config, device=device,
                                     dtype=_resolve_dtype(args.dtype, device),
-                                    backend=args.backend, fast=args.fast)
+                                    backend=args.backend,
+                                    fast=_resolve_fast(args.fast, device))
             load_s = time.perf_counter() - t0
             summary = predict_sources(
                 named, model, transform, args.outdir, formats=formats,
@@ -228,8 +243,11 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.quiet and rank == 0, label=label,
                 random_weights=checkpoint is None)
             weights = "random weights, " if checkpoint is None else ""
-            head = (f"model loaded in {load_s:.1f} s on {device} ({weights}{model.backend} "
-                    "backend); ")
+            path = ("fast path" if getattr(model, "fast_engine", None) is not None
+                    else "reference path")
+            dtype_used = str(transform.dtype).removeprefix("torch.")
+            head = (f"model loaded in {load_s:.1f} s on {device} ({weights}{path}, "
+                    f"{dtype_used}, {model.backend} backend); ")
         else:  # every output exists: no model to load
             summary = Summary(total=len(named), skipped=len(named))
             head = "nothing left to do (--overwrite recomputes), model not loaded; "
