@@ -81,7 +81,8 @@ class CpuGemm:
     def linear_bias_gelu(self, x: torch.Tensor, weight: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
         """``gelu(x @ weight^T + bias)`` (exact GELU): one oneDNN call, or a GEMM + the op."""
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or self.epilogue_backend in ("triton", "cuda"):
+            # a GPU, or kernels asked for by name (Triton's interpreter on a CPU): the op
             return ops.bias_gelu(F.linear(x, weight), bias, backend=self.epilogue_backend)
         if self.name == "onednn":
             return _onednn(x, weight, bias, "gelu")
