@@ -264,9 +264,11 @@ def test_missing_argument_is_a_failure_but_others_run(tmp_path, fake_model, caps
 def test_fast_flag_loads_the_fast_path(tmp_path, fake_model):
     img = tmp_path / "ok.png"
     Image.fromarray(noisy_rgb(10, 12)).save(img)
-    for extra, expected in (([], False), (["--fast"], True)):
+    # on a CPU the default is the fast path (issue 14); --no-fast is the reference path
+    for i, (extra, expected) in enumerate((([], True), (["--no-fast"], False),
+                                           (["--fast"], True))):
         fake_model.loads.clear()
-        rc = cli.main(["predict", str(img), "-o", str(tmp_path / f"out{expected}"), "--quiet",
+        rc = cli.main(["predict", str(img), "-o", str(tmp_path / f"out{i}"), "--quiet",
                        *extra])
         assert rc == 0
         assert [kw["fast"] for _, kw in fake_model.loads] == [expected]
@@ -467,7 +469,7 @@ def test_fov_rule_in_files_is_the_same_with_and_without_fast(tmp_path, monkeypat
         for extra in ((), ("--f-px", "1000"), ("--ignore-exif",)):
             out = tmp_path / f"out-{use_fast}-{'-'.join(extra)}"
             argv = ["predict", str(photo), "-o", str(out), "--save", "npz,ply", "--quiet",
-                    *extra, *(["--fast"] if use_fast else [])]
+                    *extra, "--fast" if use_fast else "--no-fast"]
             assert cli.main(argv) == 0, capsys.readouterr().err
             with np.load(out / "photo.npz") as z:
                 runs[use_fast, extra] = {k: z[k].item() for k in z.files if z[k].ndim == 0}
