@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                        + [dtype_name(dt) for dt in dtypes or []],
                        # no extra untimed forward for the accuracy columns where one takes
                        # minutes (the official model on a CPU without warm-up)
-                       accuracy=gpu or not big or warmup > 0,
+                       accuracy=gpu or not big,
                        cpu_engine_rows_only=not gpu and big and args.backends is None)
     if not gpu and big:
         per_forward = flops_per_image / (peak["tflops"] * 1e12) / 0.7 * max(args.batch)

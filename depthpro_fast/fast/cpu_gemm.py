@@ -30,13 +30,9 @@ CPU_GEMMS = ("auto", "aten", "onednn")
 _MIN_GAIN = 1.08
 
 
+@functools.cache
 def onednn_linear_available(dtype: torch.dtype) -> tuple[bool, str | None]:
     """Whether oneDNN's fused linear runs here in ``dtype`` (a tiny call decides), and why not."""
-    return _onednn_probe(dtype)
-
-
-@functools.cache
-def _onednn_probe(dtype: torch.dtype) -> tuple[bool, str | None]:
     if not torch.backends.mkldnn.is_available():
         return False, "this PyTorch build has no oneDNN (mkldnn)"
     try:
@@ -93,21 +89,17 @@ class CpuGemm:
         return torch.ops.aten.gelu_(u)
 
 
-def _time(fn: Callable[[], object], reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _seconds(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 @functools.cache
-def _measure(dtype: torch.dtype, threads: int, rows: int, k: int, n: int
-             ) -> tuple[str, dict[str, float], str]:
+def _measure(dtype: torch.dtype, threads: int, rows: int, k: int, n: int) -> tuple[str, str]:
     ok, why = onednn_linear_available(dtype)
     if not ok:
-        return "aten", {}, f"aten: oneDNN unavailable ({why})"
+        return "aten", f"aten: oneDNN unavailable ({why})"
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k, generator=g).to(dtype)
     w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
@@ -120,12 +112,11 @@ def _measure(dtype: torch.dtype, threads: int, rows: int, k: int, n: int
     best = {name: float("inf") for name in cands}
     for _ in range(2):  # interleaved, best of each: robust to a neighbour's load
         for name, fn in cands.items():
-            best[name] = min(best[name], _time(fn, 1))
+            best[name] = min(best[name], _seconds(fn))
     chosen = "onednn" if best["aten"] > _MIN_GAIN * best["onednn"] else "aten"
     flop = 2 * rows * k * n
     rates = ", ".join(f"{name} {flop / s / 1e9:.0f} GFLOP/s" for name, s in best.items())
-    return chosen, best, f"{chosen}: measured {rates} ({rows}x{k} @ {k}x{n}, {dtype}, " \
-                         f"{threads} threads)"
+    return chosen, f"{chosen}: measured {rates} ({rows}x{k} @ {k}x{n}, {dtype}, {threads} threads)"
 
 
 def choose_cpu_gemm(option: str, dtype: torch.dtype, *, k: int = 1024, n: int = 4096,
@@ -144,5 +135,4 @@ def choose_cpu_gemm(option: str, dtype: torch.dtype, *, k: int = 1024, n: int = 
         if not ok:
             raise RuntimeError(f"cpu_gemm='onednn' cannot run in {dtype}: {why}")
         return "onednn", "onednn: chosen by the option"
-    chosen, _, why = _measure(dtype, torch.get_num_threads(), rows, k, n)
-    return chosen, why
+    return _measure(dtype, torch.get_num_threads(), rows, k, n)
