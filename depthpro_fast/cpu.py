@@ -50,6 +50,19 @@ def cpu_flags() -> frozenset[str] | None:
     return None
 
 
+def proc_kib_field(path: str, key: str) -> int | None:
+    """A ``Key:  N kB`` line of a /proc file (``/proc/meminfo``, ``/proc/self/status``) in
+    bytes, or None where the file or the key is missing."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def native_from_flags(dtype: torch.dtype, flags: frozenset[str]) -> bool:
     """Whether ``flags`` include arithmetic for ``dtype`` (fp16 / bf16)."""
     return any(f in flags for f in NATIVE_FLAGS.get(dtype, ()))

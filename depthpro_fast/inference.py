@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ._spelling import option
 from .config import IMG_SIZE
+from .cpu import proc_kib_field
 
 if TYPE_CHECKING:
     from .model import DepthPro
@@ -257,16 +258,12 @@ _OUTPUT_MAPS = 3
 
 def available_memory(device: torch.device) -> int | None:
     """Free bytes on ``device`` (CUDA: the driver's free memory; CPU: MemAvailable), or None."""
+    if device.type != "cuda":
+        return proc_kib_field("/proc/meminfo", "MemAvailable")
     try:
-        if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError):
-        pass
-    return None
+        return torch.cuda.mem_get_info(device)[0]
+    except RuntimeError:
+        return None
 
 
 def check_output_memory(batch: int, height: int, width: int, device: torch.device) -> None:

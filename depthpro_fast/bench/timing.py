@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..cpu import proc_kib_field
+
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -172,13 +174,4 @@ class CpuPeakRss:
             self.resettable = False
 
     def read(self) -> int | None:
-        if not self.resettable:
-            return None
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
+        return proc_kib_field("/proc/self/status", "VmHWM") if self.resettable else None
