@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import sys
 
 import pytest
@@ -60,9 +61,14 @@ def test_peak_rss_sees_an_allocation_and_resets():
     if not rss.resettable:
         pytest.skip("/proc/self/clear_refs is not writable here")
     before = rss.read()
-    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # 64 MiB of fresh pages, each touched (an anonymous mapping: the process's allocator may
+    # hand out a tensor from memory that is already resident after other tests)
+    size = 64 * 2**20
+    big = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        big[offset] = 1
     peak = rss.read()
-    del big
+    big.close()
     assert before is not None and peak is not None and peak - before >= 60 * 2**20
     rss.reset()
     assert rss.read() < peak  # the high-water mark went back down to the current RSS
