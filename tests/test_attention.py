@@ -138,14 +138,21 @@ def _case_id(case: tuple) -> str:
     return f"B{b}-H{h}-N{n}-D{d}-{str(dtype).removeprefix('torch.')}"
 
 
-@pytest.mark.parametrize("case", SMALL_CASES + LARGE_CASES, ids=_case_id)
-def test_reference_matches_fp64(case, poisoned):
+def check_case(backend: str, case: tuple) -> tuple[torch.Tensor, ...]:
+    """Run ``backend`` on a fresh packed-qkv case at the default scale; check its layout and
+    budget. Returns (out, q, k, v, scale) for further checks."""
     b, h, n, d, dtype = case
-    _, q, k, v = packed_qkv(b, h, n, d, dtype, case_seed("reference", case))
+    _, q, k, v = packed_qkv(b, h, n, d, dtype, case_seed(backend, case))
     scale = d ** -0.5
-    out = attention(q, k, v, scale=scale, backend="reference")
+    out = attention(q, k, v, scale=scale, backend=backend)
     check_output_layout(out)
     check_budget(out, q, k, v, scale)
+    return out, q, k, v, scale
+
+
+@pytest.mark.parametrize("case", SMALL_CASES + LARGE_CASES, ids=_case_id)
+def test_reference_matches_fp64(case, poisoned):
+    check_case("reference", case)
 
 
 # The ``torch`` backend (PyTorch's scaled_dot_product_attention): CPU cases of every head dim and
@@ -158,18 +165,13 @@ SDPA_CASES = SMALL_CASES + LARGE_CASES + [
 
 @pytest.mark.parametrize("case", SDPA_CASES, ids=_case_id)
 def test_torch_sdpa_matches_fp64(case):
-    b, h, n, d, dtype = case
-    _, q, k, v = packed_qkv(b, h, n, d, dtype, case_seed("torch", case))
-    scale = d ** -0.5
-    out = attention(q, k, v, scale=scale, backend="torch")
-    check_output_layout(out)
-    check_budget(out, q, k, v, scale)
-    if dtype == torch.float32:  # exact up to rounding against the reference
+    out, q, k, v, scale = check_case("torch", case)
+    if q.dtype == torch.float32:  # exact up to rounding against the reference
         ref = attention(q, k, v, scale=scale, backend="reference")
         assert torch.allclose(out, ref, rtol=0, atol=1e-5)
 
 
-def test_torch_sdpa_copies_other_layouts(monkeypatch):
+def test_torch_sdpa_copies_other_layouts(monkeypatch, poisoned):
     """An SDPA that returns another memory layout is copied into the (B, N, H, D) layout."""
     _, q, k, v = packed_qkv(2, 3, 17, 32, torch.float32, case_seed("layout"))
     real = torch.nn.functional.scaled_dot_product_attention
@@ -186,21 +188,14 @@ def test_auto_on_cpu_runs_sdpa_and_reference_stays_plain():
     assert backends.implementation("attention", "reference", cpu) is \
         attention_module.attention_reference
     # ops without a PyTorch kernel of their own run their (plain PyTorch) reference
-    split = importlib.import_module("depthpro_fast.ops.split_patches")
     assert backends.implementation("split_patches", "torch", cpu) is \
         backends.implementation("split_patches", "reference", cpu)
-    del split
 
 
 @requires_triton
 @pytest.mark.parametrize("case", SMALL_CASES + LARGE_CASES, ids=_case_id)
 def test_triton_matches_fp64(case, poisoned):
-    b, h, n, d, dtype = case
-    _, q, k, v = packed_qkv(b, h, n, d, dtype, case_seed("triton", case))
-    scale = d ** -0.5
-    out = attention(q, k, v, scale=scale, backend="triton")
-    check_output_layout(out)
-    check_budget(out, q, k, v, scale)
+    check_case("triton", case)
 
 
 @requires_triton
