@@ -72,6 +72,17 @@ def micro_reference():
     return model, x, cid, fov
 
 
+def check_budget(fast, x: torch.Tensor, cid: torch.Tensor, fov: torch.Tensor,
+                 dtype: torch.dtype) -> None:
+    """``fast`` on ``x`` in ``dtype``: output in that dtype, MARE and FOV error within the
+    budget of ``depthpro_fast.accuracy`` against the fp32 reference outputs."""
+    with torch.no_grad():
+        out_cid, out_fov = fast(x.to(dtype))
+    assert out_cid.dtype == dtype
+    assert mare(out_cid, cid) <= MARE_BUDGET[dtype]
+    assert abs(float(out_fov) - float(fov)) <= FOV_BUDGET_DEG
+
+
 def _fast_copy(model, dtype=torch.float32, **options):
     fast = copy.deepcopy(model).to(dtype)
     return fast.prepare_fast(options or True)
@@ -99,11 +110,7 @@ def test_fast_fp16_accuracy_budget(tiny_reference):
     """Issue 6 budget in fp16: MARE <= 1e-3 and FOV within 0.05 deg of the fp32 reference."""
     model, x, cid, fov = tiny_reference
     fast = _fast_copy(model, torch.float16)
-    with torch.no_grad():
-        out_cid, out_fov = fast(x.half())
-    assert out_cid.dtype == torch.float16
-    assert mare(out_cid, cid) <= MARE_BUDGET[torch.float16]
-    assert abs(float(out_fov) - float(fov)) <= FOV_BUDGET_DEG
+    check_budget(fast, x, cid, fov, torch.float16)
 
 
 @requires_triton
@@ -111,10 +118,7 @@ def test_fast_triton_epilogues_fp16_budget(micro_reference):
     """The Triton epilogue kernels (interpreter on CPU) inside the whole model, fp16."""
     model, x, cid, fov = micro_reference
     fast = _fast_copy(model, torch.float16, epilogue_backend="triton")
-    with torch.no_grad():
-        out_cid, out_fov = fast(x.half())
-    assert mare(out_cid, cid) <= MARE_BUDGET[torch.float16]
-    assert abs(float(out_fov) - float(fov)) <= FOV_BUDGET_DEG
+    check_budget(fast, x, cid, fov, torch.float16)
 
 
 @requires_triton
@@ -161,11 +165,7 @@ def test_fast_bf16_on_cpu_accuracy_budget(tiny_reference):
     model, x, cid, fov = tiny_reference
     fast = _fast_copy(model, torch.bfloat16)
     fast.set_backend("auto")
-    with torch.no_grad():
-        out_cid, out_fov = fast(x.bfloat16())
-    assert out_cid.dtype == torch.bfloat16
-    assert mare(out_cid, cid) <= MARE_BUDGET[torch.bfloat16]
-    assert abs(float(out_fov) - float(fov)) <= FOV_BUDGET_DEG
+    check_budget(fast, x, cid, fov, torch.bfloat16)
 
 
 def test_everything_off_matches_reference(micro_reference):
@@ -498,10 +498,7 @@ def test_gpu_compiled_blocks_budget(official_reference, dtype):
     model, x, cid, fov = official_reference
     fast = copy.deepcopy(model).to(dtype).set_backend("auto").prepare_fast(
         {"epilogues": "compile"})
-    with torch.no_grad():
-        out_cid, out_fov = fast(x.to(dtype))
-    assert mare(out_cid, cid) <= MARE_BUDGET[dtype]
-    assert abs(float(out_fov) - float(fov)) <= FOV_BUDGET_DEG
+    check_budget(fast, x, cid, fov, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +543,4 @@ def test_fast_all_triton_fp16_budget(micro_reference):
     model, x, cid, fov = micro_reference
     fast = _fast_copy(model, torch.float16)
     fast.set_backend("triton")
-    with torch.no_grad():
-        out_cid, out_fov = fast(x.half())
-    assert mare(out_cid, cid) <= MARE_BUDGET[torch.float16]
-    assert abs(float(out_fov) - float(fov)) <= FOV_BUDGET_DEG
+    check_budget(fast, x, cid, fov, torch.float16)
