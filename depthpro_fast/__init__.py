@@ -12,10 +12,11 @@ __version__ = "0.1.0"
 
 from .api import load
 from .config import OFFICIAL, TINY, DepthProConfig
+from .exporters import export, load_exported
 from .inference import Transform
 from .io import load_image
 from .model import DepthPro
 from .report import info
 
-__all__ = ["DepthPro", "DepthProConfig", "OFFICIAL", "TINY", "Transform", "__version__", "info",
-           "load", "load_image"]
+__all__ = ["DepthPro", "DepthProConfig", "OFFICIAL", "TINY", "Transform", "__version__", "export",
+           "info", "load", "load_exported", "load_image"]

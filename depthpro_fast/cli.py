@@ -19,6 +19,7 @@ from collections.abc import Iterator
 COMMANDS = {
     "bench": "latency benchmark: reference vs fast paths side by side (random weights)",
     "predict": "depth maps for images, folders and globs (npz, 16-bit PNG, colour preview, PLY)",
+    "export": "the network as ONNX (opset >= 18, for ONNX Runtime / TensorRT) or torch.export .pt2",
     "download": "fetch Apple's depth_pro.pt into the user cache (resumable, checksummed)",
     "demo": "run the reference model with random weights on a generated image, write a depth map",
     "info": "versions, devices, available backends (and why not), checkpoint search paths",

@@ -141,7 +141,7 @@ def test_default_variants():
     assert [v.name for v in cpu] == [
         "reference eager", "reference torch.compile", "fast auto", "fast triton", "fast cuda",
         "fast auto + CUDA graph", "fast engine", "fast engine + CUDA graph",
-        "transformers DepthPro", "fast engine"]
+        "transformers DepthPro", "onnxruntime", "fast engine"]
     assert {v.dtype for v in cpu[:-1]} == {torch.float32} and cpu[-1].dtype == torch.bfloat16
     gpu = default_variants(torch.device("cuda"))  # a plan only: nothing touches CUDA
     names = [(v.name, dtype_name(v.dtype)) for v in gpu]
@@ -149,11 +149,13 @@ def test_default_variants():
                      ("reference eager", "fp16"), ("reference torch.compile", "bf16"),
                      ("fast auto", "bf16"), ("fast triton", "bf16"), ("fast cuda", "bf16"),
                      ("fast auto + CUDA graph", "bf16"), ("fast engine", "bf16"),
-                     ("fast engine + CUDA graph", "bf16"), ("transformers DepthPro", "bf16")]:
+                     ("fast engine + CUDA graph", "bf16"), ("transformers DepthPro", "bf16"),
+                     ("onnxruntime", "fp16")]:
         assert expected in names
     only = default_variants(torch.device("cuda"), dtypes=[torch.bfloat16], compile=False,
-                               hf=False, cuda_graph=False)
+                               hf=False, cuda_graph=False, onnxruntime=False)
     assert {v.dtype for v in only} == {torch.bfloat16} and all(v.mode == "eager" for v in only)
+    assert "onnxruntime" not in [v.name for v in only]
 
 
 def test_failing_row_does_not_stop_the_others(monkeypatch):
@@ -172,6 +174,25 @@ def test_failing_row_does_not_stop_the_others(monkeypatch):
     hf = Variant("hf", torch.float32, "-")
     table = format_table([row, graph, RowResult(hf, 1, "skipped", "not installed")])
     assert "failed: RuntimeError: kernel exploded" in table and "not installed" in table
+
+
+def test_onnxruntime_row_beside_the_reference():
+    """The onnxruntime row on a CPU: listed but skipped (saying how to run it) unless opted
+    in; opted in, it exports the tiny model, runs it in ONNX Runtime and gets the accuracy
+    columns against the fp32 reference row of the same run."""
+    pytest.importorskip("onnxruntime")
+    from depthpro_fast.config import TINY
+
+    ort_row = Variant("onnxruntime", torch.float32, "-")
+    plain = Runner(TINY, CPU, batches=[1], runs=1, warmup=0)
+    skipped = plain.run_row(ort_row, 1)
+    assert skipped.status == "skipped" and "--onnxruntime" in skipped.reason
+    runner = Runner(TINY, CPU, batches=[1], runs=1, warmup=0, cpu_opt_in=["onnxruntime"])
+    rows = runner.run([Variant("reference", torch.float32), ort_row])
+    ref, row = rows
+    assert row.variant.name == "onnxruntime" and row.status == "ok", row.reason
+    assert row.mare is not None and row.mare <= 1e-5 and row.fov_err_deg <= 1e-3
+    assert row.device.median > 0 and row.peak_mem_bytes > 0
 
 
 def test_bad_arguments():

@@ -91,7 +91,8 @@ class Runner:
         self.log = log or (lambda msg: None)
         self.skip_same_as_reference = skip_same_as_reference
         self.allow_interpreter = allow_interpreter
-        # rows that run on a CPU only when asked for: "compile", "hf" (minutes each there),
+        # rows that run on a CPU only when asked for: "compile", "hf", "onnxruntime" (minutes
+        # each there),
         # "bf16" (a bf16 row on a CPU without bf16 arithmetic)
         self.cpu_opt_in = set(cpu_opt_in)
         # a big model on a CPU: the kernels-only "fast <backend>" rows are left to --backends
@@ -106,6 +107,7 @@ class Runner:
         self._reference_out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._model: tuple[torch.dtype, torch.nn.Module] | None = None
         self._inputs: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
+        self.ort_providers = ""  # the execution providers of the last onnxruntime row
 
     # -- resources ---------------------------------------------------------------------------
     def _free(self) -> None:
@@ -153,6 +155,14 @@ class Runner:
 
             return run_hf, hf_model, cleanup
         model = self.model(v.dtype)
+        if v.path == "onnxruntime":
+            from .onnxruntime_row import onnxruntime_callable
+
+            model.set_backend("reference")
+            run_ort, cleanup, used = onnxruntime_callable(model, self.device)
+            self.log(f"onnxruntime: exported, providers {used}")
+            self.ort_providers = used
+            return run_ort, model, cleanup
         model.set_backend(v.backend if v.path in ("fast", "engine") else "reference")
         if v.path == "engine":
             # the engine captures and replays its own CUDA graphs in mode "cudagraph"
@@ -246,11 +256,25 @@ class Runner:
                 raise SkipRow("on a CPU only with --compile (compilation takes minutes)")
             if not cuda and v.path == "hf" and "hf" not in self.cpu_opt_in:
                 raise SkipRow("on a CPU only with --hf (one more full forward)")
+            if v.path == "onnxruntime":
+                from .onnxruntime_row import onnxruntime_unavailable
+
+                why = onnxruntime_unavailable(self.device)
+                if why:
+                    raise SkipRow(why)
+                if not cuda and "onnxruntime" not in self.cpu_opt_in:
+                    raise SkipRow("on a CPU only with --onnxruntime (an ONNX export, then "
+                                  "its forwards)")
             if v.path == "hf":
                 self._free()  # make room: transformers' model is built in _callable
             else:
                 self.model(v.dtype)  # built before the memory baseline: weights added below
             inputs = self.inputs(v.dtype, batch)
+            # the ONNX export is made before the memory baseline (its tracing is not the row's
+            # memory; the session's weights, resident by then, are)
+            prebuilt = self._callable(v, batch) if v.path == "onnxruntime" else None
+            if prebuilt is not None:  # (the JSON's per-row details: which providers ran)
+                row.engine = {"onnxruntime_providers": self.ort_providers}
             rss = CpuPeakRss()
             if cuda:
                 synchronize(self.device)
@@ -259,7 +283,7 @@ class Runner:
             else:
                 gc.collect()
                 rss.reset()  # the process's peak resident memory from here (weights included)
-            fn, module, cleanup = self._callable(v, batch)
+            fn, module, cleanup = prebuilt or self._callable(v, batch)
             warmup = self.warmup
             if v.mode != "eager" or warmup > 0:
                 # the first call on its own (compilation, autotuning, lazy initialisation): it

@@ -32,7 +32,8 @@ class Variant:
     ``path``: ``reference`` (our model, all ops pure PyTorch), ``fast`` (our model with
     ``backend``: the ops' kernels only), ``engine`` (the whole fast path: ``prepare_fast()``'s
     fused ViT epilogues, conv folds, channels_last, side stream; its own CUDA graphs in mode
-    ``cudagraph``), ``hf`` (transformers' ``DepthProForDepthEstimation``). ``mode``: ``eager``,
+    ``cudagraph``), ``hf`` (transformers' ``DepthProForDepthEstimation``), ``onnxruntime``
+    (our ONNX export in ONNX Runtime, ``bench/onnxruntime_row.py``). ``mode``: ``eager``,
     ``compile`` (``torch.compile`` of the module) or ``cudagraph`` (one captured CUDA graph,
     replayed).
     """
@@ -46,6 +47,8 @@ class Variant:
     def name(self) -> str:
         if self.path == "hf":
             base = "transformers DepthPro"
+        elif self.path == "onnxruntime":
+            base = "onnxruntime"
         elif self.path == "reference":
             base = "reference"
         elif self.path == "engine":
@@ -65,7 +68,8 @@ class Variant:
 def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | None = None,
                      fast_backends: Sequence[str] = ("auto", "triton", "cuda"),
                      compile: bool | None = None, cuda_graph: bool | None = None,
-                     hf: bool | None = None) -> list[Variant]:
+                     hf: bool | None = None,
+                     onnxruntime: bool | None = None) -> list[Variant]:
     """The rows of ``depthpro-fast bench``.
 
     GPU: the reference eager in fp32, bf16 and fp16; ``torch.compile`` of the reference, the
@@ -73,7 +77,10 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
     and transformers in bf16. CPU: the same rows in
     fp32 and the fast engine in bf16 (the runner skips, with the reason, what cannot or need
     not run on a CPU).
-    ``compile``, ``cuda_graph``, ``hf`` = False leave those rows out; ``dtypes`` puts every
+    The ``onnxruntime`` row (our ONNX export in ONNX Runtime) in each fast dtype that ONNX
+    takes (fp32, fp16; fp16 on a GPU).
+    ``compile``, ``cuda_graph``, ``hf``, ``onnxruntime`` = False leave those rows out; ``dtypes``
+    puts every
     row in each of the given dtypes instead.
     """
     gpu = device.type == "cuda"
@@ -97,6 +104,11 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
                 rows.append(Variant("engine", dt, backend=engine_backend, mode="cudagraph"))
         if hf is not False:
             rows.append(Variant("hf", dt, backend="-"))
+    if onnxruntime is not False:
+        # ONNX takes fp32 and fp16 (no bf16): on a GPU, whose fast rows are bf16, it runs fp16
+        onnx_dtypes = [dt for dt in fast_dtypes if dt in (torch.float32, torch.float16)]
+        rows += [Variant("onnxruntime", dt, backend="-")
+                 for dt in onnx_dtypes or [torch.float16]]
     if not gpu and not dtypes and fast_backends:
         # the fast engine in bf16 too: the fastest CPU path where the CPU has bf16 arithmetic
         # (the runner skips it, saying why, where it has not)

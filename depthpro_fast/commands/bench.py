@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
                         help="time transformers' DepthProForDepthEstimation when installed, "
                              "official config (default: on a GPU; on a CPU only with --hf)")
+    parser.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=None,
+                        help="time our ONNX export in ONNX Runtime (pip install "
+                             "'depthpro-fast[export]'; on a GPU its CUDA / TensorRT providers, "
+                             "fp16; default: on a GPU; on a CPU only with --onnxruntime)")
     parser.add_argument("--stages", action="store_true",
                         help="add the per-stage breakdown of the eager rows")
     parser.add_argument("--flops", action="store_true", help="print the FLOP count per module")
@@ -142,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
 
     variants = default_variants(device, dtypes=dtypes,
                                    fast_backends=tuple(args.backends or _FAST_BACKENDS),
-                                   compile=args.compile, cuda_graph=args.cuda_graph, hf=args.hf)
+                                   compile=args.compile, cuda_graph=args.cuda_graph, hf=args.hf,
+                                   onnxruntime=args.onnxruntime)
     env = environment(device)
     params = count_parameters(_meta_model(cfg))
 
@@ -156,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
                        # repeat the reference (auto on a CPU) or run in the Triton interpreter
                        skip_same_as_reference=args.backends is None,
                        allow_interpreter=args.backends is not None,
-                       cpu_opt_in=[k for k in ("compile", "hf") if getattr(args, k)]
+                       cpu_opt_in=[k for k in ("compile", "hf", "onnxruntime")
+                                   if getattr(args, k)]
                        + [dtype_name(dt) for dt in dtypes or []],
                        # no extra untimed forward for the accuracy columns where one takes
                        # minutes (the official model on a CPU without warm-up)

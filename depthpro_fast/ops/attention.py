@@ -27,8 +27,12 @@ def empty_output_like(q: torch.Tensor) -> torch.Tensor:
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: float) -> torch.Tensor:
     """Pure-PyTorch attention in fp32 math, cast back to the input dtype."""
-    out = empty_output_like(q)
     b, h, n, _ = q.shape
+    if not isinstance(b, int):
+        # A symbolic batch (torch.export with a dynamic batch): one chunk, so that the graph
+        # has no loop over the batch (a Python loop would fix the batch size).
+        return _attention_fp32(q, k, v, scale)
+    out = empty_output_like(q)
     step = max(1, _REFERENCE_CHUNK_ELEMS // max(1, h * n * k.shape[2]))
     for start in range(0, b, step):
         sl = slice(start, start + step)
@@ -36,6 +40,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         probs = torch.softmax(scores, dim=-1)
         out[sl] = torch.matmul(probs, v[sl].float()).to(q.dtype)
     return out
+
+
+def _attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)  # (B, N, H, D)-contiguous
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -133,7 +133,7 @@ def _check(tokens: torch.Tensor, batch_size: int, grid: int, padding: int, blend
                         f"{type(tokens).__name__}")
     for name, value, low in (("batch_size", batch_size, 1), ("grid", grid, 1),
                              ("padding", padding, 0), ("blend", blend, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < low:
             raise ValueError(f"merge_patches: {name} must be an integer >= {low}, got {value!r}")
     if tokens.dim() == 3:
         side = math.isqrt(max(tokens.shape[1] - 1, 0))

@@ -1,0 +1,98 @@
+"""torch.export of the model as it runs (fast engine and backend included), saved as .pt2;
+optionally compiled by AOTInductor (format ``aoti``)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checks import ExportError, ExportPlan
+from .network import NetworkForward, dynamic_batch, example_input, traced_as
+from .staging import staged
+
+NAMESPACE = "depthpro_fast"
+
+
+def custom_ops_in(program: torch.export.ExportedProgram) -> list[str]:
+    """The package's custom ops called in the exported graph, e.g. ``attention_triton``."""
+    names = set()
+    for node in program.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+                and node.target.namespace == NAMESPACE:
+            names.add(node.target._opname)
+    return sorted(names)
+
+
+def trace(model: Any, plan: ExportPlan) -> torch.export.ExportedProgram:
+    engine = model.fast_engine
+    if engine is not None:
+        engine.prepare()  # folds and GEMM choice are made eagerly, never inside a trace
+    x = example_input(plan.device, plan.dtype)
+    with traced_as(model, reference=False, include_fov=plan.include_fov), torch.no_grad(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.export.export(NetworkForward(model, plan.include_fov), (x,),
+                                   dynamic_shapes=dynamic_batch(), strict=False)
+
+
+def export_pt2(model: Any, plan: ExportPlan) -> tuple[list[Path], list[str], list[str]]:
+    program = trace(model, plan)
+    custom = custom_ops_in(program)
+    notes = []
+    if not custom:
+        notes.append(f"the {model.backend} backend runs no custom ops here, so the graph is "
+                     "plain ATen; backend triton or cuda puts the package's kernels in it")
+    name = plan.path.name
+    with staged(plan.path) as stage:
+        if plan.format == "aoti":
+            from torch._inductor import aoti_compile_and_package
+
+            aoti_compile_and_package(program, package_path=os.fspath(stage.path(name)))
+        else:
+            torch.export.save(program, stage.path(name))
+        files = stage.commit([name])
+    return files, custom, notes
+
+
+def register_custom_ops() -> list[str]:
+    """Import every module that defines one of the package's custom ops (a graph that calls
+    them can then be loaded); returns what could not be registered, with the reason."""
+    import importlib
+
+    missing = []
+    for op in ("attention", "split_patches", "merge_patches", "layer_norm", "bias_gelu",
+               "residual_layerscale"):
+        try:
+            importlib.import_module(f"depthpro_fast.triton.{op}")
+        except Exception as e:  # noqa: BLE001  (no Triton: those ops stay unregistered)
+            missing.append(f"triton {op}: {e}")
+    from .. import _ext
+
+    if _ext.load() is None:
+        missing.append(f"cuda ops: {_ext.unavailable_reason()}")
+        return missing
+    for op in ("attention", "split_patches", "merge_patches"):
+        importlib.import_module(f"depthpro_fast.cuda.{op}")  # the C++ ops' fake kernels
+    return missing
+
+
+def load_pt2(path: str | os.PathLike, device: Any = None) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no exported program at {os.fspath(path)}")
+    missing = register_custom_ops()
+    try:
+        return torch.export.load(p).module()
+    except Exception as e:  # noqa: BLE001
+        if "Aot" in type(e).__name__ or "aoti" in str(e).lower() or "archive" in str(e).lower():
+            pass  # maybe an AOTInductor package: tried below
+        else:
+            extra = f" (not registered here: {'; '.join(missing)})" if missing else ""
+            raise ExportError(f"cannot load {os.fspath(path)}: {e}{extra}") from None
+    from torch._inductor import aoti_load_package
+
+    return aoti_load_package(os.fspath(p))
