@@ -218,7 +218,7 @@ def test_pt2_of_the_fast_path_round_trips(tmp_path):
             want = model(x)
             got = program(x)
         assert len(got) == 2
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-6, atol=1e-6)
     # what ran was the fast engine, and it is still attached after the export
     assert model.fast_engine is not None and model.backend == "torch"

@@ -44,9 +44,9 @@ def providers(device: torch.device) -> list[Any]:
 
 
 def onnxruntime_callable(model: Any, device: torch.device,
-                         ) -> tuple[Callable[[torch.Tensor], Any], Callable[[], None], str]:
+                         ) -> tuple[Callable[[torch.Tensor], Any], Callable[[], None], str, str]:
     """Export ``model`` (its dtype) to a temporary .onnx, open an ONNX Runtime session;
-    returns (the function to time, the clean-up, the providers used)."""
+    returns (the function to time, the clean-up, the providers used, the export's summary)."""
     import onnxruntime as ort
 
     from ..exporters import export
@@ -73,4 +73,4 @@ def onnxruntime_callable(model: Any, device: torch.device,
         session = None
         shutil.rmtree(folder, ignore_errors=True)
 
-    return run, cleanup, ",".join(session.get_providers())
+    return run, cleanup, ",".join(session.get_providers()), result.summary()

@@ -159,8 +159,8 @@ class Runner:
             from .onnxruntime_row import onnxruntime_callable
 
             model.set_backend("reference")
-            run_ort, cleanup, used = onnxruntime_callable(model, self.device)
-            self.log(f"onnxruntime: exported, providers {used}")
+            run_ort, cleanup, used, summary = onnxruntime_callable(model, self.device)
+            self.log(f"onnxruntime: exported {summary}; providers {used}")
             self.ort_providers = used
             return run_ort, model, cleanup
         model.set_backend(v.backend if v.path in ("fast", "engine") else "reference")
