@@ -273,3 +273,43 @@ def test_fp8_official_size_within_budget():
           f"signal error {signal_rel_error(c, cid):.4f}")
     assert c.dtype == torch.bfloat16
     assert mare <= FP8_MARE_BUDGET and fov_err <= FP8_FOV_BUDGET_DEG
+
+
+# ---------------------------------------------------------------------------------------------
+# command line and bench rows
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bench_fp8_rows_and_their_skips():
+    from depthpro_fast.bench.runner import Runner
+    from depthpro_fast.bench.variants import default_variants
+
+    gpu_rows = default_variants(torch.device("cuda"), hf=False)
+    fp8_rows = [v for v in gpu_rows if v.fp8]
+    assert [(v.name, v.dtype_label) for v in fp8_rows] == [
+        ("fast engine", "fp8"), ("fast engine + CUDA graph", "fp8")]
+    assert all(v.path == "engine" and v.dtype == torch.bfloat16 for v in fp8_rows)
+    only = default_variants(torch.device("cuda"), dtypes=[], fp8=True)
+    assert only == fp8_rows
+    assert not any(v.fp8 for v in default_variants(torch.device("cuda"),
+                                                    dtypes=[torch.float32]))
+    cpu_rows = default_variants(torch.device("cpu"))
+    runner = Runner(MICRO, torch.device("cpu"), batches=[1], runs=1, warmup=0)
+    for v in (v for v in cpu_rows if v.fp8):
+        row = runner.run_row(v, 1)
+        assert row.status == "skipped"
+        assert ("emulation" in row.reason and "--dtype fp8" in row.reason) or \
+            "CUDA graphs" in row.reason
+
+
+def test_predict_fp8_refuses_no_fast(tmp_path, capsys):
+    from PIL import Image
+
+    from depthpro_fast import cli
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (120, 60, 30)).save(img)
+    rc = cli.main(["predict", str(img), "-o", str(tmp_path / "o"), "--random-weights",
+                   "--config", "tiny", "--dtype", "fp8", "--no-fast", "--device", "cpu"])
+    assert rc != 0
+    assert "--dtype fp8 runs on the fast path only" in capsys.readouterr().err
