@@ -15,9 +15,9 @@ from . import backends
 from . import checkpoint as ckpt
 from ._spelling import option
 from .config import DepthProConfig, resolve_config
-from .fp8_format import Fp8UnavailableError, fp8_problem
 from .cpu import NATIVE_FLAGS as _NATIVE_FLAGS
 from .cpu import cpu_flags, native_from_flags
+from .fp8_format import Fp8UnavailableError, fp8_problem
 from .inference import Transform
 from .model import DepthPro
 

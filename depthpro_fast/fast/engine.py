@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends, ops
-from ..ops.merge_patches import tokens_to_maps
 from ..fp8_format import Fp8UnavailableError, fp8_problem
+from ..ops.merge_patches import tokens_to_maps
 from . import folds, fp8
 from .cpu_gemm import CPU_GEMMS, CpuGemm, choose_cpu_gemm
 from .graphs import GraphRunner

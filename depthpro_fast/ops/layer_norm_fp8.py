@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from .. import backends
 from .layer_norm import (
-    check_eps,
     check_delta,
+    check_eps,
     check_rows,
     check_vector,
     residual_update_reference,
