@@ -16,9 +16,11 @@
 #   smoke     every op of each backend (triton, cuda) and the fast engine vs the fp32 reference,
 #             official size, bf16 and fp16 (python -m depthpro_fast.bench.smoke)
 #   bench1    depthpro-fast bench at batch 1, every row but torch.compile, with --stages
+#             (the fast engine's fp8 rows too: skipped, saying why, below compute capability 8.9)
 #   micro     the decision micro-benchmarks, one process per group (attention vs every SDPA
 #             backend, the ViT GEMMs, the decoder conv, split / merge vs a copy)
-#   ablation  what each fast-path option buys (python -m depthpro_fast.fast.ablation)
+#   ablation  what each fast-path option buys (python -m depthpro_fast.fast.ablation; fp8 and
+#             fp8 per-tensor scaling included)
 #   bench8    batch 8, bf16 rows, no torch.compile / transformers, 3 warm-up + 10 runs
 #   tests     pytest -m "gpu and not slow": the op kernels' files first, then the rest
 #   sanitize  only with --sanitize (or SANITIZE=1): compute-sanitizer memcheck and racecheck

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from ._spelling import option
 from .config import DepthProConfig, resolve_config
 from .cpu import NATIVE_FLAGS as _NATIVE_FLAGS
 from .cpu import cpu_flags, native_from_flags
+from .fp8_format import Fp8UnavailableError, fp8_problem
 from .inference import Transform
 from .model import DepthPro
 
@@ -24,24 +26,45 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bf16": torch.bfloat16}
 
 
-_FP8_NAMES = ("fp8", "float8", "float8_e4m3fn", "float8_e4m3", "e4m3", "float8_e5m2")
+#: Spellings of the fp8 precision mode (e4m3 ViT GEMMs, bf16 elsewhere).
+FP8_NAMES = ("fp8", "float8", "float8_e4m3fn", "float8_e4m3", "e4m3")
+#: FP8 formats that are not that mode.
+_OTHER_FP8 = ("float8_e5m2", "e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+
+
+def is_fp8(dtype: object) -> bool:
+    """Whether ``dtype`` names the fp8 precision mode (a name above or torch.float8_e4m3fn)."""
+    if isinstance(dtype, str):
+        return dtype.lower() in FP8_NAMES
+    return isinstance(dtype, torch.dtype) and str(dtype) == "torch.float8_e4m3fn"
+
+
+def resolve_precision(dtype: torch.dtype | str) -> tuple[torch.dtype, bool]:
+    """``(model dtype, fp8)``: fp8 is a bf16 model whose ViT linears run in e4m3."""
+    if is_fp8(dtype):
+        return torch.bfloat16, True
+    name = dtype.lower() if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name in _OTHER_FP8:
+        raise ValueError(f"dtype {dtype!r}: of the FP8 formats only e4m3 is supported ("
+                         + option("dtype='fp8'", "--dtype fp8")
+                         + ": e4m3 ViT GEMMs with per-token scales, bf16 elsewhere); e5m2 has "
+                         "2 mantissa bits (made for gradients), the fnuz formats are AMD's")
+    return resolve_dtype(dtype), False
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    fp8 = (isinstance(dtype, str) and dtype.lower() in _FP8_NAMES) or (
-        isinstance(dtype, torch.dtype) and "float8" in str(dtype))
-    if fp8:
-        raise ValueError(f"dtype {dtype!r}: FP8 inference is not implemented; use "
-                         + option("torch.bfloat16 or torch.float16 (with fast=True for the fast "
-                                  "path)", "--dtype bf16 or fp16 (with --fast for the fast path)"))
+    """A torch dtype for the model's tensors (fp8 is a mode, see :func:`resolve_precision`)."""
+    if is_fp8(dtype):
+        raise ValueError(f"dtype {dtype!r} is the fp8 mode, not a tensor dtype: the model is "
+                         "bf16 with e4m3 ViT GEMMs; pass it to load(dtype='fp8') / --dtype fp8")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown {option('dtype', '--dtype')} {dtype!r}; accepted: "
-                             f"{', '.join(DTYPES)}")
+                             f"{', '.join(DTYPES)}, fp8")
         return DTYPES[dtype]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype {dtype} not supported; torch.float32, torch.float16 or "
-                         "torch.bfloat16")
+        raise ValueError(f"dtype {dtype} not supported; torch.float32, torch.float16, "
+                         "torch.bfloat16 or 'fp8'")
     return dtype
 
 
@@ -91,6 +114,20 @@ def warn_slow_cpu_dtype(device: torch.device, dtype: torch.dtype) -> None:
         f"the model stays in {name} as asked.", RuntimeWarning, stacklevel=3)
 
 
+def _fp8_fast_options(fast: Any) -> Any:
+    """The fast options of ``dtype='fp8'``: the given ones (or the defaults) with fp8 on."""
+    from .fast.engine import FastOptions
+
+    if fast is False:
+        raise ValueError(option("dtype='fp8'", "--dtype fp8") + " runs on the fast path only "
+                         "(it is the fast engine's precision mode); "
+                         + option("drop fast=False", "drop --no-fast"))
+    opts = FastOptions.resolve(True if fast is None else fast)
+    if isinstance(fast, Mapping) and fast.get("fp8") is False:
+        raise ValueError("dtype='fp8' with fast option fp8=False: drop one of them")
+    return dataclasses.replace(opts, fp8=True)
+
+
 def build_model(config: DepthProConfig, *, use_fov: bool = True,
                 device: torch.device | str = "meta") -> DepthPro:
     """An un-loaded model (random init, or no storage at all on ``meta``)."""
@@ -114,11 +151,26 @@ def plausible_random_init_(model: DepthPro) -> DepthPro:
     return model
 
 
+def warn_fp8_cpu(device: torch.device) -> None:
+    """fp8 on a CPU is an emulation (no FP8 arithmetic): say so, once per load."""
+    if device.type != "cpu":
+        return
+    bf16 = cpu_has_native(torch.bfloat16)
+    rest = ("" if bf16 else "; the rest of the model is bf16, which this CPU also emulates "
+            "(about 5-15x slower than float32)")
+    warnings.warn(
+        f"{option('dtype=' + repr('fp8'), '--dtype fp8')} on a CPU is an emulation for tests: "
+        "the e4m3 values and scales are the GPU's, but a CPU has no FP8 arithmetic, so the "
+        f"GEMMs run as fp32 (torch._scaled_mm's CPU kernel or dequantised matmuls){rest}. "
+        f"Use {option('torch.float32', '--dtype fp32')} on a CPU for speed; fp8 is for GPUs of "
+        "compute capability >= 8.9.", RuntimeWarning, stacklevel=3)
+
+
 def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "auto", *,
          config: DepthProConfig | Mapping[str, Any] | str | os.PathLike | None = None,
          device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32,
          backend: str = "auto", use_fov: bool = True,
-         fast: bool | Mapping[str, Any] | Any = False) -> tuple[DepthPro, Transform]:
+         fast: bool | Mapping[str, Any] | Any = None) -> tuple[DepthPro, Transform]:
     """Build DepthPro, load weights and return ``(model, transform)``.
 
     ``checkpoint``: a path to Apple's ``depth_pro.pt`` (or a ``.safetensors`` in the same key
@@ -129,27 +181,44 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     ``config``: a ``DepthProConfig``, a dict of knobs, a preset name or a JSON file path
     (default: the official model). ``device`` defaults to CUDA when available. The model is
     returned in eval mode.
+    ``dtype``: ``torch.float32`` / ``float16`` / ``bfloat16`` (or their names), or ``"fp8"``:
+    the fp8 precision mode of the fast path, a bf16 model whose three ViTs run their linears
+    in e4m3 (per-output-channel weight scales, per-token activation scales; CUDA compute
+    capability >= 8.9; an emulation on a CPU, with a warning). fp8 implies ``fast=True``.
     ``fast``: ``True`` (or a dict of ``depthpro_fast.fast.FastOptions`` fields) prepares the
     fast path once, here: exact conv folds, fused ViT epilogues, channels_last, and on CUDA a
     second stream, cuDNN autotuning and CUDA graphs; the FOV branch is then skipped when
     ``infer`` is given ``f_px`` (``fov_deg`` is the FOV of ``f_px`` on every path; the fast
     path then has no ``fov_deg_estimated``). Use it with
-    ``dtype=torch.bfloat16`` or ``torch.float16`` on a GPU.
+    ``dtype=torch.bfloat16`` or ``torch.float16`` on a GPU. Default (None): off, except for fp8.
     """
     cfg = resolve_config(config)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
+    dt, fp8 = resolve_precision(dtype)
     backend = backends.check_backend(backend)
     if not isinstance(use_fov, bool):
         raise TypeError(f"use_fov must be True or False, got {use_fov!r}")
     from .fast.engine import FastOptions
 
+    if fp8:
+        fast = _fp8_fast_options(fast)
     fast_options = FastOptions.resolve(fast)  # checked before the (slow) weight loading
     # a backend that cannot run here is refused now, not once per image later
     backends.require_backend(backend, dev)
     if fast_options is not None and fast_options.epilogue_backend is not None:
         backends.require_backend(fast_options.epilogue_backend, dev)
-    warn_slow_cpu_dtype(dev, dt)
+    if fast_options is not None and fast_options.fp8:
+        problem = fp8_problem(dev)
+        if problem:
+            raise Fp8UnavailableError(
+                f"{option('dtype=' + repr('fp8'), '--dtype fp8')} cannot run here: {problem}. "
+                f"Use {option('dtype=torch.bfloat16', '--dtype bf16')} instead")
+        if dt != torch.bfloat16:
+            raise ValueError("fast option fp8 needs the bf16 model: use "
+                             + option("dtype='fp8'", "--dtype fp8"))
+        warn_fp8_cpu(dev)
+    else:
+        warn_slow_cpu_dtype(dev, dt)
 
     if checkpoint is None:
         model = build_model(cfg, use_fov=use_fov, device=dev)

@@ -141,8 +141,10 @@ def test_default_variants():
     assert [v.name for v in cpu] == [
         "reference eager", "reference torch.compile", "fast auto", "fast triton", "fast cuda",
         "fast auto + CUDA graph", "fast engine", "fast engine + CUDA graph",
-        "transformers DepthPro", "onnxruntime", "fast engine"]
-    assert {v.dtype for v in cpu[:-1]} == {torch.float32} and cpu[-1].dtype == torch.bfloat16
+        "transformers DepthPro", "onnxruntime", "fast engine", "fast engine + CUDA graph",
+        "fast engine"]
+    assert [v.dtype_label for v in cpu[-3:]] == ["fp8", "fp8", "bf16"]
+    assert {v.dtype for v in cpu[:-3]} == {torch.float32} and cpu[-1].dtype == torch.bfloat16
     gpu = default_variants(torch.device("cuda"))  # a plan only: nothing touches CUDA
     names = [(v.name, dtype_name(v.dtype)) for v in gpu]
     for expected in [("reference eager", "fp32"), ("reference eager", "bf16"),
@@ -152,6 +154,8 @@ def test_default_variants():
                      ("fast engine + CUDA graph", "bf16"), ("transformers DepthPro", "bf16"),
                      ("onnxruntime", "fp16")]:
         assert expected in names
+    assert [(v.name, v.dtype_label) for v in gpu if v.fp8] == [
+        ("fast engine", "fp8"), ("fast engine + CUDA graph", "fp8")]
     only = default_variants(torch.device("cuda"), dtypes=[torch.bfloat16], compile=False,
                                hf=False, cuda_graph=False, onnxruntime=False)
     assert {v.dtype for v in only} == {torch.bfloat16} and all(v.mode == "eager" for v in only)

@@ -55,7 +55,7 @@ class RowResult:
         v = self.variant
         d: dict[str, Any] = {
             "name": v.name, "path": v.path, "backend": v.backend, "mode": v.mode,
-            "dtype": dtype_name(v.dtype), "batch": self.batch, "status": self.status,
+            "dtype": v.dtype_label, "batch": self.batch, "status": self.status,
             "reason": self.reason, "ops": self.ops, "first_call_ms": self.first_call_ms,
             "peak_mem_bytes": self.peak_mem_bytes, "images_per_s": self.images_per_s,
             "speedup": self.speedup, "pct_floor": self.pct_floor,
@@ -166,7 +166,7 @@ class Runner:
         model.set_backend(v.backend if v.path in ("fast", "engine") else "reference")
         if v.path == "engine":
             # the engine captures and replays its own CUDA graphs in mode "cudagraph"
-            model.prepare_fast({"cuda_graphs": v.mode == "cudagraph"})
+            model.prepare_fast({"cuda_graphs": v.mode == "cudagraph", "fp8": v.fp8})
 
             def run_engine(x: torch.Tensor) -> Any:
                 with torch.no_grad():
@@ -243,7 +243,9 @@ class Runner:
             if not cuda and v.path == "fast" and self.cpu_engine_rows_only:
                 raise SkipRow("on a CPU at this size only with --backends (the fast engine row "
                               "runs the same kernels)")
-            if (not cuda and v.path in ("fast", "engine") and v.dtype != torch.float32
+            if v.fp8:
+                self._check_fp8_row()
+            elif (not cuda and v.path in ("fast", "engine") and v.dtype != torch.float32
                     and dtype_name(v.dtype) not in self.cpu_opt_in):
                 slow = half_precision_warning(v.dtype)
                 if slow:
@@ -334,6 +336,19 @@ class Runner:
                 pass
         return row
 
+    def _check_fp8_row(self) -> None:
+        """An fp8 row runs where FP8 GEMMs do (compute capability >= 8.9); on a CPU, where it
+        is an emulation, only when asked for (``--dtype fp8``)."""
+        from ..fp8_format import fp8_problem
+
+        problem = fp8_problem(self.device)
+        if problem:
+            raise SkipRow(f"fp8: {problem}")
+        if self.device.type == "cpu" and "fp8" not in self.cpu_opt_in:
+            raise SkipRow("fp8 on a CPU is an emulation for accuracy tests (no FP8 arithmetic; "
+                          "the rest in emulated bf16 where the CPU has none), not a performance "
+                          "path (--dtype fp8 times it anyway)")
+
     def _check_accuracy(self, row: RowResult, out: Any) -> None:
         """Compare a row's output on its first input with the fp32 reference's (same batch).
 
@@ -381,12 +396,12 @@ class Runner:
         self.poisoned_by = None
         try:
             for i, (v, b) in enumerate(plan, 1):
-                self.log(f"[{i}/{len(plan)}] {v.name} {dtype_name(v.dtype)} batch {b}")
+                self.log(f"[{i}/{len(plan)}] {v.name} {v.dtype_label} batch {b}")
                 culprit = self.poisoned_by
                 if culprit is not None:
                     row = RowResult(v, b, "skipped", "not run: the CUDA context was unusable "
                                     f"after {culprit.variant.name} "
-                                    f"{dtype_name(culprit.variant.dtype)} failed")
+                                    f"{culprit.variant.dtype_label} failed")
                 else:
                     row = self.run_row(v, b)
                 if row.status != "ok":

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from .runner import RowResult
 from .stages import STAGE_NAMES
-from .timing import dtype_name
 
 
 def fill_relative(rows: Sequence[RowResult], flops_per_image: float,
@@ -62,7 +61,7 @@ def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
             if failures:
                 note = (note + "; " if note else "") + f"graph capture failed (eager): {failures}"
             is_ref = v.is_fp32_reference and r.mare == 0.0
-            cells = (v.name, dtype_name(v.dtype), str(r.batch), f"{d.median:.1f}",
+            cells = (v.name, v.dtype_label, str(r.batch), f"{d.median:.1f}",
                      f"{d.min:.1f}-{d.max:.1f}", _fmt(r.images_per_s, ".2f"),
                      _fmt(r.speedup, ".2f", "-") + ("x" if r.speedup else ""),
                      _fmt(r.pct_floor, ".1f") + ("%" if r.pct_floor is not None else ""),
@@ -72,7 +71,7 @@ def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
             reason = (r.reason or "").replace("\n", " ")
             if len(reason) > note_width:
                 reason = reason[:note_width - 3] + "..."
-            cells = (v.name, dtype_name(v.dtype), str(r.batch), "-", "-", "-", "-", "-", "-",
+            cells = (v.name, v.dtype_label, str(r.batch), "-", "-", "-", "-", "-", "-",
                      "-", "-", f"{r.status}: {reason}")
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
@@ -96,7 +95,7 @@ def format_stages(rows: Sequence[RowResult], flops_by_stage: dict[str, int] | No
         if not r.stages:
             continue
         total = r.stages["total"].median
-        lines = [f"{r.variant.name} {dtype_name(r.variant.dtype)}, batch {r.batch} "
+        lines = [f"{r.variant.name} {r.variant.dtype_label}, batch {r.batch} "
                  f"(staged total {total:.1f} ms, whole forward {r.device.median:.1f} ms):",
                  f"  {'stage':<18} {'median ms':>10} {'share':>7} {'GFLOP':>10} {'TFLOP/s':>9}"
                  + ("  % peak" if peak_tflops else "")]

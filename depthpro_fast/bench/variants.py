@@ -16,6 +16,7 @@ import torch
 from .. import backends
 from ..config import OFFICIAL, DepthProConfig
 from .environment import dist_version
+from .timing import dtype_name
 
 #: The ops whose implementation each row reports (``ops`` column / JSON field).
 OPS = ("attention", "split_patches", "merge_patches")
@@ -35,13 +36,20 @@ class Variant:
     ``cudagraph``), ``hf`` (transformers' ``DepthProForDepthEstimation``), ``onnxruntime``
     (our ONNX export in ONNX Runtime, ``bench/onnxruntime_row.py``). ``mode``: ``eager``,
     ``compile`` (``torch.compile`` of the module) or ``cudagraph`` (one captured CUDA graph,
-    replayed).
+    replayed). ``fp8``: an ``engine`` row in the fp8 precision mode (``dtype`` is then the bf16
+    of the model around the e4m3 ViT GEMMs; the table says ``fp8``).
     """
 
     path: str
     dtype: torch.dtype
     backend: str = "reference"
     mode: str = "eager"
+    fp8: bool = False
+
+    @property
+    def dtype_label(self) -> str:
+        """The dtype column: ``fp32`` / ``bf16`` / ``fp16``, or ``fp8``."""
+        return "fp8" if self.fp8 else dtype_name(self.dtype)
 
     @property
     def name(self) -> str:
@@ -68,7 +76,7 @@ class Variant:
 def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | None = None,
                      fast_backends: Sequence[str] = ("auto", "triton", "cuda"),
                      compile: bool | None = None, cuda_graph: bool | None = None,
-                     hf: bool | None = None,
+                     hf: bool | None = None, fp8: bool | None = None,
                      onnxruntime: bool | None = None) -> list[Variant]:
     """The rows of ``depthpro-fast bench``.
 
@@ -78,13 +86,14 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
     fp32 and the fast engine in bf16 (the runner skips, with the reason, what cannot or need
     not run on a CPU).
     The ``onnxruntime`` row (our ONNX export in ONNX Runtime) in each fast dtype that ONNX
-    takes (fp32, fp16; fp16 on a GPU).
-    ``compile``, ``cuda_graph``, ``hf``, ``onnxruntime`` = False leave those rows out; ``dtypes``
-    puts every
-    row in each of the given dtypes instead.
+    takes (fp32, fp16; fp16 on a GPU by default).
+    ``compile``, ``cuda_graph``, ``hf``, ``onnxruntime`` = False leave those rows out;
+    ``dtypes`` puts every row in each of the given dtypes instead. ``fp8``: the fast engine in
+    the fp8 mode (eager and with its CUDA graphs; default: on, unless ``dtypes`` are given; the
+    runner skips them, saying why, below compute capability 8.9 and on a CPU).
     """
     gpu = device.type == "cuda"
-    if dtypes:
+    if dtypes is not None:  # (an empty list with fp8: only the fp8 rows)
         ref_dtypes = fast_dtypes = list(dtypes)
     elif gpu:
         ref_dtypes, fast_dtypes = [torch.float32, torch.bfloat16, torch.float16], [torch.bfloat16]
@@ -107,9 +116,16 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
     if onnxruntime is not False:
         # ONNX takes fp32 and fp16 (no bf16): on a GPU, whose fast rows are bf16, it runs fp16
         onnx_dtypes = [dt for dt in fast_dtypes if dt in (torch.float32, torch.float16)]
-        rows += [Variant("onnxruntime", dt, backend="-")
-                 for dt in onnx_dtypes or [torch.float16]]
-    if not gpu and not dtypes and fast_backends:
+        if not onnx_dtypes and dtypes is None:
+            onnx_dtypes = [torch.float16]
+        rows += [Variant("onnxruntime", dt, backend="-") for dt in onnx_dtypes]
+    if (fp8 if fp8 is not None else dtypes is None) and fast_backends:
+        engine_backend = "auto" if "auto" in fast_backends else fast_backends[0]
+        rows.append(Variant("engine", torch.bfloat16, backend=engine_backend, fp8=True))
+        if cuda_graph is not False:
+            rows.append(Variant("engine", torch.bfloat16, backend=engine_backend,
+                                mode="cudagraph", fp8=True))
+    if not gpu and dtypes is None and fast_backends:
         # the fast engine in bf16 too: the fastest CPU path where the CPU has bf16 arithmetic
         # (the runner skips it, saying why, where it has not)
         rows.append(Variant("engine", torch.bfloat16,

@@ -21,7 +21,7 @@ import sys
 import time
 
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-           "fp16": "float16", "float16": "float16", "half": "float16"}
+           "fp16": "float16", "float16": "float16", "half": "float16", "fp8": "fp8"}
 _FAST_BACKENDS = ("auto", "triton", "cuda")
 # On a CPU, configs above this many FLOPs per image get 1 run and no warm-up by default.
 _CPU_BIG_MODEL_FLOPS = 1e12
@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or 0 for models above 1 TFLOP per image)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(_DTYPES), default=None,
                         help="time every row in these dtypes (default: GPU reference in fp32, "
-                             "bf16 and fp16, the other rows in bf16; CPU fp32)")
+                             "bf16 and fp16, the other rows in bf16, and the fast engine in fp8 "
+                             "(e4m3 ViT GEMMs; skipped below compute capability 8.9); CPU fp32; "
+                             "fp8: the fast engine's fp8 rows only)")
     parser.add_argument("--backends", nargs="+", choices=_FAST_BACKENDS, default=None,
                         help="fast-path backends to time (default: auto triton cuda; on a CPU "
                              "the Triton interpreter is timed only when named here)")
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_micro(args)
     import torch
 
-    from ..accuracy import FOV_BUDGET_DEG, MARE_BUDGET
+    from ..accuracy import FOV_BUDGET_DEG, FP8_FOV_BUDGET_DEG, FP8_MARE_BUDGET, MARE_BUDGET
     from ..api import resolve_device, resolve_dtype
     from ..bench.environment import default_results_name, environment
     from ..bench.results import results_dict, write_json
@@ -133,8 +135,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(config_arg)
     config_name = config_arg if config_arg in PRESETS else os.path.basename(config_arg)
     dtypes = None
+    fp8 = None
     if args.dtype:
-        dtypes = list(dict.fromkeys(resolve_dtype(_DTYPES[d]) for d in args.dtype))
+        fp8 = any(_DTYPES[d] == "fp8" for d in args.dtype)
+        dtypes = list(dict.fromkeys(resolve_dtype(_DTYPES[d]) for d in args.dtype
+                                    if _DTYPES[d] != "fp8"))
 
     flop_report = count_flops(cfg)
     flops_per_image = flop_report.per_image
@@ -147,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     variants = default_variants(device, dtypes=dtypes,
                                    fast_backends=tuple(args.backends or _FAST_BACKENDS),
                                    compile=args.compile, cuda_graph=args.cuda_graph, hf=args.hf,
-                                   onnxruntime=args.onnxruntime)
+                                   fp8=fp8, onnxruntime=args.onnxruntime)
     env = environment(device)
     params = count_parameters(_meta_model(cfg))
 
@@ -163,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                        allow_interpreter=args.backends is not None,
                        cpu_opt_in=[k for k in ("compile", "hf", "onnxruntime")
                                    if getattr(args, k)]
-                       + [dtype_name(dt) for dt in dtypes or []],
+                       + [dtype_name(dt) for dt in dtypes or []] + (["fp8"] if fp8 else []),
                        # no extra untimed forward for the accuracy columns where one takes
                        # minutes (the official model on a CPU without warm-up)
                        accuracy=gpu or not big,
@@ -190,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         if culprit is not None:
             settings["poisoned_by"] = {"name": culprit.variant.name,
                                        "backend": culprit.variant.backend,
-                                       "dtype": dtype_name(culprit.variant.dtype),
+                                       "dtype": culprit.variant.dtype_label,
                                        "ops": culprit.ops, "reason": culprit.reason}
         data = results_dict(env=env, config_name=config_name, config=cfg, params=params,
                                flops_per_image=flops_per_image,
@@ -211,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     if runner.poisoned_by is not None:
         culprit = runner.poisoned_by
         notes.append(f"Stopped early: after {culprit.variant.name} "
-                     f"{dtype_name(culprit.variant.dtype)} failed the CUDA context was unusable, "
+                     f"{culprit.variant.dtype_label} failed the CUDA context was unusable, "
                      "so the rows after it were not run (rerun without its backend).")
     if not gpu:
         notes.append("No CUDA device: these are CPU timings (host clock); peak mem is the "
@@ -247,14 +252,15 @@ def run(args: argparse.Namespace) -> int:
               f"{dtype_name(baseline.variant.dtype)}; % floor: the FLOP floor at the "
               f"measured {peak['dtype']} peak over the median")
     if any(r.mare is not None for r in rows):
-        budget = ", ".join(f"{v:g} {dtype_name(dt)}" for dt, v in MARE_BUDGET.items())
+        budget = ", ".join([f"{v:g} {dtype_name(dt)}" for dt, v in MARE_BUDGET.items()]
+                           + [f"{FP8_MARE_BUDGET:g} fp8"])
         print("MARE: mean absolute relative error of the canonical inverse depth, FOV err: |FOV "
               "- reference FOV| in degrees, both on the first input vs the fp32 reference eager "
               f"row (same weights); budget (fast path): MARE <= {budget}, FOV <= "
-              f"{FOV_BUDGET_DEG:g} deg")
+              f"{FOV_BUDGET_DEG:g} deg ({FP8_FOV_BUDGET_DEG:g} deg in fp8)")
     long_reasons = [r for r in rows if r.status != "ok" and r.reason and len(r.reason) > 60]
     for r in long_reasons:
-        print(f"  {r.variant.name} {dtype_name(r.variant.dtype)}: {r.status}: {r.reason}")
+        print(f"  {r.variant.name} {r.variant.dtype_label}: {r.status}: {r.reason}")
     fallbacks = _auto_fallbacks()
     if fallbacks and any(r.variant.backend == "auto" for r in rows):
         print("auto fell back: " + "; ".join(f"{k}: {v}" for k, v in fallbacks.items()))

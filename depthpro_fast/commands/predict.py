@@ -37,7 +37,7 @@ from .predict_run import (  # noqa: F401
 )
 
 DEFAULT_SAVE = "npz,color"
-DTYPE_CHOICES = ["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"]
+DTYPE_CHOICES = ["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16", "fp8"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="auto = float16 on CUDA (as the official CLI); on a CPU bfloat16 "
                              "where it has bf16 arithmetic (AVX512_BF16 / AMX), else float32 "
-                             "(`depthpro-fast info` says which)")
+                             "(`depthpro-fast info` says which); fp8 = the fast path's fp8 mode "
+                             "(e4m3 ViT GEMMs, bf16 elsewhere; CUDA compute capability >= 8.9, "
+                             "an emulation for tests on a CPU; implies --fast)")
     parser.add_argument("--backend", default="auto",
                         choices=["auto", "reference", "torch", "triton", "cuda"])
     parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
@@ -173,8 +175,11 @@ def _resolve_dtype(dtype: str, device: Any) -> str:
     return str(fastest_cpu_dtype()).removeprefix("torch.")
 
 
-def _resolve_fast(fast: bool | None, device: Any) -> bool:
-    """``--fast`` / ``--no-fast``, or by default: on for a CPU, off on CUDA."""
+def _resolve_fast(fast: bool | None, device: Any, dtype: str = "") -> bool | None:
+    """``--fast`` / ``--no-fast``, or by default: on for a CPU, off on CUDA; for fp8 (the fast
+    path's mode) the default is None, which load() turns on (and --no-fast it refuses)."""
+    if dtype == "fp8" and fast is None:
+        return None
     return device.type == "cpu" if fast is None else fast
 
 
@@ -233,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
             model, transform = load(checkpoint, config=args.config, device=device,
                                     dtype=_resolve_dtype(args.dtype, device),
                                     backend=args.backend,
-                                    fast=_resolve_fast(args.fast, device))
+                                    fast=_resolve_fast(args.fast, device, args.dtype))
             load_s = time.perf_counter() - t0
             summary = predict_sources(
                 named, model, transform, args.outdir, formats=formats,
@@ -246,6 +251,9 @@ def run(args: argparse.Namespace) -> int:
             path = ("fast path" if getattr(model, "fast_engine", None) is not None
                     else "reference path")
             dtype_used = str(transform.dtype).removeprefix("torch.")
+            engine = getattr(model, "fast_engine", None)
+            if engine is not None and engine.options.fp8:
+                dtype_used = "fp8 (e4m3 ViT GEMMs, bfloat16 elsewhere)"
             head = (f"model loaded in {load_s:.1f} s on {device} ({weights}{path}, "
                     f"{dtype_used}, {model.backend} backend); ")
         else:  # every output exists: no model to load

@@ -50,7 +50,12 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-fold_deconv_chains=True": {"fold_deconv_chains": True},
     "fast-channels_last=False": {"channels_last": False},
     "fast-cudnn_benchmark=False": {"cudnn_benchmark": False},
+    # the fp8 mode (bf16 runs only): per-token scales, and one scale per tensor to measure them
+    "fast-fp8=True": {"fp8": True},
+    "fast-fp8=True,fp8_scaling=tensor": {"fp8": True, "fp8_scaling": "tensor"},
 }
+#: Variants that need a bf16 model (left out of fp16 / fp32 runs).
+BF16_ONLY = ("fast-fp8=True", "fast-fp8=True,fp8_scaling=tensor")
 #: The variants that compile (torch.compile): left out by ``--no-compile``.
 COMPILING = ("fast-epilogues=compile",)
 FOV_SKIP = "fast,need_fov=False"
@@ -76,7 +81,8 @@ def run(*, dtype: torch.dtype = torch.bfloat16, batch: int = 1, variants: list[s
     if repeats < 1 or warmup < 0 or inputs < 1 or batch < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, inputs >= 1, batch >= 1; got "
                          f"{repeats}, {warmup}, {inputs}, {batch}")
-    names = variants or [n for n in VARIANTS if compile or n not in COMPILING]
+    names = variants or [n for n in VARIANTS if (compile or n not in COMPILING)
+                         and (dtype == torch.bfloat16 or n not in BF16_ONLY)]
     unknown = [n for n in names if n not in VARIANTS and n != FOV_SKIP]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {[*VARIANTS, FOV_SKIP]}")

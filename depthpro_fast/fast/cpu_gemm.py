@@ -60,7 +60,9 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 class CpuGemm:
-    """The linear layers of the fused ViT forward, in one library (``aten`` or ``onednn``)."""
+    """The linear layers of the fused ViT forward, in one library (``aten`` or ``onednn``),
+    and the LayerNorm passes that feed them (``feeds_gemm``: the output is a GEMM's input; the
+    fp8 mode, ``fast/fp8.py``, quantises it there)."""
 
     def __init__(self, name: str, epilogue_backend: str | None = None):
         if name not in ("aten", "onednn"):
@@ -87,6 +89,18 @@ class CpuGemm:
         # (whose contract keeps its input) reads and writes it twice and allocates once more
         u = F.linear(x, weight, bias)
         return torch.ops.aten.gelu_(u)
+
+
+    def layer_norm(self, h: torch.Tensor, norm: torch.nn.LayerNorm, *,
+                   feeds_gemm: bool) -> torch.Tensor:
+        return ops.layer_norm(h, norm.weight, norm.bias, norm.eps,
+                              backend=self.epilogue_backend)
+
+    def add_layer_norm(self, h: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None,
+                       gamma: torch.Tensor | None, norm: torch.nn.LayerNorm, *,
+                       feeds_gemm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps, delta_bias=bias,
+                                  gamma=gamma, backend=self.epilogue_backend)
 
 
 def _seconds(fn: Callable[[], object]) -> float:

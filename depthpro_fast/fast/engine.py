@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends, ops
+from ..fp8_format import Fp8UnavailableError, fp8_problem
 from ..ops.merge_patches import tokens_to_maps
-from . import folds
+from . import folds, fp8
 from .cpu_gemm import CPU_GEMMS, CpuGemm, choose_cpu_gemm
 from .graphs import GraphRunner
 from .vit import compiled_forward_with_hooks, fused_forward_with_hooks
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from ..model import DepthPro, VisionTransformer
 
 EPILOGUES = ("fused", "torch", "compile")
+FP8_SCALINGS = ("row", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,12 @@ class FastOptions:
     - ``cpu_gemm``: on a CPU, the library of the fused ViT's GEMMs: ``"aten"`` (PyTorch's
       default, MKL in fp32), ``"onednn"`` (oneDNN, fc1's bias + GELU as its post-ops) or
       ``"auto"`` (the faster of the two, timed once per process and dtype; ``fast/cpu_gemm.py``).
+    - ``fp8``: the fp8 precision mode (``load(dtype="fp8")`` sets it): the ViT linears in e4m3
+      with per-output-channel weight scales and per-token activation scales, quantised by the
+      LayerNorm and bias + GELU passes (``fast/fp8.py``); needs a bf16 model, the ``fused``
+      epilogues, and a GPU of compute capability >= 8.9 (a CPU runs an emulation).
+    - ``fp8_scaling``: ``"row"`` (per token) or ``"tensor"`` (one scale per activation tensor,
+      reference ops: only to measure what per-token scaling buys).
     """
 
     epilogues: str = "fused"
@@ -93,6 +101,8 @@ class FastOptions:
     compile_mode: str | None = None
     max_graphs: int = 4
     cpu_gemm: str = "auto"
+    fp8: bool = False
+    fp8_scaling: str = "row"
 
     def __post_init__(self) -> None:
         if self.epilogues not in EPILOGUES:
@@ -103,6 +113,12 @@ class FastOptions:
         if self.cpu_gemm not in CPU_GEMMS:
             raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got "
                              f"{self.cpu_gemm!r}")
+        if self.fp8_scaling not in FP8_SCALINGS:
+            raise ValueError(f"fp8_scaling must be one of {', '.join(FP8_SCALINGS)}, got "
+                             f"{self.fp8_scaling!r}")
+        if self.fp8 is True and self.epilogues != "fused":
+            raise ValueError(f"fp8 runs in the fused ViT forward; epilogues={self.epilogues!r} "
+                             "cannot be combined with it (use epilogues='fused')")
         for f in dataclasses.fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"fast option {f.name} must be True or False, got "
@@ -231,9 +247,22 @@ class _Prepared:
             self.fov_down = conv(model.fov.downsample[0])
             self.fov_head = [conv(model.fov.head[i]) for i in (0, 2, 4)]
 
+        # fp8: e4m3 copies of the three ViTs' linears, quantised once here
+        self.fp8_weights: dict[int, fp8.Fp8Weight] | None = None
+        self.fp8_why: str | None = None
+        if opts.fp8:
+            check_fp8_model(p)
+            self.fp8_weights = {}
+            for name, vit in fp8_vits(model):
+                self.fp8_weights.update(fp8.prepare_vit_weights(vit, name))
+            self.fp8_why = (f"{len(self.fp8_weights)} ViT linears in e4m3 ({opts.fp8_scaling}-wise "
+                            f"activation scales): {fp8.gemm_description(p.device)}")
+
         # the fused ViT's GEMM library (CPU only: on a GPU the GEMMs are cuBLAS's)
         self.gemm_name, self.gemm_why = "aten", "aten: not on a CPU"
-        if p.device.type == "cpu" and opts.epilogues == "fused":
+        if opts.fp8:
+            self.gemm_why = "fp8: torch._scaled_mm (see fp8)"
+        elif p.device.type == "cpu" and opts.epilogues == "fused":
             vit = model.encoder.patch_encoder
             mlp = vit.blocks[0].mlp.fc1
             self.gemm_name, self.gemm_why = choose_cpu_gemm(
@@ -252,7 +281,30 @@ class _Prepared:
 
         for v in vars(self).values():
             walk(v)
+        for w in (self.fp8_weights or {}).values():
+            out += [w.q, w.scale]
         return out
+
+
+def fp8_vits(model: DepthPro) -> list[tuple[str, VisionTransformer]]:
+    """The ViTs whose linears run in fp8: patch, image and FOV encoders."""
+    enc = model.encoder
+    vits = [("encoder.patch_encoder", enc.patch_encoder),
+            ("encoder.image_encoder", enc.image_encoder)]
+    if model.fov is not None:
+        vits.append(("fov.encoder.0", model.fov.encoder[0]))
+    return vits
+
+
+def check_fp8_model(p: torch.Tensor) -> None:
+    """fp8 needs a bf16 model (the residual stream, attention, decoder stay bf16) on a device
+    with FP8 tensor cores (or a CPU, emulated)."""
+    if p.dtype != torch.bfloat16:
+        raise ValueError(f"fp8 needs a bfloat16 model (the parts outside the ViT linears run in "
+                         f"bf16), this one is {p.dtype}; load(..., dtype='fp8') makes one")
+    problem = fp8_problem(p.device)
+    if problem:
+        raise Fp8UnavailableError(f"fp8 cannot run here: {problem}")
 
 
 def _fold_sources(model: DepthPro) -> list[torch.Tensor]:
@@ -298,8 +350,11 @@ class FastEngine:
 
     def _current_fingerprint(self) -> tuple:
         p = next(self.model.parameters())
-        return (p.device, p.dtype,
-                tuple((t.data_ptr(), t._version) for t in _fold_sources(self.model)))
+        sources = _fold_sources(self.model)
+        if self.options.fp8:  # the e4m3 copies of the ViT linears are derived weights too
+            sources += [blk.get_submodule(path).weight for _, vit in fp8_vits(self.model)
+                        for blk in vit.blocks for path in fp8.VIT_LINEARS]
+        return (p.device, p.dtype, tuple((t.data_ptr(), t._version) for t in sources))
 
     def prepare(self) -> None:
         """(Re)build the folded / converted layers from the model's current weights."""
@@ -362,6 +417,7 @@ class FastEngine:
         return {"options": dataclasses.asdict(self.options),
                 "folds": list(self._prepared.folds) if self._prepared else [],
                 "cpu_gemm": self._prepared.gemm_why if self._prepared else None,
+                "fp8": self._prepared.fp8_why if self._prepared else None,
                 "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls}
 
     # -- the forward --------------------------------------------------------------------------
@@ -380,11 +436,15 @@ class FastEngine:
         backend = self.model.backend
         if o.epilogues == "fused":
             epi = o.epilogue_backend or backend
-            gemm = self._prepared.gemm_name if self._prepared is not None else "aten"
+            prepared = self._prepared
+            if prepared is not None and prepared.fp8_weights is not None:
+                gemm = fp8.Fp8Gemm(prepared.fp8_weights, epi,
+                                   per_tensor=o.fp8_scaling == "tensor")
+            else:
+                gemm = CpuGemm(prepared.gemm_name if prepared is not None else "aten", epi)
             return fused_forward_with_hooks(vit, x, hook_ids, backend=backend,
                                             epilogue_backend=epi,
-                                            fuse_layer_norm=o.fuse_layer_norm,
-                                            gemm=CpuGemm(gemm, epi))
+                                            fuse_layer_norm=o.fuse_layer_norm, gemm=gemm)
         if o.epilogues == "compile":
             return compiled_forward_with_hooks(vit, x, hook_ids, backend=backend,
                                                mode=o.compile_mode)

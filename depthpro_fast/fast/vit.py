@@ -29,14 +29,15 @@ from ..model import Block, VisionTransformer
 from .cpu_gemm import CpuGemm
 
 
-def _attention(blk: Block, n: torch.Tensor, backend: str | None,
+def _attention(blk: Block, n, backend: str | None,
                gemm: CpuGemm | None = None) -> torch.Tensor:
-    """qkv GEMM and attention; returns the (B, N, C) input of the proj GEMM."""
+    """qkv GEMM and attention; returns the (B, N, C) input of the proj GEMM. ``n``: the
+    normalised stream (a tensor, or the fp8 mode's quantised rows)."""
     attn = blk.attn
-    b, t, c = n.shape
     linear = gemm.linear if gemm is not None else F.linear
-    qkv = linear(n, attn.qkv.weight, attn.qkv.bias).view(b, t, 3, attn.num_heads,
-                                                          attn.head_dim)
+    qkv = linear(n, attn.qkv.weight, attn.qkv.bias)
+    b, t, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    qkv = qkv.view(b, t, 3, attn.num_heads, attn.head_dim)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     o = ops.attention(q, k, v, scale=attn.scale, backend=backend)
     return o.transpose(1, 2).reshape(b, t, c)
@@ -51,31 +52,33 @@ def fused_forward_with_hooks(vit: VisionTransformer, x: torch.Tensor,
 
     ``backend``: attention op backend; ``epilogue_backend``: the epilogue ops' backend.
     ``fuse_layer_norm=False`` runs ``residual_layerscale`` then ``layer_norm`` (two passes) to
-    measure what the LayerNorm fusion buys. ``gemm``: the GEMM library on a CPU
-    (``fast/cpu_gemm.py``; default ``F.linear``, with fc1's bias + GELU as the ``bias_gelu`` op).
+    measure what the LayerNorm fusion buys. ``gemm``: the linears and the LayerNorm passes that
+    feed them: a GEMM library (``fast/cpu_gemm.py``; default ``F.linear``, with fc1's bias +
+    GELU as the ``bias_gelu`` op), or the fp8 mode's (``fast/fp8.py``: the normalised stream and
+    fc2's input are then quantised rows, written by those passes).
     """
     gemm = gemm or CpuGemm("aten", epilogue_backend)
     blocks = vit.blocks
     wanted = set(hook_ids)
     hooked: dict[int, torch.Tensor] = {}
     h = vit.embed(x)
-    first = blocks[0].norm1
-    n = ops.layer_norm(h, first.weight, first.bias, first.eps, backend=epilogue_backend)
+    n = gemm.layer_norm(h, blocks[0].norm1, feeds_gemm=True)
 
-    def residual_norm(h, delta, bias, gamma, norm):
+    def residual_norm(h, delta, bias, gamma, norm, feeds_gemm=True):
         if fuse_layer_norm:
-            return ops.add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps,
-                                      delta_bias=bias, gamma=gamma, backend=epilogue_backend)
+            return gemm.add_layer_norm(h, delta, bias, gamma, norm, feeds_gemm=feeds_gemm)
         r = ops.residual_layerscale(h, delta, bias, gamma, backend=epilogue_backend)
-        return r, ops.layer_norm(r, norm.weight, norm.bias, norm.eps, backend=epilogue_backend)
+        return r, gemm.layer_norm(r, norm, feeds_gemm=feeds_gemm)
 
     for i, blk in enumerate(blocks):
         a = gemm.linear(_attention(blk, n, backend, gemm), blk.attn.proj.weight)
         h, n = residual_norm(h, a, blk.attn.proj.bias, blk.ls1.gamma, blk.norm2)
         u = gemm.linear_bias_gelu(n, blk.mlp.fc1.weight, blk.mlp.fc1.bias)
         m = gemm.linear(u, blk.mlp.fc2.weight)
-        nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else vit.norm
-        h, n = residual_norm(h, m, blk.mlp.fc2.bias, blk.ls2.gamma, nxt)
+        last = i + 1 == len(blocks)
+        nxt = vit.norm if last else blocks[i + 1].norm1
+        # after the last block: the ViT's output (final norm), not a GEMM input
+        h, n = residual_norm(h, m, blk.mlp.fc2.bias, blk.ls2.gamma, nxt, feeds_gemm=not last)
         if i in wanted:
             hooked[i] = h
     return n, [hooked[i] for i in hook_ids]

@@ -96,7 +96,7 @@ def check_delta(op: str, delta: object, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: delta is on {delta.device} but x is on {x.device}")
 
 
-def _check_eps(op: str, eps: object) -> float:
+def check_eps(op: str, eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{op}: eps must be a number, got {type(eps).__name__}")
     eps = float(eps)
@@ -111,7 +111,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     check_rows("layer_norm", x)
     check_vector("layer_norm", "weight", weight, x)
     check_vector("layer_norm", "bias", bias, x)
-    eps = _check_eps("layer_norm", eps)
+    eps = check_eps("layer_norm", eps)
     impl = backends.implementation("layer_norm", backend, x.device)
     return impl(x, weight, bias, eps)
 
@@ -133,7 +133,7 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
         check_vector(op, "delta_bias", delta_bias, x)
     if gamma is not None:
         check_vector(op, "gamma", gamma, x)
-    eps = _check_eps(op, eps)
+    eps = check_eps(op, eps)
     impl = backends.implementation(op, backend, x.device)
     return impl(x, delta, weight, bias, eps, delta_bias, gamma)
 

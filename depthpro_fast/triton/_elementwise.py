@@ -1,6 +1,8 @@
-"""Tile choice shared by the row-wise elementwise epilogue kernels (bias_gelu,
-residual_layerscale): 2-D tiles over (rows, channels) so that a per-channel vector is loaded once
-per tile, with unit column stride for wide (16-byte) accesses."""
+"""Tile choices shared by the row-wise elementwise epilogue kernels: ``tiles`` for the kernels
+that work on any column block (bias_gelu, residual_layerscale: 2-D tiles over (rows, channels) so
+that a per-channel vector is loaded once per tile, with unit column stride for wide (16-byte)
+accesses), ``row_tiles`` for those that need whole rows in registers (LayerNorm statistics, the
+fp8 kernels' row amax)."""
 
 from __future__ import annotations
 
@@ -28,3 +30,16 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     if t2.shape[1] > 1 and t2.stride(1) != 1:
         t2 = t2.contiguous()
     return t2
+
+
+def row_tiles(m: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) with BLOCK_N covering the whole row."""
+    block_n = triton.next_power_of_2(n)
+    if triton_interpreting():
+        # The interpreter pays per program: a few large tiles.
+        block_m = min(max(1, (1 << 17) // block_n), triton.next_power_of_2(m))
+        return block_m, block_n, 4
+    # GPU: ~4096 elements per program (16 fp32 values per thread at 8 warps).
+    block_m = max(1, min(4096 // block_n, triton.next_power_of_2(m)))
+    warps = 8 if block_n * block_m >= 4096 else 4
+    return block_m, block_n, warps

@@ -5,6 +5,9 @@ registers, so the statistics are two-pass (mean, then the centred sum of squares
 memory traffic, all in fp32. With ``HAS_DELTA`` the program first forms the residual update
 ``x + gamma * (delta + delta_bias)`` in fp32, stores it rounded to the output dtype, and
 normalises the rounded values (so ``normed == LN(residual)`` exactly as in the unfused chain).
+With ``QUANT`` (the fp8 ops ``layer_norm_fp8`` / ``add_layer_norm_fp8``) the fp32 normalised rows
+are not stored in the model dtype but quantised per row to e4m3 with fp32 scales, in the same
+pass (``_fp8.store_fp8_rows``).
 
 Plain pointer arithmetic with masks (no block pointers); 64-bit row offsets.
 """
@@ -15,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreting
-from ._elementwise import as_rows
+from ..fp8_format import E4M3
+from ._elementwise import as_rows, row_tiles
+from ._fp8 import store_fp8_rows
 
 #: Widest row the kernel accepts (a row lives in registers).
 MAX_WIDTH = 16384
@@ -27,10 +31,10 @@ _alloc = torch.empty
 
 @triton.jit
 def _layer_norm_kernel(
-    x_ptr, d_ptr, db_ptr, g_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
+    x_ptr, d_ptr, db_ptr, g_ptr, w_ptr, b_ptr, res_ptr, out_ptr, s_ptr,
     M, N, stride_x, stride_d, stride_res, stride_out, eps,
     HAS_DELTA: tl.constexpr, HAS_DBIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -57,32 +61,31 @@ def _layer_norm_kernel(
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
-             y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _tiles(m: int, n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). BLOCK_N covers the whole row."""
-    block_n = triton.next_power_of_2(n)
-    if triton_interpreting():
-        # The interpreter pays per program: a few large tiles.
-        block_m = min(max(1, (1 << 17) // block_n), triton.next_power_of_2(m))
-        return block_m, block_n, 4
-    # GPU: ~4096 elements per program (16 fp32 values per thread at 8 warps).
-    block_m = max(1, min(4096 // block_n, triton.next_power_of_2(m)))
-    warps = 8 if block_n * block_m >= 4096 else 4
-    return block_m, block_n, warps
+    if QUANT:
+        # fp8 mode: the fp32 LayerNorm output quantised per row (no rounding in between)
+        store_fp8_rows(y, mask, rmask, rows64, cols, out_ptr, s_ptr, stride_out)
+    else:
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(x: torch.Tensor, delta: torch.Tensor | None, delta_bias: torch.Tensor | None,
             gamma: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            ) -> tuple[torch.Tensor | None, torch.Tensor]:
+            q_dtype: torch.dtype | None = None,
+            ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(residual or None, normed, None), or with ``q_dtype`` (the fp8 ops: e4m3; the tests:
+    fp32, the values before the e4m3 conversion) (residual or None, q (M, N), scale (M, 1))."""
     x2 = as_rows(x)
     m, n = x2.shape
     weight, bias = weight.contiguous(), bias.contiguous()
     delta_bias = None if delta_bias is None else delta_bias.contiguous()
     gamma = None if gamma is None else gamma.contiguous()
-    out = _alloc(x.shape, dtype=x.dtype, device=x.device)
+    scale = None
+    if q_dtype is None:
+        out = _alloc(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        out = _alloc((m, n), dtype=q_dtype, device=x.device)
+        scale = _alloc((m, 1), dtype=torch.float32, device=x.device)
     out2 = out.view(m, n)
     res = res2 = None
     d2 = x2  # placeholder pointer when there is no delta (never read)
@@ -91,19 +94,21 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, delta_bias: torch.Tenso
         res = _alloc(x.shape, dtype=x.dtype, device=x.device)
         res2 = res.view(m, n)
     if m > 0:
-        block_m, block_n, warps = _tiles(m, n)
+        block_m, block_n, warps = row_tiles(m, n)
         _layer_norm_kernel[(triton.cdiv(m, block_m),)](
             x2, d2,
             delta_bias if delta_bias is not None else weight,
             gamma if gamma is not None else weight,
             weight, bias,
-            res2 if res2 is not None else out2, out2,
+            res2 if res2 is not None else x2, out2,
+            scale if scale is not None else weight,
             m, n, x2.stride(0), d2.stride(0),
-            (res2 if res2 is not None else out2).stride(0), out2.stride(0), eps,
+            (res2 if res2 is not None else x2).stride(0), out2.stride(0), eps,
             HAS_DELTA=delta is not None, HAS_DBIAS=delta_bias is not None,
-            HAS_GAMMA=gamma is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            HAS_GAMMA=gamma is not None, QUANT=q_dtype is not None, BLOCK_M=block_m,
+            BLOCK_N=block_n, num_warps=warps,
         )
-    return res, out
+    return res, out, scale
 
 
 @torch.library.custom_op("depthpro_fast::layer_norm_triton", mutates_args=())
@@ -121,7 +126,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> 
 def _add_layer_norm_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                        bias: torch.Tensor, eps: float, delta_bias: torch.Tensor | None,
                        gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    res, out = _launch(x, delta, delta_bias, gamma, weight, bias, eps)
+    res, out, _ = _launch(x, delta, delta_bias, gamma, weight, bias, eps)
     assert res is not None
     return res, out
 
@@ -132,6 +137,43 @@ def _(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Te
       gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("depthpro_fast::layer_norm_fp8_triton", mutates_args=())
+def _layer_norm_fp8_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _, q, scale = _launch(x, None, None, None, weight, bias, eps, E4M3)
+    assert scale is not None
+    return q, scale
+
+
+def _fp8_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m = x.numel() // x.shape[-1]
+    return (x.new_empty((m, x.shape[-1]), dtype=E4M3),
+            x.new_empty((m, 1), dtype=torch.float32))
+
+
+@_layer_norm_fp8_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fp8_outputs(x)
+
+
+@torch.library.custom_op("depthpro_fast::add_layer_norm_fp8_triton", mutates_args=())
+def _add_layer_norm_fp8_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor, eps: float, delta_bias: torch.Tensor | None,
+                           gamma: torch.Tensor | None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    res, q, scale = _launch(x, delta, delta_bias, gamma, weight, bias, eps, E4M3)
+    assert res is not None and scale is not None
+    return res, q, scale
+
+
+@_add_layer_norm_fp8_op.register_fake
+def _(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+      eps: float, delta_bias: torch.Tensor | None,
+      gamma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), *_fp8_outputs(x))
 
 
 def _check_width(op: str, x: torch.Tensor) -> None:
@@ -154,3 +196,21 @@ def add_layer_norm_triton(x: torch.Tensor, delta: torch.Tensor, weight: torch.Te
     """Triton implementation of :func:`depthpro_fast.ops.add_layer_norm` (same arguments)."""
     _check_width("add_layer_norm", x)
     return _add_layer_norm_op(x, delta, weight, bias, eps, delta_bias, gamma)
+
+
+def layer_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton implementation of :func:`depthpro_fast.ops.layer_norm_fp8` (same arguments)."""
+    _check_width("layer_norm_fp8", x)
+    return _layer_norm_fp8_op(x, weight, bias, eps)
+
+
+def add_layer_norm_fp8_triton(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                              bias: torch.Tensor, eps: float,
+                              delta_bias: torch.Tensor | None = None,
+                              gamma: torch.Tensor | None = None,
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton implementation of :func:`depthpro_fast.ops.add_layer_norm_fp8` (same
+    arguments)."""
+    _check_width("add_layer_norm_fp8", x)
+    return _add_layer_norm_fp8_op(x, delta, weight, bias, eps, delta_bias, gamma)
