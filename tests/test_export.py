@@ -313,12 +313,24 @@ def test_bad_models(fp32_model, tmp_path, no_work):
         export(no_fov, tmp_path / "m.onnx", include_fov=True)
 
 
-def test_fp8_model_is_refused_for_onnx(fp32_model, tmp_path, no_work, monkeypatch):
+def test_fp8_model_is_refused(fp32_model, tmp_path, no_work, monkeypatch):
     from depthpro_fast.exporters import checks
 
     monkeypatch.setattr(checks, "_is_fp8", lambda model: True)
-    with pytest.raises(ExportError, match="FP8 model does not export to ONNX"):
+    with pytest.raises(ExportError, match="FP8 model does not export to onnx: its ViT GEMMs"):
         export(fp32_model, tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match="FP8 model does not export to pt2: the fast engine"):
+        export(fp32_model, tmp_path / "m.pt2")
+
+
+def test_a_real_fp8_model_is_refused(tmp_path, no_work):
+    with warnings.catch_warnings():  # (fp8 on a CPU is an emulation, and says so)
+        warnings.simplefilter("ignore")
+        torch.manual_seed(SEED)
+        model, _ = depthpro_fast.load(None, config="tiny", dtype="fp8")
+    for name in ("m.onnx", "m.pt2"):
+        with pytest.raises(ExportError, match="FP8 model does not export"):
+            export(model, tmp_path / name)
 
 
 def test_missing_exporter_packages(fp32_model, tmp_path, no_work, monkeypatch):

@@ -126,11 +126,14 @@ def check_request(path: Any, fmt: str | None, *, opset: Any, dtype: torch.dtype 
         raise ExportError(f"export path {os.fspath(p)} is a folder; give a file name in it "
                           f"(e.g. {os.fspath(p / 'depth_pro.onnx')})")
     fmt = resolve_format(p, fmt)
-    if fp8 and fmt == "onnx":
-        raise ExportError("an FP8 model does not export to ONNX: its ViT GEMMs are "
-                          "torch._scaled_mm with per-token scales, which the ONNX exporter "
-                          "does not translate; export fp16 (TensorRT can quantise it "
-                          "itself), or use " + option("format='pt2'", "--format pt2"))
+    if fp8:
+        why = ("its ViT GEMMs are torch._scaled_mm with per-token scales, which the ONNX "
+               "exporter does not translate" if fmt == "onnx" else
+               "the fast engine finds its e4m3 weight copies by the identity of the model's "
+               "weight tensors, which torch.export's tracing replaces")
+        raise ExportError(f"an FP8 model does not export to {fmt}: {why}; export the model in "
+                          "bfloat16 or float16 (" + option("dtype=", "--dtype") + "; TensorRT "
+                          "can quantise an fp16 ONNX graph itself)")
     if fmt == "onnx" and dtype is not None and dtype not in ONNX_DTYPES:
         raise ExportError(f"ONNX export of a {str(dtype).removeprefix('torch.')} model is not "
                           "offered: ONNX Runtime has no bfloat16 kernels for most of its ops; "
