@@ -27,7 +27,7 @@ Algorithm (one program per BLOCK_M query rows of one (batch, head)):
 
 q, k and v may have any strides: the kernel takes the four strides of every tensor, so views
 straight into the packed qkv GEMM output (B, N, 3, H, D) are read in place, without a copy. The
-output is allocated (B, N, H, D)-contiguous (see ``ops.attention.empty_output_like``) so that
+output is allocated (B, N, H, D)-contiguous (see ``op_common.empty_attention_output``) so that
 ``out.transpose(1, 2).reshape(B, N, H * D)`` feeds the ``proj`` GEMM without a copy.
 
 Launch grid: ``(cdiv(N, BLOCK_M), B * H)``: the query tiles of one (batch, head) are neighbours,
@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
-from ..ops.attention import _check, empty_output_like
+from ..op_common import check_attention_inputs as _check
+from ..op_common import empty_attention_output as empty_output_like
 
 #: Head dims the kernel is instantiated for (tl.dot needs a power of two >= 16).
 HEAD_DIMS = (32, 64, 128)
