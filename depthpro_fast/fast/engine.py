@@ -3,18 +3,16 @@
 ``FastEngine(model, options)`` is attached to a model by ``DepthPro.prepare_fast`` (or
 ``depthpro_fast.load(..., fast=True)``); ``DepthPro.forward`` then hands it every call made
 without gradients and without an ``intermediates`` dict. It computes the same function as the
-reference modules (same weights, same ops), reorganised:
+reference modules (same weights, same ops) through the same data flow
+(``dataflow.run_network``), with the fast implementations of its stages (``fast/stages.py``):
 
 - ViTs: GEMMs without bias + fused epilogue ops (``fast/vit.py``), or ``torch.compile`` of each
   block (``epilogues="compile"``), or the reference modules (``epilogues="torch"``).
 - Convolutional parts: exact folds of linear chains (``fast/folds.py``), weights in
   channels_last, cuDNN autotuning (``torch.backends.cudnn.benchmark`` on during the forward).
 - Concurrency (CUDA): the image encoder and the FOV encoder run on a second stream while the
-  patch encoder (35 windows per image) runs on the caller's stream; their inputs are the level-2
-  windows produced by ``split_patches`` (spec §15: the same tensor as the FOV's 0.25 resize).
-  Stream discipline: the side stream waits for the split, the caller's stream waits for an event
-  recorded after each side result before using it, and tensors crossing streams are marked with
-  ``record_stream`` so the caching allocator never hands their memory out too early.
+  patch encoder (35 windows per image) runs on the caller's stream (stream discipline:
+  ``fast/stages.py``).
 - The FOV branch is skipped when its result is unused (``need_fov=False``, which ``infer``
   passes when the caller gives ``f_px``); ``infer`` then reports the FOV implied by the given
   focal length, ``2 atan(W / (2 f_px))`` (the same rule as for models without an FOV network).
@@ -41,13 +39,12 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from .. import backends, ops
-from ..ops.merge_patches import tokens_to_maps
+from .. import backends, dataflow
 from . import folds
 from .cpu_gemm import CPU_GEMMS, CpuGemm, choose_cpu_gemm
 from .graphs import GraphRunner
+from .stages import FastStages
 from .vit import compiled_forward_with_hooks, fused_forward_with_hooks
 
 if TYPE_CHECKING:
@@ -390,125 +387,12 @@ class FastEngine:
                                                mode=o.compile_mode)
         return vit.forward_with_hooks(x, hook_ids)
 
-    def _cl(self, t: torch.Tensor) -> torch.Tensor:
-        if self.options.channels_last and t.dim() == 4:
-            return t.contiguous(memory_format=torch.channels_last)
-        return t
-
-    def _fov_tokens(self, level2: torch.Tensor) -> torch.Tensor:
-        """The FOV encoder's final-normed tokens through its Linear: (B, 577, D/2)."""
-        vit, linear = self.model.fov.encoder[0], self.model.fov.encoder[1]
-        return F.linear(self._vit(vit, level2)[0], linear.weight, linear.bias)
-
-    @staticmethod
-    def _residual(x: torch.Tensor, convs) -> torch.Tensor:
-        t = convs[0](F.relu(x))
-        return convs[1](t.relu_()).add_(x)
-
     def _forward(self, x: torch.Tensor, p: _Prepared, compute_fov: bool,
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        model = self.model
-        enc = model.encoder
+        """The network's one data flow (``dataflow.run_network``) over the fast stages."""
         with cudnn_benchmark(self.options.cudnn_benchmark and x.device.type == "cuda"):
-            b = x.shape[0]
-            n0 = enc.LEVEL0[0] ** 2 * b
-            n1 = enc.LEVEL1[0] ** 2 * b
-            patches = ops.split_patches(x, prenormalized=True, backend=model.backend)
-            level2 = patches[n0 + n1:]
-
-            # image + FOV encoders: on the side stream when there is one
-            side = self._side_stream(x.device)
-            if side is not None:
-                main = torch.cuda.current_stream(x.device)
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    global_tokens = self._vit(enc.image_encoder, level2)[0]
-                    global_done = torch.cuda.Event()
-                    global_done.record(side)
-                    fov_tokens = self._fov_tokens(level2) if compute_fov else None
-                    fov_done = torch.cuda.Event()
-                    fov_done.record(side)
-                patches.record_stream(side)
-            else:
-                global_tokens = self._vit(enc.image_encoder, level2)[0]
-                fov_tokens = self._fov_tokens(level2) if compute_fov else None
-
-            tokens, (hook0, hook1) = self._vit(enc.patch_encoder, patches, enc.hook_block_ids)
-
-            def merge(t: torch.Tensor, level: tuple[int, int]) -> torch.Tensor:
-                # as DepthProEncoder._merge, written straight in channels_last when wanted
-                return ops.merge_patches(t, batch_size=b, grid=level[0], padding=level[1],
-                                         channels_last=self.options.channels_last,
-                                         backend=model.backend)
-
-            latent0 = merge(hook0[:n0], enc.LEVEL0)
-            latent1 = merge(hook1[:n0], enc.LEVEL0)
-            x0 = merge(tokens[:n0], enc.LEVEL0)
-            x1 = merge(tokens[n0:n0 + n1], enc.LEVEL1)
-            x2 = tokens_to_maps(tokens[n0 + n1:])
-
-            def run(layers, t):
-                t = self._cl(t)
-                for layer in layers:
-                    t = layer(t)
-                return t
-
-            encodings = [run(p.upsample_latent0, latent0), run(p.upsample_latent1, latent1),
-                         run(p.upsample0, x0), run(p.upsample1, x1)]
-            if side is not None:
-                main.wait_event(global_done)
-                global_tokens.record_stream(main)
-            global_map = tokens_to_maps(global_tokens)
-            if p.lowres is not None:
-                encodings.append(p.lowres(self._cl(torch.cat([x2, global_map], dim=1))))
-            else:
-                cat = torch.cat([run(p.upsample2, x2), p.upsample_lowres(self._cl(global_map))],
-                                dim=1)
-                encodings.append(p.fuse_lowres(cat))
-
-            features, lowres = self._decoder(p, encodings)
-            cid = self._head(p, features)
-
-            fov = None
-            if compute_fov:
-                if side is not None:
-                    main.wait_event(fov_done)
-                    fov_tokens.record_stream(main)
-                fov = self._fov(p, fov_tokens, lowres)
-            elif side is not None:
-                main.wait_event(fov_done)  # join the side stream (required inside a capture)
-        return cid, fov
-
-    def _decoder(self, p: _Prepared, encodings: list[torch.Tensor]):
-        last = len(encodings) - 1
-
-        def project(i: int) -> torch.Tensor:
-            c = p.dec_convs[i]
-            return encodings[i] if c is None else c(encodings[i])
-
-        lowres = project(last)
-        f = lowres
-        for i in range(last, -1, -1):
-            res1, res2, tail = p.fusions[i]
-            if i != last:
-                f = f + self._residual(project(i), res1)
-            f = self._residual(f, res2)
-            for layer in tail:
-                f = layer(f)
-        return f, lowres
-
-    def _head(self, p: _Prepared, features: torch.Tensor) -> torch.Tensor:
-        t = p.head0(features)
-        if p.subpixel is not None:
-            return p.subpixel(t)
-        deconv, conv3, conv_out = p.head_rest
-        return conv_out(conv3(deconv(t)).relu_()).relu_()
-
-    def _fov(self, p: _Prepared, fov_tokens: torch.Tensor, lowres: torch.Tensor) -> torch.Tensor:
-        down = p.fov_down(lowres).relu_()
-        z = self._cl(tokens_to_maps(fov_tokens)) + down
-        c0, c1, c2 = p.fov_head
-        return c2(c1(c0(z).relu_()).relu_())
+            stages = FastStages(self, p, self._side_stream(x.device))
+            return dataflow.run_network(stages, x, compute_fov=compute_fov)
 
 
 def _lazy_engine(model: DepthPro, options: FastOptions) -> FastEngine:
