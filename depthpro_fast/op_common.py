@@ -90,3 +90,62 @@ def window_origins(size: int, overlap: float | None) -> list[int]:
 def windows_per_image() -> int:
     """Windows of the pyramid per image (35 for the official 1536 / 384 sizes)."""
     return sum(len(window_origins(int(IMG_SIZE * s), o)) ** 2 for s, o in PYRAMID)
+
+
+# ----------------------------------------------------------------------------------------------
+# conv epilogues (bias_relu, bias_residual, subpixel_tail): (N, C, H, W) feature maps
+# ----------------------------------------------------------------------------------------------
+
+#: dtypes of the conv epilogue ops (float64: the references only, for exactness tests).
+FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The references' arithmetic: fp32 for fp32 and the 16-bit types, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def feature_map_format(x: torch.Tensor) -> torch.memory_format:
+    """The dense memory format of a (N, C, H, W) map: ``channels_last`` when it is laid out so
+    (and not also plain contiguous), else ``contiguous_format`` (a strided map is copied to it
+    by the implementations)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_feature_map(op: str, name: str, t: object, like: torch.Tensor | None = None) -> None:
+    """A float (N, C, H, W) tensor; with ``like``: of its shape, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{op}: {name} must be a 4-D (N, C, H, W) map, got shape "
+                         f"{tuple(t.shape)}")
+    if t.dtype not in FEATURE_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; accepted: float32, float16, "
+                        "bfloat16 (float64 on the reference backend)")
+    if like is not None:
+        if t.shape != like.shape:
+            raise ValueError(f"{op}: {name} must have the shape of x {tuple(like.shape)}, got "
+                             f"{tuple(t.shape)}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{op}: {name} must have the dtype of x ({like.dtype}), got "
+                            f"{t.dtype}")
+        if t.device != like.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {like.device}")
+
+
+def check_channel_vector(op: str, name: str, v: object, length: int,
+                         like: torch.Tensor) -> None:
+    """A 1-D per-channel float vector of ``length`` on ``like``'s device."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(v).__name__}")
+    if v.dim() != 1 or v.shape[0] != length:
+        raise ValueError(f"{op}: {name} must be 1-D of length {length}, got shape "
+                         f"{tuple(v.shape)}")
+    if not v.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} must be a float tensor, got {v.dtype}")
+    if v.device != like.device:
+        raise ValueError(f"{op}: {name} is on {v.device} but x is on {like.device}")

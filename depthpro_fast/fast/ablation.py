@@ -48,6 +48,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-fold_convs=False": {"fold_convs": False},
     "fast-head_subpixel=False": {"head_subpixel": False},
     "fast-fold_deconv_chains=True": {"fold_deconv_chains": True},
+    "fast-decoder_epilogues=True": {"decoder_epilogues": True},
+    "fast-head_tail=True": {"head_tail": True},
+    "fast-decoder_epilogues+head_tail": {"decoder_epilogues": True, "head_tail": True},
     "fast-channels_last=False": {"channels_last": False},
     "fast-cudnn_benchmark=False": {"cudnn_benchmark": False},
 }

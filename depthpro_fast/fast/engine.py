@@ -43,6 +43,7 @@ import torch
 from .. import backends, dataflow
 from . import folds
 from .cpu_gemm import CPU_GEMMS, CpuGemm, choose_cpu_gemm
+from .decoder import EpilogueDecoder, FusedSubpixelTail
 from .graphs import GraphRunner
 from .stages import FastStages
 from .vit import compiled_forward_with_hooks, fused_forward_with_hooks
@@ -65,6 +66,11 @@ class FastOptions:
     - ``head_subpixel``: fold 6 (the depth head's deconv + 3x3 as a sub-pixel conv).
     - ``fold_deconv_chains``: fold 3 (encoder deconv chains as one k4s4 / k8s8 deconv).
     - ``channels_last``: conv weights and activations in channels_last.
+    - ``decoder_epilogues``: the decoder's convs without bias, each followed by one fused
+      epilogue pass (``bias_relu`` / ``bias_residual``: bias, ReLU, residual adds; the tails'
+      biases carried; ``fast/decoder.py``).
+    - ``head_tail``: the sub-pixel head's bias, ReLUs, 32 -> 1 conv and pixel shuffle in one
+      pass (``subpixel_tail``; needs ``head_subpixel``).
     - ``streams``: image / FOV encoders on a second CUDA stream.
     - ``cuda_graphs``: capture and replay the forward (CUDA).
     - ``cudnn_benchmark``: cuDNN autotuning during the forward (CUDA).
@@ -83,6 +89,8 @@ class FastOptions:
     head_subpixel: bool = True
     fold_deconv_chains: bool = False
     channels_last: bool = True
+    decoder_epilogues: bool = False
+    head_tail: bool = False
     streams: bool = True
     cuda_graphs: bool = True
     cudnn_benchmark: bool = True
@@ -224,6 +232,16 @@ class _Prepared:
             self.subpixel = None
             self.head_rest = (folds.Deconv(head[1].weight.detach(), head[1].bias.detach(),
                                            **cast), conv(head[2]), conv(head[4]))
+        # issue 13 item 2: the decoder / head epilogue ops (fast/decoder.py)
+        self.epilogue_decoder = None
+        if opts.decoder_epilogues:
+            self.epilogue_decoder = EpilogueDecoder(self.dec_convs, self.fusions)
+            self.folds.append("decoder: convs without bias + fused epilogue passes "
+                              f"({self.epilogue_decoder.carried} tail biases carried)")
+        self.fused_tail = None
+        if opts.head_tail and self.subpixel is not None:
+            self.fused_tail = FusedSubpixelTail(self.subpixel)
+            self.folds.append("head: bias, ReLUs, 32 -> 1 conv and pixel shuffle in one pass")
         if model.fov is not None:
             self.fov_down = conv(model.fov.downsample[0])
             self.fov_head = [conv(model.fov.head[i]) for i in (0, 2, 4)]

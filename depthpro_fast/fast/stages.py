@@ -9,7 +9,7 @@
 - merges written straight in channels_last, the folded / converted conv layers of
   ``_Prepared`` (``fast/folds.py``);
 - the decoder's and head's epilogue ops when ``FastOptions.decoder_epilogues`` /
-  ``head_tail`` are on (``fast/decoder.py``).
+  ``head_tail`` are on (``fast/decoder.py``), on the epilogue backend.
 
 Stream discipline: the side stream waits for the split; the caller's stream waits for an event
 recorded after each side result before using it (``_OnSideStream.get``), and tensors crossing
@@ -59,6 +59,7 @@ class FastStages(Stages):
         self.engine, self.p, self.side = engine, prepared, side
         self.opts = engine.options
         self.backend = m.backend
+        self.epilogue_backend = self.opts.epilogue_backend or m.backend
 
     def _cl(self, t: torch.Tensor) -> torch.Tensor:
         if self.opts.channels_last and t.dim() == 4:
@@ -130,6 +131,8 @@ class FastStages(Stages):
 
     def decoder(self, encodings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.p
+        if p.epilogue_decoder is not None:
+            return p.epilogue_decoder(encodings, self.epilogue_backend)
         last = len(encodings) - 1
 
         def project(i: int, e: torch.Tensor) -> torch.Tensor:
@@ -148,6 +151,8 @@ class FastStages(Stages):
     def head(self, features: torch.Tensor) -> torch.Tensor:
         p = self.p
         t = p.head0(features)
+        if p.fused_tail is not None:
+            return p.fused_tail(t, self.epilogue_backend)
         if p.subpixel is not None:
             return p.subpixel(t)
         deconv, conv3, conv_out = p.head_rest

@@ -6,6 +6,8 @@ dispatch to the implementations of the selected backend (see ``depthpro_fast.bac
 
 from .attention import attention, attention_reference
 from .bias_gelu import bias_gelu, bias_gelu_reference
+from .bias_relu import bias_relu, bias_relu_reference
+from .bias_residual import bias_residual, bias_residual_reference
 from .layer_norm import (
     add_layer_norm,
     add_layer_norm_reference,
@@ -15,6 +17,7 @@ from .layer_norm import (
 from .merge_patches import merge_patches, merge_patches_reference
 from .residual_layerscale import residual_layerscale, residual_layerscale_reference
 from .split_patches import split_patches, split_patches_reference
+from .subpixel_tail import subpixel_tail, subpixel_tail_reference
 
 __all__ = [
     "add_layer_norm",
@@ -23,6 +26,10 @@ __all__ = [
     "attention_reference",
     "bias_gelu",
     "bias_gelu_reference",
+    "bias_relu",
+    "bias_relu_reference",
+    "bias_residual",
+    "bias_residual_reference",
     "layer_norm",
     "layer_norm_reference",
     "merge_patches",
@@ -31,4 +38,6 @@ __all__ = [
     "residual_layerscale_reference",
     "split_patches",
     "split_patches_reference",
+    "subpixel_tail",
+    "subpixel_tail_reference",
 ]
