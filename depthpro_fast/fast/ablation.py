@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-decoder_epilogues+head_tail": {"decoder_epilogues": True, "head_tail": True},
     "fast-channels_last=False": {"channels_last": False},
     "fast-cudnn_benchmark=False": {"cudnn_benchmark": False},
+    "fast-attention_choice=backend": {"attention_choice": "backend"},
 }
 #: The variants that compile (torch.compile): left out by ``--no-compile``.
 COMPILING = ("fast-epilogues=compile",)

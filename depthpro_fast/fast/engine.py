@@ -41,7 +41,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import backends, dataflow
-from . import folds
+from ..config import NUM_TOKENS
+from . import attention_choice, folds
+from .attention_choice import Candidate
 from .cpu_gemm import CPU_GEMMS, CpuGemm, choose_cpu_gemm
 from .decoder import EpilogueDecoder, FusedSubpixelTail
 from .graphs import GraphRunner
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from ..model import DepthPro, VisionTransformer
 
 EPILOGUES = ("fused", "torch", "compile")
+ATTENTION_CHOICES = ("measure", "backend")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,9 @@ class FastOptions:
     - ``streams``: image / FOV encoders on a second CUDA stream.
     - ``cuda_graphs``: capture and replay the forward (CUDA).
     - ``cudnn_benchmark``: cuDNN autotuning during the forward (CUDA).
+    - ``attention_choice``: ``"measure"`` (with the model's backend ``auto``: each ViT
+      attention shape runs the implementation measured fastest for it at warm-up,
+      ``fast/attention_choice.py``; fused / compiled ViTs) or ``"backend"`` (the model's backend).
     - ``skip_unused_fov``: skip the FOV branch when the caller does not need it.
     - ``compile_mode``: ``torch.compile`` mode for ``epilogues="compile"``.
     - ``max_graphs``: CUDA graphs kept (one per batch size / FOV need).
@@ -94,6 +100,7 @@ class FastOptions:
     streams: bool = True
     cuda_graphs: bool = True
     cudnn_benchmark: bool = True
+    attention_choice: str = "measure"
     skip_unused_fov: bool = True
     compile_mode: str | None = None
     max_graphs: int = 4
@@ -105,6 +112,9 @@ class FastOptions:
                              f"{self.epilogues!r}")
         if self.epilogue_backend is not None:
             backends.check_backend(self.epilogue_backend)
+        if self.attention_choice not in ATTENTION_CHOICES:
+            raise ValueError(f"attention_choice must be one of {', '.join(ATTENTION_CHOICES)}, "
+                             f"got {self.attention_choice!r}")
         if self.cpu_gemm not in CPU_GEMMS:
             raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got "
                              f"{self.cpu_gemm!r}")
@@ -299,6 +309,10 @@ class FastEngine:
         self.graphs = GraphRunner(max_graphs=self.options.max_graphs)
         self.notes: dict[str, str] = {}
         self.calls = 0
+        # attention per ViT batch (measured at warm-up): (batch, dtype, device) -> candidate
+        self._attention: dict[tuple, Candidate] = {}
+        self._attention_records: dict[str, dict[str, Any]] = {}
+        self._warmed: set = set()
         if not lazy:
             self.prepare()
 
@@ -356,12 +370,15 @@ class FastEngine:
         compute_fov = model.fov is not None and (need_fov or not self.options.skip_unused_fov)
         if not torch.compiler.is_compiling():
             self.calls += 1
-        if not self.uses_graphs(x.device) or torch.compiler.is_compiling():
-            if x.device.type != "cuda" and not torch.compiler.is_compiling():
-                self.notes.setdefault("cuda_graphs", "off: not on a CUDA device")
-            return self._forward(x, prepared, compute_fov)
+        compiling = torch.compiler.is_compiling()
         key = (tuple(x.shape), x.dtype, str(x.device), compute_fov, model.backend,
                self.options.epilogue_backend)
+        if not compiling:
+            self._warm_up(x, prepared, compute_fov, key)
+        if not self.uses_graphs(x.device) or compiling:
+            if x.device.type != "cuda" and not compiling:
+                self.notes.setdefault("cuda_graphs", "off: not on a CUDA device")
+            return self._forward(x, prepared, compute_fov)
 
         def run(inp: torch.Tensor):
             return self._forward(inp, prepared, compute_fov)
@@ -372,12 +389,68 @@ class FastEngine:
         cid, fov = self.graphs.run(key, run, x, keep_alive=keep_alive)
         return cid, fov
 
+    # -- warm-up: attention measured, kernels tuned, before any capture ----------------------
+
+    def _measures_attention(self) -> tuple[bool, str]:
+        o = self.options
+        if o.attention_choice != "measure":
+            return False, "off: attention_choice='backend'"
+        if self.model.backend != "auto":
+            return False, f"off: the model's backend is {self.model.backend!r} (measured: auto)"
+        if o.epilogues == "torch":
+            return False, "off: epilogues='torch' runs the reference modules' attention"
+        return True, "measured at warm-up"
+
+    def _warm_up(self, x: torch.Tensor, prepared: _Prepared, compute_fov: bool,
+                 key: tuple) -> None:
+        """Once per input key: time the attention implementations for this batch's shapes
+        (``fast/attention_choice.py``), then on CUDA one eager forward with the side stream
+        off, so that Triton's autotuning and cuDNN's benchmark run alone and before the CUDA
+        graph runner captures (its own warm-up runs then hit their caches)."""
+        if key in self._warmed:
+            return
+        with self._lock:
+            if key in self._warmed:
+                return
+            ok, why = self._measures_attention()
+            self.notes["attention_choice"] = why
+            if ok:
+                self._choose_attention(x)
+            if self._tunes(x.device):
+                self._forward(x, prepared, compute_fov, streams=False)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
+            self._warmed.add(key)
+
+    @staticmethod
+    def _tunes(device: torch.device) -> bool:
+        """Whether a first forward autotunes (Triton, cuDNN): on CUDA devices."""
+        return device.type == "cuda"
+
+    def _choose_attention(self, x: torch.Tensor) -> None:
+        from ..op_common import windows_per_image
+
+        attn = self.model.encoder.patch_encoder.blocks[0].attn
+        b = x.shape[0]
+        for batch in (windows_per_image() * b, b):  # patch encoder, image / FOV encoders
+            k = (batch, x.dtype, x.device)
+            if k in self._attention:
+                continue
+            record = attention_choice.measure(batch, attn.num_heads, NUM_TOKENS,
+                                              attn.head_dim, x.dtype, x.device)
+            self._attention[k] = attention_choice.by_name(record["choice"], x.device)
+            self._attention_records[f"{batch}x{attn.num_heads}x{NUM_TOKENS}x{attn.head_dim} "
+                                    f"{record['dtype']}"] = record
+
     def status(self) -> dict[str, Any]:
         """What the engine does and does not use, and why (for reports and benchmarks)."""
         return {"options": dataclasses.asdict(self.options),
                 "folds": list(self._prepared.folds) if self._prepared else [],
                 "cpu_gemm": self._prepared.gemm_why if self._prepared else None,
-                "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls}
+                "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls,
+                "attention": {k: {"choice": r["choice"], "timings_ms": r["timings_ms"],
+                                  "errors": r["errors"], "skipped": r["skipped"]}
+                              for k, r in self._attention_records.items()}}
 
     # -- the forward --------------------------------------------------------------------------
 
@@ -392,24 +465,29 @@ class FastEngine:
 
     def _vit(self, vit: VisionTransformer, x: torch.Tensor, hook_ids=()):
         o = self.options
-        backend = self.model.backend
-        if o.epilogues == "fused":
-            epi = o.epilogue_backend or backend
-            gemm = self._prepared.gemm_name if self._prepared is not None else "aten"
-            return fused_forward_with_hooks(vit, x, hook_ids, backend=backend,
-                                            epilogue_backend=epi,
-                                            fuse_layer_norm=o.fuse_layer_norm,
-                                            gemm=CpuGemm(gemm, epi))
-        if o.epilogues == "compile":
-            return compiled_forward_with_hooks(vit, x, hook_ids, backend=backend,
-                                               mode=o.compile_mode)
-        return vit.forward_with_hooks(x, hook_ids)
+        # the attention measured fastest for this ViT batch, else the model's backend
+        chosen = self._attention.get((x.shape[0], x.dtype, x.device))
+        backend = chosen.backend if chosen is not None else self.model.backend
+        with attention_choice.pinned(chosen):
+            if o.epilogues == "fused":
+                epi = o.epilogue_backend or self.model.backend
+                gemm = self._prepared.gemm_name if self._prepared is not None else "aten"
+                return fused_forward_with_hooks(vit, x, hook_ids, backend=backend,
+                                                epilogue_backend=epi,
+                                                fuse_layer_norm=o.fuse_layer_norm,
+                                                gemm=CpuGemm(gemm, epi))
+            if o.epilogues == "compile":
+                return compiled_forward_with_hooks(vit, x, hook_ids, backend=backend,
+                                                   mode=o.compile_mode)
+            return vit.forward_with_hooks(x, hook_ids)
 
-    def _forward(self, x: torch.Tensor, p: _Prepared, compute_fov: bool,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The network's one data flow (``dataflow.run_network``) over the fast stages."""
+    def _forward(self, x: torch.Tensor, p: _Prepared, compute_fov: bool, *,
+                 streams: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's one data flow (``dataflow.run_network``) over the fast stages
+        (``streams=False``: no side stream, as at warm-up)."""
         with cudnn_benchmark(self.options.cudnn_benchmark and x.device.type == "cuda"):
-            stages = FastStages(self, p, self._side_stream(x.device))
+            side = self._side_stream(x.device) if streams else None
+            stages = FastStages(self, p, side)
             return dataflow.run_network(stages, x, compute_fov=compute_fov)
 
 
