@@ -3,7 +3,9 @@
 State-dict keys are exactly those of Apple's checkpoint (spec §11). Wherever a fast path differs
 from plain PyTorch the modules call an op from ``depthpro_fast.ops`` with the model's backend.
 No forward hooks and no state stored during forward: the forward is re-entrant; intermediate
-tensors are returned to a caller-owned dict on request.
+tensors are returned to a caller-owned dict on request. The wiring of the modules (split ->
+ViTs -> merge -> decoder -> head -> FOV) is written once, in ``dataflow.py``, over stages that
+the fast engine reimplements.
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import dataflow, ops
 from .config import IMG_SIZE, LN_EPS, NUM_TOKENS, PATCH_SIZE, DepthProConfig
-from .ops.merge_patches import tokens_to_maps
+from .op_common import tokens_to_maps
 
 Intermediates = dict[str, torch.Tensor]
 
@@ -164,37 +165,10 @@ class DepthProEncoder(_UsesBackend):
         self.upsample_lowres = nn.ConvTranspose2d(e, dims[3], 2, stride=2, bias=True)
         self.fuse_lowres = nn.Conv2d(2 * dims[3], dims[3], 1, bias=True)
 
-    def _merge(self, tokens: torch.Tensor, batch: int, level: tuple[int, int]) -> torch.Tensor:
-        grid, padding = level
-        return ops.merge_patches(tokens, batch_size=batch, grid=grid, padding=padding,
-                                 backend=self.backend)
-
     def forward(self, x: torch.Tensor, intermediates: Intermediates | None = None,
                 ) -> list[torch.Tensor]:
         """(B, 3, 1536, 1536) normalised -> five feature maps, highest resolution first."""
-        b = x.shape[0]
-        n0 = self.LEVEL0[0] ** 2 * b
-        n1 = self.LEVEL1[0] ** 2 * b
-        patches = ops.split_patches(x, prenormalized=True, backend=self.backend)
-        tokens, (hook0, hook1) = self.patch_encoder.forward_with_hooks(patches,
-                                                                       self.hook_block_ids)
-        latent0 = self._merge(hook0[:n0], b, self.LEVEL0)
-        latent1 = self._merge(hook1[:n0], b, self.LEVEL0)
-        x0 = self._merge(tokens[:n0], b, self.LEVEL0)
-        x1 = self._merge(tokens[n0:n0 + n1], b, self.LEVEL1)
-        x2 = tokens_to_maps(tokens[n0 + n1:])  # level 2 is a single window: nothing to merge
-        # The level-2 image (last B windows) is also the global image encoder's input.
-        global_tokens = self.image_encoder(patches[n0 + n1:])
-        global_map = tokens_to_maps(global_tokens)
-        if intermediates is not None:
-            intermediates["encoder.patch_encoder.tokens"] = tokens
-            intermediates["encoder.patch_encoder.hook0"] = hook0
-            intermediates["encoder.patch_encoder.hook1"] = hook1
-            intermediates["encoder.image_encoder.tokens"] = global_tokens
-        fused = self.fuse_lowres(torch.cat([self.upsample2(x2),
-                                            self.upsample_lowres(global_map)], dim=1))
-        return [self.upsample_latent0(latent0), self.upsample_latent1(latent1),
-                self.upsample0(x0), self.upsample1(x1), fused]
+        return dataflow.encode(dataflow.Stages(self), x, intermediates=intermediates)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,12 +218,8 @@ class MultiresConvDecoder(nn.Module):
 
     def forward(self, encodings: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (features at the highest resolution, lowest-resolution projected features)."""
-        last = len(encodings) - 1
-        lowres = self.convs[last](encodings[last])
-        f = self.fusions[last](lowres)
-        for i in range(last - 1, -1, -1):
-            f = self.fusions[i](f, self.convs[i](encodings[i]))
-        return f, lowres
+        return dataflow.decode(encodings, lambda i, e: self.convs[i](e),
+                               lambda i, f, skip: self.fusions[i](f, skip))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,13 +241,20 @@ class FOVNetwork(nn.Module):
     def forward(self, x: torch.Tensor, lowres: torch.Tensor,
                 intermediates: Intermediates | None = None) -> torch.Tensor:
         """x: (B, 3, 1536, 1536) network input, lowres: (B, D, 48, 48) -> FOV deg (B, 1, 1, 1)."""
-        y = F.interpolate(x, scale_factor=0.25, mode="bilinear", align_corners=False)
-        t = self.encoder(y)
+        return self.finish(self.encode(x), lowres, intermediates)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The FOV encoder (ViT + Linear) on the 0.25 resize of the network input."""
+        return self.encoder(dataflow.fov_input(x))
+
+    def finish(self, tokens: torch.Tensor, lowres: torch.Tensor,
+               intermediates: Intermediates | None = None) -> torch.Tensor:
+        """The encoder's tokens and the decoder's lowres features -> FOV deg (B, 1, 1, 1)."""
         l = self.downsample(lowres)
         if intermediates is not None:
-            intermediates["fov.encoder.tokens"] = t
+            intermediates["fov.encoder.tokens"] = tokens
             intermediates["fov.downsample"] = l
-        return self.head(tokens_to_maps(t) + l)
+        return self.head(tokens_to_maps(tokens) + l)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,17 +349,13 @@ class DepthPro(nn.Module):
         engine = self._fast_engine
         if engine is not None and intermediates is None and not torch.is_grad_enabled():
             return engine(x, need_fov=need_fov)
-        encodings = self.encoder(x, intermediates)
-        features, lowres = self.decoder(encodings)
-        canonical_inverse_depth = self.head(features)
         compute_fov = self.fov is not None and (need_fov or not self.skip_unused_fov)
-        fov_deg = self.fov(x, lowres.detach(), intermediates) if compute_fov else None
-        if intermediates is not None:
-            for i, e in enumerate(encodings):
-                intermediates[f"encoder.outputs.{i}"] = e
-            intermediates["decoder.outputs.0"] = features
-            intermediates["decoder.outputs.1"] = lowres
-        return canonical_inverse_depth, fov_deg
+        return dataflow.run_network(self.stages(), x, compute_fov=compute_fov,
+                                    intermediates=intermediates)
+
+    def stages(self) -> dataflow.Stages:
+        """The reference implementation of the stages of ``dataflow.run_network``."""
+        return dataflow.Stages(self.encoder, self.decoder, self.head, self.fov)
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor, f_px: float | torch.Tensor | None = None,

@@ -19,6 +19,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _attention_measurements() -> dict[str, Any]:
+    from .fast.attention_choice import MEASURED
+
+    return {k: dict(v) for k, v in MEASURED.items()}
+
+
 def info() -> dict[str, Any]:
     """A report of what this installation can do, as a plain dict (see ``format_info``)."""
     from . import __version__
@@ -53,6 +59,8 @@ def info() -> dict[str, Any]:
         "backends": backend_report,
         "ops": backends.registered_ops(),
         "auto_fallbacks": backends.fallback_log(),
+        # attention implementations timed by fast engines in this process (and the choice)
+        "attention_measurements": _attention_measurements(),
         "checkpoint_search": [
             {"where": what, "path": str(path) if path else None,
              "exists": bool(path and path.is_file())}
@@ -90,6 +98,10 @@ def format_info(report: dict[str, Any] | None = None) -> str:
     lines.append("ops: " + ", ".join(f"{op} [{'/'.join(impls)}]" for op, impls in r["ops"].items()))
     for key, why in r["auto_fallbacks"].items():
         lines.append(f"  auto skipped {key}: {why}")
+    for shape, m in r.get("attention_measurements", {}).items():
+        times = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} failed"
+                          for k, v in m["timings_ms"].items())
+        lines.append(f"  attention {shape}: {m['choice']} (ms: {times})")
     lines.append("checkpoint search (load('auto')):")
     for c in r["checkpoint_search"]:
         lines.append(f"  {c['where']:<24} {c['path'] or '(not set)'}"

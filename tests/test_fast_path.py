@@ -206,7 +206,9 @@ def test_infer_with_f_px_skips_the_fov_branch(micro_reference, monkeypatch):
     def boom(*args):
         raise AssertionError("the FOV encoder ran although f_px was given")
 
-    monkeypatch.setattr(fast.fast_engine, "_fov_tokens", boom)
+    from depthpro_fast.fast.stages import FastStages
+
+    monkeypatch.setattr(FastStages, "_fov_tokens", boom)
     out = fast.infer(image, f_px=50.0)
     assert torch.equal(out["focallength_px"], expected["focallength_px"])
     torch.testing.assert_close(out["depth"], expected["depth"], rtol=1e-5, atol=0)
@@ -309,7 +311,7 @@ def test_forward_routes_to_engine_only_without_grad(micro_reference, monkeypatch
     def boom(*a, **k):
         raise RuntimeError("reference path")
 
-    monkeypatch.setattr(fast.encoder, "forward", boom)
+    monkeypatch.setattr(fast.encoder.patch_encoder, "forward_with_hooks", boom)
     with pytest.raises(RuntimeError, match="reference path"):  # grad enabled: reference
         fast(x)
     with torch.no_grad(), pytest.raises(RuntimeError, match="reference path"):

@@ -10,11 +10,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .. import ops
 from ..flops import STAGES
-from ..ops.merge_patches import tokens_to_maps
 from .timing import Stats, synchronize
 
 STAGE_NAMES = tuple(STAGES)
@@ -27,46 +24,15 @@ def staged_forward(model: torch.nn.Module, x: torch.Tensor,
     """``model(x)`` computed stage by stage, calling ``mark(stage)`` after each stage.
 
     The same computation as ``DepthPro.forward`` (the bench tests check that the outputs are
-    identical), in the order of ``STAGE_NAMES``; the FOV encoder runs before the merge since it
-    depends only on the input. Nothing is stored on the modules.
+    identical): the reference stages of ``depthpro_fast.dataflow.run_network``, which marks the
+    stages in the order of ``STAGE_NAMES`` (the FOV encoder runs before the merge since it
+    depends only on the input). Nothing is stored on the modules.
     """
+    from ..dataflow import run_network
     from ..inference import check_network_input
 
     check_network_input(x, model)
-    enc = model.encoder
-    b = x.shape[0]
-    n0 = enc.LEVEL0[0] ** 2 * b
-    n1 = enc.LEVEL1[0] ** 2 * b
-
-    patches = ops.split_patches(x, prenormalized=True, backend=enc.backend)
-    mark("split")
-    tokens, (hook0, hook1) = enc.patch_encoder.forward_with_hooks(patches, enc.hook_block_ids)
-    mark("patch encoder")
-    global_tokens = enc.image_encoder(patches[n0 + n1:])
-    mark("image encoder")
-    fov_tokens = None
-    if model.fov is not None:
-        y = F.interpolate(x, scale_factor=0.25, mode="bilinear", align_corners=False)
-        fov_tokens = model.fov.encoder(y)
-    mark("FOV encoder")
-    latent0 = enc._merge(hook0[:n0], b, enc.LEVEL0)
-    latent1 = enc._merge(hook1[:n0], b, enc.LEVEL0)
-    x0 = enc._merge(tokens[:n0], b, enc.LEVEL0)
-    x1 = enc._merge(tokens[n0:n0 + n1], b, enc.LEVEL1)
-    x2 = tokens_to_maps(tokens[n0 + n1:])
-    fused = enc.fuse_lowres(torch.cat([enc.upsample2(x2),
-                                       enc.upsample_lowres(tokens_to_maps(global_tokens))], dim=1))
-    encodings = [enc.upsample_latent0(latent0), enc.upsample_latent1(latent1),
-                 enc.upsample0(x0), enc.upsample1(x1), fused]
-    mark("merge + upsample")
-    features, lowres = model.decoder(encodings)
-    mark("decoder")
-    depth = model.head(features)
-    fov = None
-    if model.fov is not None:
-        fov = model.fov.head(tokens_to_maps(fov_tokens) + model.fov.downsample(lowres.detach()))
-    mark("head")
-    return depth, fov
+    return run_network(model.stages(), x, compute_fov=model.fov is not None, mark=mark)
 
 
 def time_stages(model: torch.nn.Module, inputs: Sequence[torch.Tensor], *, warmup: int,

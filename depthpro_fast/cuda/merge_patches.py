@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..ops.merge_patches import merged_size, tokens_to_maps
+from ..op_common import merged_size, tokens_to_maps
 
 if _ext.load() is None:
     raise ImportError(f"depthpro_fast._C is unavailable: {_ext.unavailable_reason()}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..ops.split_patches import windows_per_image
+from ..op_common import windows_per_image
 
 if _ext.load() is None:
     raise ImportError(f"depthpro_fast._C is unavailable: {_ext.unavailable_reason()}")

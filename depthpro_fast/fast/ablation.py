@@ -48,8 +48,12 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-fold_convs=False": {"fold_convs": False},
     "fast-head_subpixel=False": {"head_subpixel": False},
     "fast-fold_deconv_chains=True": {"fold_deconv_chains": True},
+    "fast-decoder_epilogues=True": {"decoder_epilogues": True},
+    "fast-head_tail=True": {"head_tail": True},
+    "fast-decoder_epilogues+head_tail": {"decoder_epilogues": True, "head_tail": True},
     "fast-channels_last=False": {"channels_last": False},
     "fast-cudnn_benchmark=False": {"cudnn_benchmark": False},
+    "fast-attention_choice=backend": {"attention_choice": "backend"},
     # the fp8 mode (bf16 runs only): per-token scales, and one scale per tensor to measure them
     "fast-fp8=True": {"fp8": True},
     "fast-fp8=True,fp8_scaling=tensor": {"fp8": True, "fp8_scaling": "tensor"},

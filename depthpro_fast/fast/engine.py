@@ -3,18 +3,16 @@
 ``FastEngine(model, options)`` is attached to a model by ``DepthPro.prepare_fast`` (or
 ``depthpro_fast.load(..., fast=True)``); ``DepthPro.forward`` then hands it every call made
 without gradients and without an ``intermediates`` dict. It computes the same function as the
-reference modules (same weights, same ops), reorganised:
+reference modules (same weights, same ops) through the same data flow
+(``dataflow.run_network``), with the fast implementations of its stages (``fast/stages.py``):
 
 - ViTs: GEMMs without bias + fused epilogue ops (``fast/vit.py``), or ``torch.compile`` of each
   block (``epilogues="compile"``), or the reference modules (``epilogues="torch"``).
 - Convolutional parts: exact folds of linear chains (``fast/folds.py``), weights in
   channels_last, cuDNN autotuning (``torch.backends.cudnn.benchmark`` on during the forward).
 - Concurrency (CUDA): the image encoder and the FOV encoder run on a second stream while the
-  patch encoder (35 windows per image) runs on the caller's stream; their inputs are the level-2
-  windows produced by ``split_patches`` (spec §15: the same tensor as the FOV's 0.25 resize).
-  Stream discipline: the side stream waits for the split, the caller's stream waits for an event
-  recorded after each side result before using it, and tensors crossing streams are marked with
-  ``record_stream`` so the caching allocator never hands their memory out too early.
+  patch encoder (35 windows per image) runs on the caller's stream (stream discipline:
+  ``fast/stages.py``).
 - The FOV branch is skipped when its result is unused (``need_fov=False``, which ``infer``
   passes when the caller gives ``f_px``); ``infer`` then reports the FOV implied by the given
   focal length, ``2 atan(W / (2 f_px))`` (the same rule as for models without an FOV network).
@@ -41,14 +39,16 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from .. import backends, ops
+from .. import backends, dataflow
+from ..config import NUM_TOKENS
 from ..fp8_format import Fp8UnavailableError, fp8_problem
-from ..ops.merge_patches import tokens_to_maps
-from . import folds, fp8
+from . import attention_choice, folds, fp8
+from .attention_choice import Candidate
 from .cpu_gemm import CPU_GEMMS, CpuGemm, choose_cpu_gemm
+from .decoder import EpilogueDecoder, FusedSubpixelTail
 from .graphs import GraphRunner
+from .stages import FastStages
 from .vit import compiled_forward_with_hooks, fused_forward_with_hooks
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 EPILOGUES = ("fused", "torch", "compile")
 FP8_SCALINGS = ("row", "tensor")
+ATTENTION_CHOICES = ("measure", "backend")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +71,17 @@ class FastOptions:
     - ``head_subpixel``: fold 6 (the depth head's deconv + 3x3 as a sub-pixel conv).
     - ``fold_deconv_chains``: fold 3 (encoder deconv chains as one k4s4 / k8s8 deconv).
     - ``channels_last``: conv weights and activations in channels_last.
+    - ``decoder_epilogues``: the decoder's convs without bias, each followed by one fused
+      epilogue pass (``bias_relu`` / ``bias_residual``: bias, ReLU, residual adds; the tails'
+      biases carried; ``fast/decoder.py``).
+    - ``head_tail``: the sub-pixel head's bias, ReLUs, 32 -> 1 conv and pixel shuffle in one
+      pass (``subpixel_tail``; needs ``head_subpixel``).
     - ``streams``: image / FOV encoders on a second CUDA stream.
     - ``cuda_graphs``: capture and replay the forward (CUDA).
     - ``cudnn_benchmark``: cuDNN autotuning during the forward (CUDA).
+    - ``attention_choice``: ``"measure"`` (with the model's backend ``auto``: each ViT
+      attention shape runs the implementation measured fastest for it at warm-up,
+      ``fast/attention_choice.py``; fused / compiled ViTs) or ``"backend"`` (the model's backend).
     - ``skip_unused_fov``: skip the FOV branch when the caller does not need it.
     - ``compile_mode``: ``torch.compile`` mode for ``epilogues="compile"``.
     - ``max_graphs``: CUDA graphs kept (one per batch size / FOV need).
@@ -94,9 +103,12 @@ class FastOptions:
     head_subpixel: bool = True
     fold_deconv_chains: bool = False
     channels_last: bool = True
+    decoder_epilogues: bool = False
+    head_tail: bool = False
     streams: bool = True
     cuda_graphs: bool = True
     cudnn_benchmark: bool = True
+    attention_choice: str = "measure"
     skip_unused_fov: bool = True
     compile_mode: str | None = None
     max_graphs: int = 4
@@ -110,6 +122,9 @@ class FastOptions:
                              f"{self.epilogues!r}")
         if self.epilogue_backend is not None:
             backends.check_backend(self.epilogue_backend)
+        if self.attention_choice not in ATTENTION_CHOICES:
+            raise ValueError(f"attention_choice must be one of {', '.join(ATTENTION_CHOICES)}, "
+                             f"got {self.attention_choice!r}")
         if self.cpu_gemm not in CPU_GEMMS:
             raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got "
                              f"{self.cpu_gemm!r}")
@@ -243,6 +258,16 @@ class _Prepared:
             self.subpixel = None
             self.head_rest = (folds.Deconv(head[1].weight.detach(), head[1].bias.detach(),
                                            **cast), conv(head[2]), conv(head[4]))
+        # issue 13 item 2: the decoder / head epilogue ops (fast/decoder.py)
+        self.epilogue_decoder = None
+        if opts.decoder_epilogues:
+            self.epilogue_decoder = EpilogueDecoder(self.dec_convs, self.fusions)
+            self.folds.append("decoder: convs without bias + fused epilogue passes "
+                              f"({self.epilogue_decoder.carried} tail biases carried)")
+        self.fused_tail = None
+        if opts.head_tail and self.subpixel is not None:
+            self.fused_tail = FusedSubpixelTail(self.subpixel)
+            self.folds.append("head: bias, ReLUs, 32 -> 1 conv and pixel shuffle in one pass")
         if model.fov is not None:
             self.fov_down = conv(model.fov.downsample[0])
             self.fov_head = [conv(model.fov.head[i]) for i in (0, 2, 4)]
@@ -336,6 +361,10 @@ class FastEngine:
         self.graphs = GraphRunner(max_graphs=self.options.max_graphs)
         self.notes: dict[str, str] = {}
         self.calls = 0
+        # attention per ViT batch (measured at warm-up): (batch, dtype, device) -> candidate
+        self._attention: dict[tuple, Candidate] = {}
+        self._attention_records: dict[str, dict[str, Any]] = {}
+        self._warmed: set = set()
         if not lazy:
             self.prepare()
 
@@ -396,12 +425,15 @@ class FastEngine:
         compute_fov = model.fov is not None and (need_fov or not self.options.skip_unused_fov)
         if not torch.compiler.is_compiling():
             self.calls += 1
-        if not self.uses_graphs(x.device) or torch.compiler.is_compiling():
-            if x.device.type != "cuda" and not torch.compiler.is_compiling():
-                self.notes.setdefault("cuda_graphs", "off: not on a CUDA device")
-            return self._forward(x, prepared, compute_fov)
+        compiling = torch.compiler.is_compiling()
         key = (tuple(x.shape), x.dtype, str(x.device), compute_fov, model.backend,
                self.options.epilogue_backend)
+        if not compiling:
+            self._warm_up(x, prepared, compute_fov, key)
+        if not self.uses_graphs(x.device) or compiling:
+            if x.device.type != "cuda" and not compiling:
+                self.notes.setdefault("cuda_graphs", "off: not on a CUDA device")
+            return self._forward(x, prepared, compute_fov)
 
         def run(inp: torch.Tensor):
             return self._forward(inp, prepared, compute_fov)
@@ -412,13 +444,69 @@ class FastEngine:
         cid, fov = self.graphs.run(key, run, x, keep_alive=keep_alive)
         return cid, fov
 
+    # -- warm-up: attention measured, kernels tuned, before any capture ----------------------
+
+    def _measures_attention(self) -> tuple[bool, str]:
+        o = self.options
+        if o.attention_choice != "measure":
+            return False, "off: attention_choice='backend'"
+        if self.model.backend != "auto":
+            return False, f"off: the model's backend is {self.model.backend!r} (measured: auto)"
+        if o.epilogues == "torch":
+            return False, "off: epilogues='torch' runs the reference modules' attention"
+        return True, "measured at warm-up"
+
+    def _warm_up(self, x: torch.Tensor, prepared: _Prepared, compute_fov: bool,
+                 key: tuple) -> None:
+        """Once per input key: time the attention implementations for this batch's shapes
+        (``fast/attention_choice.py``), then on CUDA one eager forward with the side stream
+        off, so that Triton's autotuning and cuDNN's benchmark run alone and before the CUDA
+        graph runner captures (its own warm-up runs then hit their caches)."""
+        if key in self._warmed:
+            return
+        with self._lock:
+            if key in self._warmed:
+                return
+            ok, why = self._measures_attention()
+            self.notes["attention_choice"] = why
+            if ok:
+                self._choose_attention(x)
+            if self._tunes(x.device):
+                self._forward(x, prepared, compute_fov, streams=False)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
+            self._warmed.add(key)
+
+    @staticmethod
+    def _tunes(device: torch.device) -> bool:
+        """Whether a first forward autotunes (Triton, cuDNN): on CUDA devices."""
+        return device.type == "cuda"
+
+    def _choose_attention(self, x: torch.Tensor) -> None:
+        from ..op_common import windows_per_image
+
+        attn = self.model.encoder.patch_encoder.blocks[0].attn
+        b = x.shape[0]
+        for batch in (windows_per_image() * b, b):  # patch encoder, image / FOV encoders
+            k = (batch, x.dtype, x.device)
+            if k in self._attention:
+                continue
+            record = attention_choice.measure(batch, attn.num_heads, NUM_TOKENS,
+                                              attn.head_dim, x.dtype, x.device)
+            self._attention[k] = attention_choice.by_name(record["choice"], x.device)
+            self._attention_records[f"{batch}x{attn.num_heads}x{NUM_TOKENS}x{attn.head_dim} "
+                                    f"{record['dtype']}"] = record
+
     def status(self) -> dict[str, Any]:
         """What the engine does and does not use, and why (for reports and benchmarks)."""
         return {"options": dataclasses.asdict(self.options),
                 "folds": list(self._prepared.folds) if self._prepared else [],
                 "cpu_gemm": self._prepared.gemm_why if self._prepared else None,
                 "fp8": self._prepared.fp8_why if self._prepared else None,
-                "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls}
+                "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls,
+                "attention": {k: {"choice": r["choice"], "timings_ms": r["timings_ms"],
+                                  "errors": r["errors"], "skipped": r["skipped"]}
+                              for k, r in self._attention_records.items()}}
 
     # -- the forward --------------------------------------------------------------------------
 
@@ -433,142 +521,34 @@ class FastEngine:
 
     def _vit(self, vit: VisionTransformer, x: torch.Tensor, hook_ids=()):
         o = self.options
-        backend = self.model.backend
-        if o.epilogues == "fused":
-            epi = o.epilogue_backend or backend
-            prepared = self._prepared
-            if prepared is not None and prepared.fp8_weights is not None:
-                gemm = fp8.Fp8Gemm(prepared.fp8_weights, epi,
-                                   per_tensor=o.fp8_scaling == "tensor")
-            else:
-                gemm = CpuGemm(prepared.gemm_name if prepared is not None else "aten", epi)
-            return fused_forward_with_hooks(vit, x, hook_ids, backend=backend,
-                                            epilogue_backend=epi,
-                                            fuse_layer_norm=o.fuse_layer_norm, gemm=gemm)
-        if o.epilogues == "compile":
-            return compiled_forward_with_hooks(vit, x, hook_ids, backend=backend,
-                                               mode=o.compile_mode)
-        return vit.forward_with_hooks(x, hook_ids)
+        # the attention measured fastest for this ViT batch, else the model's backend
+        chosen = self._attention.get((x.shape[0], x.dtype, x.device))
+        backend = chosen.backend if chosen is not None else self.model.backend
+        with attention_choice.pinned(chosen):
+            if o.epilogues == "fused":
+                epi = o.epilogue_backend or self.model.backend
+                prepared = self._prepared
+                if prepared is not None and prepared.fp8_weights is not None:
+                    gemm = fp8.Fp8Gemm(prepared.fp8_weights, epi,
+                                       per_tensor=o.fp8_scaling == "tensor")
+                else:
+                    gemm = CpuGemm(prepared.gemm_name if prepared is not None else "aten", epi)
+                return fused_forward_with_hooks(vit, x, hook_ids, backend=backend,
+                                                epilogue_backend=epi,
+                                                fuse_layer_norm=o.fuse_layer_norm, gemm=gemm)
+            if o.epilogues == "compile":
+                return compiled_forward_with_hooks(vit, x, hook_ids, backend=backend,
+                                                   mode=o.compile_mode)
+            return vit.forward_with_hooks(x, hook_ids)
 
-    def _cl(self, t: torch.Tensor) -> torch.Tensor:
-        if self.options.channels_last and t.dim() == 4:
-            return t.contiguous(memory_format=torch.channels_last)
-        return t
-
-    def _fov_tokens(self, level2: torch.Tensor) -> torch.Tensor:
-        """The FOV encoder's final-normed tokens through its Linear: (B, 577, D/2)."""
-        vit, linear = self.model.fov.encoder[0], self.model.fov.encoder[1]
-        return F.linear(self._vit(vit, level2)[0], linear.weight, linear.bias)
-
-    @staticmethod
-    def _residual(x: torch.Tensor, convs) -> torch.Tensor:
-        t = convs[0](F.relu(x))
-        return convs[1](t.relu_()).add_(x)
-
-    def _forward(self, x: torch.Tensor, p: _Prepared, compute_fov: bool,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        model = self.model
-        enc = model.encoder
+    def _forward(self, x: torch.Tensor, p: _Prepared, compute_fov: bool, *,
+                 streams: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's one data flow (``dataflow.run_network``) over the fast stages
+        (``streams=False``: no side stream, as at warm-up)."""
         with cudnn_benchmark(self.options.cudnn_benchmark and x.device.type == "cuda"):
-            b = x.shape[0]
-            n0 = enc.LEVEL0[0] ** 2 * b
-            n1 = enc.LEVEL1[0] ** 2 * b
-            patches = ops.split_patches(x, prenormalized=True, backend=model.backend)
-            level2 = patches[n0 + n1:]
-
-            # image + FOV encoders: on the side stream when there is one
-            side = self._side_stream(x.device)
-            if side is not None:
-                main = torch.cuda.current_stream(x.device)
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    global_tokens = self._vit(enc.image_encoder, level2)[0]
-                    global_done = torch.cuda.Event()
-                    global_done.record(side)
-                    fov_tokens = self._fov_tokens(level2) if compute_fov else None
-                    fov_done = torch.cuda.Event()
-                    fov_done.record(side)
-                patches.record_stream(side)
-            else:
-                global_tokens = self._vit(enc.image_encoder, level2)[0]
-                fov_tokens = self._fov_tokens(level2) if compute_fov else None
-
-            tokens, (hook0, hook1) = self._vit(enc.patch_encoder, patches, enc.hook_block_ids)
-
-            def merge(t: torch.Tensor, level: tuple[int, int]) -> torch.Tensor:
-                # as DepthProEncoder._merge, written straight in channels_last when wanted
-                return ops.merge_patches(t, batch_size=b, grid=level[0], padding=level[1],
-                                         channels_last=self.options.channels_last,
-                                         backend=model.backend)
-
-            latent0 = merge(hook0[:n0], enc.LEVEL0)
-            latent1 = merge(hook1[:n0], enc.LEVEL0)
-            x0 = merge(tokens[:n0], enc.LEVEL0)
-            x1 = merge(tokens[n0:n0 + n1], enc.LEVEL1)
-            x2 = tokens_to_maps(tokens[n0 + n1:])
-
-            def run(layers, t):
-                t = self._cl(t)
-                for layer in layers:
-                    t = layer(t)
-                return t
-
-            encodings = [run(p.upsample_latent0, latent0), run(p.upsample_latent1, latent1),
-                         run(p.upsample0, x0), run(p.upsample1, x1)]
-            if side is not None:
-                main.wait_event(global_done)
-                global_tokens.record_stream(main)
-            global_map = tokens_to_maps(global_tokens)
-            if p.lowres is not None:
-                encodings.append(p.lowres(self._cl(torch.cat([x2, global_map], dim=1))))
-            else:
-                cat = torch.cat([run(p.upsample2, x2), p.upsample_lowres(self._cl(global_map))],
-                                dim=1)
-                encodings.append(p.fuse_lowres(cat))
-
-            features, lowres = self._decoder(p, encodings)
-            cid = self._head(p, features)
-
-            fov = None
-            if compute_fov:
-                if side is not None:
-                    main.wait_event(fov_done)
-                    fov_tokens.record_stream(main)
-                fov = self._fov(p, fov_tokens, lowres)
-            elif side is not None:
-                main.wait_event(fov_done)  # join the side stream (required inside a capture)
-        return cid, fov
-
-    def _decoder(self, p: _Prepared, encodings: list[torch.Tensor]):
-        last = len(encodings) - 1
-
-        def project(i: int) -> torch.Tensor:
-            c = p.dec_convs[i]
-            return encodings[i] if c is None else c(encodings[i])
-
-        lowres = project(last)
-        f = lowres
-        for i in range(last, -1, -1):
-            res1, res2, tail = p.fusions[i]
-            if i != last:
-                f = f + self._residual(project(i), res1)
-            f = self._residual(f, res2)
-            for layer in tail:
-                f = layer(f)
-        return f, lowres
-
-    def _head(self, p: _Prepared, features: torch.Tensor) -> torch.Tensor:
-        t = p.head0(features)
-        if p.subpixel is not None:
-            return p.subpixel(t)
-        deconv, conv3, conv_out = p.head_rest
-        return conv_out(conv3(deconv(t)).relu_()).relu_()
-
-    def _fov(self, p: _Prepared, fov_tokens: torch.Tensor, lowres: torch.Tensor) -> torch.Tensor:
-        down = p.fov_down(lowres).relu_()
-        z = self._cl(tokens_to_maps(fov_tokens)) + down
-        c0, c1, c2 = p.fov_head
-        return c2(c1(c0(z).relu_()).relu_())
+            side = self._side_stream(x.device) if streams else None
+            stages = FastStages(self, p, side)
+            return dataflow.run_network(stages, x, compute_fov=compute_fov)
 
 
 def _lazy_engine(model: DepthPro, options: FastOptions) -> FastEngine:

@@ -7,6 +7,8 @@ dispatch to the implementations of the selected backend (see ``depthpro_fast.bac
 from .attention import attention, attention_reference
 from .bias_gelu import bias_gelu, bias_gelu_reference
 from .bias_gelu_fp8 import bias_gelu_fp8, bias_gelu_fp8_reference
+from .bias_relu import bias_relu, bias_relu_reference
+from .bias_residual import bias_residual, bias_residual_reference
 from .layer_norm import (
     add_layer_norm,
     add_layer_norm_reference,
@@ -23,6 +25,7 @@ from .merge_patches import merge_patches, merge_patches_reference
 from .quantize_fp8 import quantize_rows, quantize_rows_reference
 from .residual_layerscale import residual_layerscale, residual_layerscale_reference
 from .split_patches import split_patches, split_patches_reference
+from .subpixel_tail import subpixel_tail, subpixel_tail_reference
 
 __all__ = [
     "add_layer_norm",
@@ -35,6 +38,10 @@ __all__ = [
     "bias_gelu_fp8",
     "bias_gelu_fp8_reference",
     "bias_gelu_reference",
+    "bias_relu",
+    "bias_relu_reference",
+    "bias_residual",
+    "bias_residual_reference",
     "layer_norm",
     "layer_norm_fp8",
     "layer_norm_fp8_reference",
@@ -47,4 +54,6 @@ __all__ = [
     "residual_layerscale_reference",
     "split_patches",
     "split_patches_reference",
+    "subpixel_tail",
+    "subpixel_tail_reference",
 ]

@@ -12,16 +12,11 @@ import math
 import torch
 
 from .. import backends
+from ..op_common import check_attention_inputs as _check
+from ..op_common import empty_attention_output as empty_output_like
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Bound the fp32 score matrix of the reference to about this many elements per chunk.
 _REFERENCE_CHUNK_ELEMS = 1 << 26
-
-
-def empty_output_like(q: torch.Tensor) -> torch.Tensor:
-    """An uninitialised (B, H, N, D) tensor laid out (B, N, H, D)-contiguous."""
-    b, h, n, d = q.shape
-    return torch.empty((b, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -64,29 +59,6 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     laid_out = empty_output_like(q)
     laid_out.copy_(out)
     return laid_out
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be 4-D (B, H, N, D), got shape "
-                             f"{tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"attention: {name} has dtype {t.dtype}; accepted: float32, "
-                            "float16, bfloat16")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, "
-                         f"{k.device}, {v.device}")
-    if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError("attention: q, k, v must have the same (B, H, N, D) shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] == 0 or q.shape[3] == 0:
-        raise ValueError(f"attention: N and D must be positive, got shape {tuple(q.shape)}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,

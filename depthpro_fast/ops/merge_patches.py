@@ -35,18 +35,7 @@ import math
 import torch
 
 from .. import backends
-
-
-def tokens_to_maps(tokens: torch.Tensor) -> torch.Tensor:
-    """(n, 1 + h*w, C) tokens (class token first) -> (n, C, h, w) maps (a view, no copy)."""
-    n, t, c = tokens.shape
-    side = math.isqrt(t - 1)
-    return tokens[:, 1:].reshape(n, side, side, c).permute(0, 3, 1, 2)
-
-
-def merged_size(window: int, grid: int, padding: int) -> int:
-    """Length of the merged axis: ``grid`` windows of ``window`` tokens, stride window - 2p."""
-    return grid * window - 2 * padding * (grid - 1)
+from ..op_common import merged_size, tokens_to_maps
 
 
 def max_blend(h: int, w: int, grid: int, padding: int) -> int:

@@ -9,29 +9,12 @@ image-minor (index ``window * B + b``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .. import backends
 from ..config import IMG_SIZE, WINDOW_SIZE
-
-#: (scale of the level, overlap ratio) of the three pyramid levels.
-PYRAMID = ((1.0, 0.25), (0.5, 0.5), (0.25, None))
-
-
-def window_origins(size: int, overlap: float | None) -> list[int]:
-    """Window origins (pixels, one axis) of a level of width ``size`` (spec §2.2)."""
-    if overlap is None:
-        return [0]
-    stride = int(WINDOW_SIZE * (1 - overlap))
-    steps = int(math.ceil((size - WINDOW_SIZE) / stride)) + 1
-    return [i * stride for i in range(steps)]
-
-
-def windows_per_image() -> int:
-    return sum(len(window_origins(int(IMG_SIZE * s), o)) ** 2 for s, o in PYRAMID)
+from ..op_common import PYRAMID, window_origins, windows_per_image  # noqa: F401 (re-exported)
 
 
 def normalize_image(image: torch.Tensor, *, prenormalized: bool = False) -> torch.Tensor:

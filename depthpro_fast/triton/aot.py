@@ -214,6 +214,27 @@ def op_cases(dtypes: Sequence[str]) -> Iterator[tuple[str, Callable]]:
                 ops.split_patches(image, prenormalized=False, out_dtype=dtype, backend="triton")
 
             yield f"split_patches {str(in_dtype)[6:]}->{dtype_name}", split
+        # the decoder / head epilogues over the layouts and options the engine may not use
+        for cl in (False, True):
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            fmap = torch.empty(1, 256, 96, 96, dtype=dtype, **meta).contiguous(
+                memory_format=fmt)
+            bias = torch.empty(256, dtype=dtype, **meta)
+
+            def epilogues(fmap=fmap, bias=bias) -> None:
+                ops.bias_relu(fmap, bias, keep_sum=True, backend="triton")
+                ops.bias_relu(fmap, None, backend="triton")
+                ops.bias_residual(fmap, bias, fmap, fmap, with_relu=True, backend="triton")
+                ops.bias_residual(fmap, None, fmap, backend="triton")
+
+            yield f"bias_relu / bias_residual {dtype_name} cl={cl}", epilogues
+            z = torch.empty(1, 128, 768, 768, dtype=dtype, **meta).contiguous(memory_format=fmt)
+            vec = torch.empty(128, dtype=dtype, **meta)
+
+            def tail(z=z, vec=vec) -> None:
+                ops.subpixel_tail(z, vec, vec[:4], backend="triton")
+
+            yield f"subpixel_tail {dtype_name} cl={cl} no bias", tail
 
 
 def capture(batches: Sequence[int], dtypes: Sequence[str], *,

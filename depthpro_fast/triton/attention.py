@@ -27,13 +27,13 @@ Algorithm (one program per BLOCK_M query rows of one (batch, head)):
 
 q, k and v may have any strides: the kernel takes the four strides of every tensor, so views
 straight into the packed qkv GEMM output (B, N, 3, H, D) are read in place, without a copy. The
-output is allocated (B, N, H, D)-contiguous (see ``ops.attention.empty_output_like``) so that
+output is allocated (B, N, H, D)-contiguous (see ``op_common.empty_attention_output``) so that
 ``out.transpose(1, 2).reshape(B, N, H * D)`` feeds the ``proj`` GEMM without a copy.
 
 Launch grid: ``(cdiv(N, BLOCK_M), B * H)``: the query tiles of one (batch, head) are neighbours,
 so they share its K/V tiles in L2. Block sizes, warps and pipeline stages are autotuned on a GPU
-(keyed on N, the head dim and, implicitly, the dtype); under the interpreter one small config
-runs.
+(keyed on B * H, N, the head dim and, implicitly, the dtype); under the interpreter one small
+config runs.
 
 The op is registered as the ``torch.library`` custom op ``depthpro_fast::attention_triton``
 with a fake implementation, so ``torch.compile(fullgraph=True)`` and CUDA graphs see one op.
@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
-from ..ops.attention import _check, empty_output_like
+from ..op_common import check_attention_inputs as _check
+from ..op_common import empty_attention_output as empty_output_like
 
 #: Head dims the kernel is instantiated for (tl.dot needs a power of two >= 16).
 HEAD_DIMS = (32, 64, 128)
@@ -142,7 +143,7 @@ def _attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N, qk_scale,
+    H, N, BH, qk_scale,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -192,8 +193,10 @@ def _prune_configs(configs: list[triton.Config], named_args: dict,
 
 
 def _autotuned(configs: list[triton.Config]) -> triton.runtime.Autotuner:
-    # keyed on N, the head dim and (implicitly) the tensors' dtypes
-    return triton.autotune(configs=configs, key=["N", "HEAD_DIM"],
+    # Keyed on batch x heads (BH: the grid's second axis; unused in the body), N, the head dim
+    # and (implicitly) the tensors' dtypes: the patch encoder's 35B x 16 sequences and the
+    # image / FOV encoders' B x 16 fill the GPU very differently and tune separately.
+    return triton.autotune(configs=configs, key=["BH", "N", "HEAD_DIM"],
                            prune_configs_by={"early_config_prune": _prune_configs},
                            )(_attention_fwd_kernel)
 
@@ -219,7 +222,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             return (triton.cdiv(n, meta["BLOCK_M"]), rows)
 
         args = (qs, ks, vs, os_, *qs.stride(), *ks.stride(), *vs.stride(), *os_.stride(),
-                h, n, scale * _LOG2E)
+                h, n, rows, scale * _LOG2E)
         if _INTERPRETED:
             block_m, block_n = INTERPRETER_BLOCKS
             _attention_fwd_kernel[grid](*args, HEAD_DIM=d, DOT_PRECISION=precision,

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
-from ..ops.merge_patches import merged_size
+from ..op_common import merged_size
 
 #: Dtypes of the tokens (the output has the same dtype).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

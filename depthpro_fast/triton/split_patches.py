@@ -31,9 +31,9 @@ import triton.language as tl
 
 from ..backends import triton_interpreting
 from ..config import IMG_SIZE, WINDOW_SIZE
-from ..ops.split_patches import PYRAMID, window_origins, windows_per_image
+from ..op_common import PYRAMID, window_origins, windows_per_image
 
-# Pyramid geometry the kernel is written for (checked against ops.split_patches at import).
+# Pyramid geometry the kernel is written for (checked against op_common at import).
 _ORIGINS0 = window_origins(IMG_SIZE, PYRAMID[0][1])
 _ORIGINS1 = window_origins(IMG_SIZE // 2, PYRAMID[1][1])
 assert IMG_SIZE == 4 * WINDOW_SIZE and windows_per_image() == 35
