@@ -521,8 +521,11 @@ class FastEngine:
 
     def _vit(self, vit: VisionTransformer, x: torch.Tensor, hook_ids=()):
         o = self.options
-        # the attention measured fastest for this ViT batch, else the model's backend
-        chosen = self._attention.get((x.shape[0], x.dtype, x.device))
+        # the attention measured fastest for this ViT batch, else the model's backend (also
+        # for a symbolic batch, as torch.export traces it: the choice is per concrete batch)
+        batch = x.shape[0]
+        chosen = (self._attention.get((batch, x.dtype, x.device)) if isinstance(batch, int)
+                  else None)
         backend = chosen.backend if chosen is not None else self.model.backend
         with attention_choice.pinned(chosen):
             if o.epilogues == "fused":
