@@ -56,6 +56,11 @@ def onnxruntime_callable(model: Any, device: torch.device,
         result = export(model, folder / "depth_pro.onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if device.type == "cpu":
+            # ONNX Runtime's CPU arena keeps every intermediate it ever allocated: at 1536² in
+            # fp32 the process (with the torch model beside it) passed 18 GB and was killed on a
+            # 24 GB machine (2026-12-02); without the arena buffers are freed as they die
+            options.enable_cpu_mem_arena = False
         session = ort.InferenceSession(str(result.path), options, providers=providers(device))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
