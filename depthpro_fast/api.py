@@ -166,9 +166,27 @@ def warn_fp8_cpu(device: torch.device) -> None:
         "compute capability >= 8.9.", RuntimeWarning, stacklevel=3)
 
 
+def warn_fp32_fast_on_gpu(device: torch.device) -> None:
+    """The fast path on a GPU with the default fp32 (issue 13 item 5).
+
+    The default stays fp32 (the official API's default precision, so that ``load`` is a
+    drop-in and its outputs match the reference to 1e-5), but an fp32 fast path on a GPU runs
+    fp32 GEMMs (no tensor cores, TF32 off) at several times the latency of fp16 / bf16, which a
+    user who asked for speed should hear about once, with the choices."""
+    if device.type != "cuda":
+        return
+    warnings.warn(
+        f"{option('fast=True', '--fast')} on CUDA with the default fp32: the fast path then "
+        "runs fp32 GEMMs without tensor cores, several times slower than half precision. Pass "
+        f"{option('dtype=torch.float16', '--dtype fp16')} (what the official command line "
+        f"runs) or {option('dtype=torch.bfloat16', '--dtype bf16')} for speed, or "
+        f"{option('dtype=torch.float32', '--dtype fp32')} to keep fp32 without this warning.",
+        RuntimeWarning, stacklevel=3)
+
+
 def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "auto", *,
          config: DepthProConfig | Mapping[str, Any] | str | os.PathLike | None = None,
-         device: torch.device | str | None = None, dtype: torch.dtype | str = torch.float32,
+         device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
          backend: str = "auto", use_fov: bool = True,
          fast: bool | Mapping[str, Any] | Any = None) -> tuple[DepthPro, Transform]:
     """Build DepthPro, load weights and return ``(model, transform)``.
@@ -181,7 +199,8 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     ``config``: a ``DepthProConfig``, a dict of knobs, a preset name or a JSON file path
     (default: the official model). ``device`` defaults to CUDA when available. The model is
     returned in eval mode.
-    ``dtype``: ``torch.float32`` / ``float16`` / ``bfloat16`` (or their names), or ``"fp8"``:
+    ``dtype``: ``torch.float32`` (the default, None, as in the official code) / ``float16`` /
+    ``bfloat16`` (or their names), or ``"fp8"``:
     the fp8 precision mode of the fast path, a bf16 model whose three ViTs run their linears
     in e4m3 (per-output-channel weight scales, per-token activation scales; CUDA compute
     capability >= 8.9; an emulation on a CPU, with a warning). fp8 implies ``fast=True``.
@@ -190,11 +209,14 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     second stream, cuDNN autotuning and CUDA graphs; the FOV branch is then skipped when
     ``infer`` is given ``f_px`` (``fov_deg`` is the FOV of ``f_px`` on every path; the fast
     path then has no ``fov_deg_estimated``). Use it with
-    ``dtype=torch.bfloat16`` or ``torch.float16`` on a GPU. Default (None): off, except for fp8.
+    ``dtype=torch.bfloat16`` or ``torch.float16`` on a GPU: on CUDA, ``fast`` with the default
+    dtype warns (an fp32 fast path is several times slower than fp16 / bf16 and hides its cost);
+    an explicit ``dtype=torch.float32`` says it was meant. Default (None): off, except for fp8.
     """
     cfg = resolve_config(config)
     dev = resolve_device(device)
-    dt, fp8 = resolve_precision(dtype)
+    dtype_given = dtype is not None
+    dt, fp8 = resolve_precision(torch.float32 if dtype is None else dtype)
     backend = backends.check_backend(backend)
     if not isinstance(use_fov, bool):
         raise TypeError(f"use_fov must be True or False, got {use_fov!r}")
@@ -219,6 +241,8 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
         warn_fp8_cpu(dev)
     else:
         warn_slow_cpu_dtype(dev, dt)
+    if fast_options is not None and not dtype_given:
+        warn_fp32_fast_on_gpu(dev)
 
     if checkpoint is None:
         model = build_model(cfg, use_fov=use_fov, device=dev)

@@ -236,6 +236,47 @@ def test_slow_cpu_dtype_warns_and_keeps_the_dtype(monkeypatch, flags, dtype, war
     assert ("torch.bfloat16 (native here)" in msg) == suggests_bf16
 
 
+# ----------------------------------------------------------------------------------------------
+# the fast path on CUDA with the default fp32: a warning naming the choices (issue 13 item 5)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fp32_fast_on_cuda_warning_names_the_choices():
+    import warnings
+
+    from depthpro_fast import api
+
+    with pytest.warns(RuntimeWarning) as caught:
+        api.warn_fp32_fast_on_gpu(torch.device("cuda", 0))
+    (msg,) = [str(w.message) for w in caught]
+    assert "fast=True on CUDA with the default fp32" in msg
+    for choice in ("dtype=torch.float16", "dtype=torch.bfloat16", "dtype=torch.float32"):
+        assert choice in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        api.warn_fp32_fast_on_gpu(torch.device("cpu"))  # a CPU: fp32 is its fast dtype
+
+
+@pytest.mark.parametrize("dtype, fast, asked", [
+    (None, True, True),              # the default dtype with the fast path: warn (on CUDA)
+    (torch.float32, True, False),    # fp32 said explicitly: meant
+    ("float32", True, False),
+    (None, None, False),             # no fast path: the reference's fp32 is the drop-in
+    (torch.bfloat16, True, False),
+])
+def test_load_warns_about_fp32_fast_only_when_the_dtype_was_defaulted(monkeypatch, dtype, fast,
+                                                                      asked):
+    from depthpro_fast import api
+
+    calls = []
+    monkeypatch.setattr(api, "warn_fp32_fast_on_gpu", lambda dev: calls.append(dev))
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model, transform = depthpro_fast.load(None, config="tiny", device="cpu", fast=fast, **kwargs)
+    assert calls == ([torch.device("cpu")] if asked else [])
+    want = torch.float32 if dtype in (None, "float32") else dtype
+    assert next(model.parameters()).dtype == want and transform.dtype == want
+
+
 def test_cpu_flags_are_read_from_proc_cpuinfo():
     from depthpro_fast import api
 

@@ -152,8 +152,12 @@ def test_default_variants():
                      ("fast auto", "bf16"), ("fast triton", "bf16"), ("fast cuda", "bf16"),
                      ("fast auto + CUDA graph", "bf16"), ("fast engine", "bf16"),
                      ("fast engine + CUDA graph", "bf16"), ("transformers DepthPro", "bf16"),
-                     ("onnxruntime", "fp16")]:
+                     ("onnxruntime", "fp16"), ("fast engine", "fp16"),
+                     ("fast engine + CUDA graph", "fp16")]:
         assert expected in names
+    # fp16 beside bf16 for the fast engine only (issue 13 item 5), within the GPU check's budget
+    assert {n for n, d in names if d == "fp16" and n.startswith("fast")} == {
+        "fast engine", "fast engine + CUDA graph"}
     assert [(v.name, v.dtype_label) for v in gpu if v.fp8] == [
         ("fast engine", "fp8"), ("fast engine + CUDA graph", "fp8")]
     only = default_variants(torch.device("cuda"), dtypes=[torch.bfloat16], compile=False,
