@@ -82,9 +82,9 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
 
     GPU: the reference eager in fp32, bf16 and fp16; ``torch.compile`` of the reference, the
     fast backends, a CUDA graph of ``auto``, the fast engine (eager and with its CUDA graphs)
-    and transformers in bf16, and the fast engine (eager and CUDA graphs) in fp16 too. CPU: the same rows in
-    fp32 and the fast engine in bf16 (the runner skips, with the reason, what cannot or need
-    not run on a CPU).
+    and transformers in bf16, and the fast engine (eager and CUDA graphs) in fp16 too. CPU:
+    the same rows in fp32 and the fast engine in bf16 (the runner skips, with the reason, what
+    cannot or need not run on a CPU).
     The ``onnxruntime`` row (our ONNX export in ONNX Runtime) in each fast dtype that ONNX
     takes (fp32, fp16; fp16 on a GPU by default).
     ``compile``, ``cuda_graph``, ``hf``, ``onnxruntime`` = False leave those rows out;
