@@ -22,6 +22,7 @@ import torch
 import depthpro_fast
 from depthpro_fast.exporters import ExportError, export, load_exported
 from depthpro_fast.exporters import metric_depth as recipe
+from depthpro_fast.exporters.to_pt2 import is_aoti_package
 
 ort = pytest.importorskip("onnxruntime", reason="the ONNX tests need onnxruntime "
                                                 "(pip install 'depthpro-fast[export]')")
@@ -206,11 +207,16 @@ def test_recipe_file_needs_numpy_only():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_pt2_of_the_fast_path_round_trips(tmp_path):
-    model, _ = tiny_model(backend="torch", fast=True)
+@pytest.mark.parametrize("cpu_gemm", ["aten", "onednn"])
+def test_pt2_of_the_fast_path_round_trips(tmp_path, cpu_gemm):
+    """``onednn`` is what ``cpu_gemm="auto"`` picks on an AVX-512 / AMX CPU: its linear op does
+    not serialise, so the export traces aten GEMMs and says so (found on such a CPU)."""
+    model, _ = tiny_model(backend="torch", fast={"cpu_gemm": cpu_gemm})
     r = export(model, tmp_path / "fast.pt2")
     assert r.format == "pt2" and r.files == (r.path,)
     assert r.custom_ops == () and any("plain ATen" in n for n in r.notes)
+    assert any("traced through aten, not onednn" in n for n in r.notes) == (cpu_gemm == "onednn")
+    assert model.fast_engine._prepared.gemm_name == cpu_gemm  # put back after the trace
     program = load_exported(r.path)
     for batch, seed in ((1, 41), (3, 42)):
         x = network_inputs(batch, seed)
@@ -222,6 +228,47 @@ def test_pt2_of_the_fast_path_round_trips(tmp_path):
             assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-6, atol=1e-6)
     # what ran was the fast engine, and it is still attached after the export
     assert model.fast_engine is not None and model.backend == "torch"
+    assert not is_aoti_package(r.path)  # a saved program, loaded by torch.export.load
+
+
+def test_aoti_package_is_told_from_a_saved_program_by_its_contents(tmp_path):
+    """torch.export.load of an AOTInductor package fails with a generic deserialisation error
+    (found by loading a real package), so load_exported looks inside the zip instead."""
+    import zipfile
+
+    pkg = tmp_path / "m.pt2"
+    with zipfile.ZipFile(pkg, "w") as z:
+        z.writestr("m/data/aotinductor/model/abc.wrapper.so", b"not a library")
+        z.writestr("m/archive_format", "pt2")
+    assert is_aoti_package(pkg)
+    other = tmp_path / "other.pt2"
+    other.write_bytes(b"not a zip")
+    assert not is_aoti_package(other)
+    with pytest.raises(ExportError, match="cannot load the AOTInductor package .*m.pt2"):
+        load_exported(pkg)  # routed to aoti_load_package, whose failure is named
+    with pytest.raises(ExportError, match="cannot load .*other.pt2"):
+        load_exported(other)
+
+
+@pytest.mark.slow
+def test_aoti_package_of_the_fast_path_round_trips(tmp_path):
+    """AOTInductor compiles C++ for minutes even at a small config (on 2 cores about 10 min
+    when idle), so this is a slow test: a micro config, the batch axis dynamic."""
+    cfg = {"embed_dim": 64, "depth": 2, "num_heads": 1, "mlp_ratio": 2.0,
+           "encoder_feature_layer_ids": [0, 1], "encoder_feature_dims": [16, 32, 64, 128],
+           "decoder_features": 32}
+    torch.manual_seed(SEED)
+    model, _ = depthpro_fast.load(None, config=cfg, fast=True)
+    r = export(model, tmp_path / "m.pt2", format="aoti")
+    assert r.format == "aoti" and is_aoti_package(r.path)
+    runner = load_exported(r.path)
+    for batch, seed in ((1, 41), (2, 42)):
+        x = network_inputs(batch, seed)
+        with torch.no_grad():
+            want = model(x)
+            got = runner(x)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and max_rel(g, w) <= 1e-5
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
