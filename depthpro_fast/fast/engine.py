@@ -350,8 +350,8 @@ class _Prepared:
             self.vit_why = ("" if self.vit_why == "off" else self.vit_why + "; ") + (
                 "fc1 bias + tanh GELU " + ("in the GEMM epilogue (_addmm_activation)"
                                            if p.device.type == "cuda" else
-                                           "after the GEMM (the GPU's function; on a CPU "
-                                           "_addmm_activation's GELU is exact)"))
+                                           "after the GEMM (the GPU's function; off CUDA, "
+                                           "_addmm_activation's GELU is the exact one)"))
 
         # the fused ViT's GEMM library (CPU only: on a GPU the GEMMs are cuBLAS's)
         self.gemm_name, self.gemm_why = "aten", "aten: not on a CPU"
