@@ -20,9 +20,10 @@ reference modules (same weights, same ops) through the same data flow
   needed, backend) and replayed (``fast/graphs.py``); the input is copied into the graph's
   static buffer; ``infer``'s resize and checks stay outside.
 
-Weights: folded / channels_last copies are made once, at preparation, in float64 and rounded
-once to the model dtype. The engine notices when the model moved (device, dtype) or when the
-source weights of the folds changed (in place, e.g. ``load_state_dict``) and prepares again
+Weights: folded / channels_last copies (and, with ``fold_layerscale``, the LayerScale-scaled
+ViT proj / fc2 copies) are made once, at preparation, in float64 and rounded once to the model
+dtype. The engine notices when the model moved (device, dtype) or when the source weights of
+the folds changed (in place, e.g. ``load_state_dict``) and prepares again
 (dropping its graphs). Replacing the ViT parameters by new tensor objects
 (``load_state_dict(assign=True)``) is not detected: call ``model.prepare_fast()`` again.
 
