@@ -182,7 +182,9 @@ def test_everything_off_matches_reference(micro_reference):
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [
     {"fold_convs": False}, {"head_subpixel": False}, {"channels_last": False},
-    {"fuse_layer_norm": False}, {"fold_deconv_chains": True}, {"epilogues": "torch"}])
+    {"fuse_layer_norm": False}, {"fold_deconv_chains": True}, {"epilogues": "torch"},
+    {"fold_layerscale": True}, {"fold_layerscale": True, "residual_in_gemm": True},
+    {"epilogues": "torch", "fold_layerscale": True, "residual_in_gemm": True}])
 def test_each_option_matches_reference(micro_reference, options):
     model, x, cid, fov = micro_reference
     fast = _fast_copy(model, **options)

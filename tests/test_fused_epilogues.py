@@ -1,7 +1,8 @@
 """Fused ViT epilogue ops: Triton kernels against their pure-PyTorch references.
 
-Ops: ``layer_norm``, ``add_layer_norm`` (bias + LayerScale + residual + LayerNorm),
-``residual_layerscale`` (bias + LayerScale + residual), ``bias_gelu`` (bias + exact GELU).
+Ops: ``layer_norm`` (with its optional ``shift`` and ``out_dtype``), ``add_layer_norm`` (bias +
+LayerScale + residual + LayerNorm), ``residual_layerscale`` (bias + LayerScale + residual),
+``bias_gelu`` (bias + exact GELU).
 On CPU the kernels run under Triton's interpreter (fp32 and fp16; bf16 on GPU only). Every case
 draws fresh random inputs and poisons the outputs with NaN first, so unwritten elements fail.
 """
@@ -179,6 +180,47 @@ def test_optional_vectors_triton(optional, poisoned):
     assert _rel_err(out, ops.bias_gelu_reference(x, bias)) <= 2e-6
 
 
+# layer_norm's shift (the fused ViT's carried biases) and out_dtype (an fp32 residual stream
+# feeding a 16-bit GEMM): ViT-shaped rows (577 tokens, batch 1 and 35), odd widths
+SHIFT_CASES = [((1, 577, 130), torch.float32, None), ((1, 577, 1024), torch.float16, None),
+               ((35, 577, 64), torch.float32, torch.float16), ((1, 577, 130), torch.float32,
+                                                               torch.float16),
+               ((3, 17, 96), torch.float16, torch.float32)]
+
+
+@requires_triton
+@pytest.mark.parametrize("shape, dtype, out_dtype", SHIFT_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{str(d)[6:]}-{str(o)[6:]}"
+                              for s, d, o in SHIFT_CASES])
+def test_layer_norm_shift_out_dtype_triton(shape, dtype, out_dtype, poisoned):
+    g = _gen(next(_CASE))
+    n = shape[-1]
+    # the stored stream lacks a large per-channel constant, which the shift restores
+    x = _randn(shape, dtype, g, 3.0)
+    shift = _randn(n, torch.float32, g, 5.0) + 2.0
+    w, b = _ln_params(n, dtype, g)
+    out = ops.layer_norm(x, w, b, 1e-6, shift=shift, out_dtype=out_dtype, backend="triton")
+    ref = ops.layer_norm_reference(x, w, b, 1e-6, shift, out_dtype)
+    assert out.dtype == (out_dtype or dtype) and out.shape == x.shape
+    tol = max(TOL[dtype], TOL[out_dtype or dtype])
+    assert _rel_err(out, ref) <= 2 * tol
+    # and the shift matters (the test can fail): without it the result is far off
+    assert _rel_err(ops.layer_norm(x, w, b, 1e-6, out_dtype=out_dtype, backend="triton"),
+                    ref) > 0.1
+
+
+def test_layer_norm_shift_reference_is_the_unfused_chain():
+    g = _gen(2)
+    x = _randn((4, 9, 96), torch.bfloat16, g, 3.0, device="cpu")
+    shift = _randn(96, torch.float32, g, 4.0, device="cpu")
+    w, b = _ln_params(96, torch.float32, g)
+    out = ops.layer_norm(x, w, b, 1e-6, shift=shift, out_dtype=torch.float16)
+    want = F.layer_norm(x.float() + shift, (96,), w, b, 1e-6).half()  # fp32, no rounding between
+    assert out.dtype == torch.float16 and torch.equal(out, want)
+    assert torch.equal(ops.layer_norm(x, w, b, 1e-6),
+                       F.layer_norm(x.float(), (96,), w, b, 1e-6).bfloat16())
+
+
 @requires_triton
 def test_strided_inputs_triton(poisoned):
     """Non-contiguous inputs (a transposed view) give the same result as contiguous ones."""
@@ -208,6 +250,8 @@ def test_fake_registrations():
         res, normed = torch.ops.depthpro_fast.add_layer_norm_triton(x, x, v, v, 1e-6, v, None)
         assert res.shape == normed.shape == x.shape and normed.dtype == x.dtype
         assert torch.ops.depthpro_fast.layer_norm_triton(x, v, v, 1e-6).shape == x.shape
+        out = torch.ops.depthpro_fast.layer_norm_triton(x.float(), v, v, 1e-6, v, torch.float16)
+        assert out.shape == x.shape and out.dtype == torch.float16
         assert torch.ops.depthpro_fast.bias_gelu_triton(x, v).shape == x.shape
         assert torch.ops.depthpro_fast.residual_layerscale_triton(x, x, v, v).shape == x.shape
 
@@ -232,6 +276,10 @@ def test_bad_input_says_what_is_wrong():
         ops.add_layer_norm(x, x.half(), v, v, 1e-6)
     with pytest.raises(ValueError, match="eps"):
         ops.layer_norm(x, v, v, 0.0)
+    with pytest.raises(ValueError, match="shift must be 1-D of length 8"):
+        ops.layer_norm(x, v, v, 1e-6, shift=torch.ones(4, 8))
+    with pytest.raises(TypeError, match="out_dtype must be float32, float16 or bfloat16"):
+        ops.layer_norm(x, v, v, 1e-6, out_dtype=torch.int8)
     with pytest.raises(ValueError, match="non-empty"):
         ops.bias_gelu(torch.zeros(4, 0))
     with pytest.raises(ValueError, match="backend"):
@@ -271,6 +319,11 @@ def test_epilogues_gpu(m, n, dtype, poisoned):
     assert _rel_err(normed, ref[1]) <= 2 * TOL[dtype]
     assert _rel_err(ops.layer_norm(x, w, b, 1e-6, backend="triton"),
                     ops.layer_norm_reference(x, w, b, 1e-6)) <= 2 * TOL[dtype]
+    # the carried-bias shift, and an fp32 stream normalised into this dtype
+    xf = x.float()
+    assert _rel_err(ops.layer_norm(xf, w, b, 1e-6, shift=bias.float(), out_dtype=dtype,
+                                   backend="triton"),
+                    ops.layer_norm_reference(xf, w, b, 1e-6, bias.float(), dtype)) <= 2 * TOL[dtype]
     assert _rel_err(ops.bias_gelu(x, bias, backend="triton"),
                     ops.bias_gelu_reference(x, bias)) <= TOL[dtype]
     assert _rel_err(ops.residual_layerscale(x, delta, bias, gamma, backend="triton"),

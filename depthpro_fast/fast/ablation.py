@@ -54,6 +54,14 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-channels_last=False": {"channels_last": False},
     "fast-cudnn_benchmark=False": {"cudnn_benchmark": False},
     "fast-attention_choice=backend": {"attention_choice": "backend"},
+    # issue 13 items 1 and 5: the ViT epilogues inside the GEMMs (each step, then together)
+    "fast-fold_layerscale=True": {"fold_layerscale": True},
+    "fast-fold_layerscale+residual_in_gemm": {"fold_layerscale": True, "residual_in_gemm": True},
+    "fast-fc1_gelu=tanh": {"fc1_gelu": "tanh"},
+    "fast-residual_in_gemm+fc1_gelu=tanh": {"fold_layerscale": True, "residual_in_gemm": True,
+                                            "fc1_gelu": "tanh"},
+    "fast-residual_in_gemm+residual_fp32": {"fold_layerscale": True, "residual_in_gemm": True,
+                                            "residual_fp32": True},
     # the fp8 mode (bf16 runs only): per-token scales, and one scale per tensor to measure them
     "fast-fp8=True": {"fp8": True},
     "fast-fp8=True,fp8_scaling=tensor": {"fp8": True, "fp8_scaling": "tensor"},

@@ -50,19 +50,51 @@ def onednn_linear_available(dtype: torch.dtype) -> tuple[bool, str | None]:
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            attr: str) -> torch.Tensor:
+            attr: str, approximate: str = "none") -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    # "gelu" with algorithm "none" is the exact erf GELU ("tanh" would be the approximation)
+    # "gelu" with algorithm "none" is the exact erf GELU, "tanh" the approximation
     out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, attr, [],
-                                             "none" if attr == "gelu" else "")
+                                             approximate if attr == "gelu" else "")
     return out.view(*lead, weight.shape[0])
+
+
+GELUS = ("none", "tanh")
+
+
+@functools.cache
+def addmm_fp32_out_available(device: torch.device) -> tuple[bool, str]:
+    """Whether ``torch.addmm(h, a, b, out_dtype=torch.float32, out=h)`` adds a 16-bit product
+    into an fp32 ``h`` in place on ``device`` (a tiny call decides), and the words for the
+    engine's status. CUDA only: torch 2.13 has no CPU kernel for the ``dtype`` overloads, and
+    some CUDA versions require ``self`` in the operands' dtype."""
+    if device.type != "cuda":
+        return False, (f"{device.type}: no addmm out_dtype kernel; the GEMM in the model dtype "
+                       "then an in-place fp32 add")
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(32, 64, device=device, generator=g).to(torch.bfloat16)
+        b = torch.randn(64, 48, device=device, generator=g).to(torch.bfloat16)
+        h = torch.randn(32, 48, device=device, generator=g)
+        want = h + a.float() @ b.float()
+        torch.addmm(h, a, b, out_dtype=torch.float32, out=h)
+        if not torch.allclose(h, want, rtol=1e-4, atol=1e-4):
+            return False, ("cuda: addmm out_dtype disagrees with the fp32 reference; the GEMM "
+                           "in the model dtype then an in-place fp32 add")
+    except Exception as e:  # noqa: BLE001  (overload missing, or self must be 16-bit)
+        why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        return False, (f"cuda: addmm out_dtype refused ({why}); the GEMM in the model dtype "
+                       "then an in-place fp32 add")
+    return True, "cuda: addmm(out_dtype=float32) into the fp32 stream (fp32 accumulation)"
 
 
 class CpuGemm:
     """The linear layers of the fused ViT forward, in one library (``aten`` or ``onednn``),
     and the LayerNorm passes that feed them (``feeds_gemm``: the output is a GEMM's input; the
     fp8 mode, ``fast/fp8.py``, quantises it there)."""
+
+    #: the options of ``FastOptions.residual_in_gemm`` / ``fc1_gelu="tanh"`` (not the fp8 mode)
+    supports_vit_epilogues = True
 
     def __init__(self, name: str, epilogue_backend: str | None = None):
         if name not in ("aten", "onednn"):
@@ -77,8 +109,19 @@ class CpuGemm:
         return F.linear(x, weight, bias)
 
     def linear_bias_gelu(self, x: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None) -> torch.Tensor:
-        """``gelu(x @ weight^T + bias)`` (exact GELU): one oneDNN call, or a GEMM + the op."""
+                         bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
+        """``gelu(x @ weight^T + bias)`` (exact GELU): one oneDNN call, or a GEMM + the op.
+
+        ``approximate="tanh"``: the tanh GELU, in the GEMM's epilogue on CUDA
+        (``torch._addmm_activation(use_gelu=True)``: cuBLASLt's GELU_BIAS epilogue, whose GELU
+        is the tanh form, as is PyTorch's fallback for shapes cuBLASLt does not take). On a CPU
+        ``_addmm_activation`` computes the *exact* GELU (measured, torch 2.13), so there the
+        tanh form is the GEMM with its bias then ``gelu_(approximate="tanh")`` in place (or
+        oneDNN's tanh post-op): the GPU's function, not its speed."""
+        if approximate not in GELUS:
+            raise ValueError(f"approximate must be one of {GELUS}, got {approximate!r}")
+        if approximate == "tanh":
+            return self._linear_bias_gelu_tanh(x, weight, bias)
         if x.device.type != "cpu" or self.epilogue_backend in ("triton", "cuda"):
             # a GPU, or kernels asked for by name (Triton's interpreter on a CPU): the op
             return ops.bias_gelu(F.linear(x, weight), bias, backend=self.epilogue_backend)
@@ -90,11 +133,41 @@ class CpuGemm:
         u = F.linear(x, weight, bias)
         return torch.ops.aten.gelu_(u)
 
+    def _linear_bias_gelu_tanh(self, x: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor | None) -> torch.Tensor:
+        if x.device.type == "cuda" and bias is not None:
+            x2 = x.reshape(-1, x.shape[-1])
+            u = torch._addmm_activation(bias, x2, weight.t(), use_gelu=True)
+            return u.view(*x.shape[:-1], weight.shape[0])
+        if self.name == "onednn" and x.device.type == "cpu":
+            return _onednn(x, weight, bias, "gelu", "tanh")
+        return torch.ops.aten.gelu_(F.linear(x, weight, bias), approximate="tanh")
+
+    def residual_addmm(self, h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+        """``h += x @ weight^T`` in place (``h``: the residual stream, contiguous).
+
+        Same dtype: one ``addmm_`` (beta = 1) on 2-D views, the residual read and written by
+        the GEMM's epilogue (any library: ``aten``'s, also for ``onednn``). An fp32 ``h`` with
+        16-bit operands (``residual_fp32``): ``addmm(out_dtype=float32, out=h)`` where this
+        device has it (``addmm_fp32_out_available``), else the product in the operands' dtype
+        then an fp32 ``add_`` (one rounding of the product more)."""
+        if not h.is_contiguous():
+            raise ValueError("residual_addmm: the residual stream must be contiguous")
+        h2 = h.view(-1, h.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        if h.dtype == x.dtype:
+            h2.addmm_(x2, weight.t())
+        elif addmm_fp32_out_available(h.device)[0]:
+            torch.addmm(h2, x2, weight.t(), out_dtype=h.dtype, out=h2)
+        else:
+            h2.add_(x2 @ weight.t())
+
 
     def layer_norm(self, h: torch.Tensor, norm: torch.nn.LayerNorm, *,
-                   feeds_gemm: bool) -> torch.Tensor:
-        return ops.layer_norm(h, norm.weight, norm.bias, norm.eps,
-                              backend=self.epilogue_backend)
+                   feeds_gemm: bool, shift: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return ops.layer_norm(h, norm.weight, norm.bias, norm.eps, shift=shift,
+                              out_dtype=out_dtype, backend=self.epilogue_backend)
 
     def add_layer_norm(self, h: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None,
                        gamma: torch.Tensor | None, norm: torch.nn.LayerNorm, *,

@@ -20,9 +20,10 @@ reference modules (same weights, same ops) through the same data flow
   needed, backend) and replayed (``fast/graphs.py``); the input is copied into the graph's
   static buffer; ``infer``'s resize and checks stay outside.
 
-Weights: folded / channels_last copies are made once, at preparation, in float64 and rounded
-once to the model dtype. The engine notices when the model moved (device, dtype) or when the
-source weights of the folds changed (in place, e.g. ``load_state_dict``) and prepares again
+Weights: folded / channels_last copies (and, with ``fold_layerscale``, the LayerScale-scaled
+ViT proj / fc2 copies) are made once, at preparation, in float64 and rounded once to the model
+dtype. The engine notices when the model moved (device, dtype) or when the source weights of
+the folds changed (in place, e.g. ``load_state_dict``) and prepares again
 (dropping its graphs). Replacing the ViT parameters by new tensor objects
 (``load_state_dict(assign=True)``) is not detected: call ``model.prepare_fast()`` again.
 
@@ -45,11 +46,18 @@ from ..config import NUM_TOKENS
 from ..fp8_format import Fp8UnavailableError, fp8_problem
 from . import attention_choice, folds, fp8
 from .attention_choice import Candidate
-from .cpu_gemm import CPU_GEMMS, CpuGemm, choose_cpu_gemm
+from .cpu_gemm import CPU_GEMMS, CpuGemm, addmm_fp32_out_available, choose_cpu_gemm
 from .decoder import EpilogueDecoder, FusedSubpixelTail
 from .graphs import GraphRunner
 from .stages import FastStages
-from .vit import compiled_forward_with_hooks, fused_forward_with_hooks
+from .vit import (
+    FC1_GELUS,
+    LayerScaleFold,
+    ViTEpilogues,
+    compiled_forward_with_hooks,
+    fold_layerscale,
+    fused_forward_with_hooks,
+)
 
 if TYPE_CHECKING:
     from ..model import DepthPro, VisionTransformer
@@ -94,6 +102,21 @@ class FastOptions:
       epilogues, and a GPU of compute capability >= 8.9 (a CPU runs an emulation).
     - ``fp8_scaling``: ``"row"`` (per token) or ``"tensor"`` (one scale per activation tensor,
       reference ops: only to measure what per-token scaling buys).
+    - ``fold_layerscale`` (issue 13 item 1): LayerScale folded into prepared copies of the ViT
+      proj / fc2 weights and biases (float64, rounded once; ``fast/vit.py``).
+    - ``residual_in_gemm`` (needs ``fold_layerscale``): the residual add in the proj / fc2
+      GEMMs (``addmm_``, beta = 1), their biases carried into the next LayerNorm pass, the
+      hooked outputs and the final norm: no residual-update pass.
+    - ``fc1_gelu``: ``"erf"`` (the model's exact GELU) or ``"tanh"`` (fc1's bias + the tanh
+      GELU in the GEMM's epilogue on CUDA, ``torch._addmm_activation``; an approximation, its
+      error measured in docs/fast_path.md).
+    - ``residual_fp32`` (item 5; needs ``residual_in_gemm``): a 16-bit model's ViT residual
+      stream kept in fp32 (``addmm(out_dtype=float32)`` on CUDA where PyTorch has it; else the
+      GEMM in the model dtype and an fp32 add).
+
+    The last four act on the fused ViT forward (``epilogues="fused"``; ignored otherwise) and
+    are refused with ``fp8`` (its GEMMs are ``_scaled_mm`` on e4m3 copies of the model's own
+    weights, and its LayerNorm passes write quantised rows).
     """
 
     epilogues: str = "fused"
@@ -115,6 +138,10 @@ class FastOptions:
     cpu_gemm: str = "auto"
     fp8: bool = False
     fp8_scaling: str = "row"
+    fold_layerscale: bool = False
+    residual_in_gemm: bool = False
+    fc1_gelu: str = "erf"
+    residual_fp32: bool = False
 
     def __post_init__(self) -> None:
         if self.epilogues not in EPILOGUES:
@@ -134,6 +161,25 @@ class FastOptions:
         if self.fp8 is True and self.epilogues != "fused":
             raise ValueError(f"fp8 runs in the fused ViT forward; epilogues={self.epilogues!r} "
                              "cannot be combined with it (use epilogues='fused')")
+        if self.fc1_gelu not in FC1_GELUS:
+            raise ValueError(f"fc1_gelu must be one of {', '.join(FC1_GELUS)}, got "
+                             f"{self.fc1_gelu!r}")
+        if self.residual_in_gemm is True and self.fold_layerscale is not True:
+            raise ValueError("residual_in_gemm adds the branch inside the GEMM (addmm, beta = 1), "
+                             "which has no per-channel scale for LayerScale: it needs "
+                             "fold_layerscale=True")
+        if self.residual_fp32 is True and self.residual_in_gemm is not True:
+            raise ValueError("residual_fp32 keeps the stream that the GEMMs update in place: it "
+                             "needs residual_in_gemm=True (and fold_layerscale=True)")
+        vit_switches = [name for name, on in (
+            ("fold_layerscale", self.fold_layerscale is True),
+            ("residual_in_gemm", self.residual_in_gemm is True),
+            ("fc1_gelu='tanh'", self.fc1_gelu == "tanh"),
+            ("residual_fp32", self.residual_fp32 is True)) if on]
+        if self.fp8 is True and vit_switches:
+            raise ValueError(f"fp8 cannot be combined with {', '.join(vit_switches)}: its GEMMs "
+                             "are _scaled_mm on e4m3 copies of the model's own ViT weights and "
+                             "its LayerNorm passes write quantised rows (turn them off with fp8)")
         for f in dataclasses.fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"fast option {f.name} must be True or False, got "
@@ -283,6 +329,31 @@ class _Prepared:
             self.fp8_why = (f"{len(self.fp8_weights)} ViT linears in e4m3 ({opts.fp8_scaling}-wise "
                             f"activation scales): {fp8.gemm_description(p.device)}")
 
+        # issue 13 item 1: LayerScale folded into prepared copies of the ViTs' proj / fc2
+        self.layerscale: dict[int, LayerScaleFold] = {}
+        self.vit_why = "off"
+        if opts.epilogues == "fused" and opts.fold_layerscale:
+            for _, vit in fp8_vits(model):
+                self.layerscale[id(vit)] = fold_layerscale(vit)
+            words = ["LayerScale folded into proj / fc2 (prepared copies)"]
+            if opts.residual_in_gemm:
+                words.append("residual add in the proj / fc2 GEMMs (addmm_, beta = 1), biases "
+                             "carried into the LayerNorm passes")
+            if opts.residual_fp32:
+                words.append("fp32 residual stream" if p.dtype in (torch.float16, torch.bfloat16)
+                             else f"residual_fp32: no-op for a {p.dtype} model")
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    words.append(addmm_fp32_out_available(p.device)[1])
+            self.vit_why = "; ".join(words)
+        elif opts.epilogues != "fused" and (opts.fold_layerscale or opts.fc1_gelu != "erf"):
+            self.vit_why = f"off: epilogues={opts.epilogues!r} (these act on the fused ViT)"
+        if opts.epilogues == "fused" and opts.fc1_gelu == "tanh":
+            self.vit_why = ("" if self.vit_why == "off" else self.vit_why + "; ") + (
+                "fc1 bias + tanh GELU " + ("in the GEMM epilogue (_addmm_activation)"
+                                           if p.device.type == "cuda" else
+                                           "after the GEMM (the GPU's function; off CUDA, "
+                                           "_addmm_activation's GELU is the exact one)"))
+
         # the fused ViT's GEMM library (CPU only: on a GPU the GEMMs are cuBLAS's)
         self.gemm_name, self.gemm_why = "aten", "aten: not on a CPU"
         if opts.fp8:
@@ -308,6 +379,8 @@ class _Prepared:
             walk(v)
         for w in (self.fp8_weights or {}).values():
             out += [w.q, w.scale]
+        for fold in self.layerscale.values():
+            out += fold.tensors()
         return out
 
 
@@ -383,6 +456,8 @@ class FastEngine:
         if self.options.fp8:  # the e4m3 copies of the ViT linears are derived weights too
             sources += [blk.get_submodule(path).weight for _, vit in fp8_vits(self.model)
                         for blk in vit.blocks for path in fp8.VIT_LINEARS]
+        if self.options.fold_layerscale and self.options.epilogues == "fused":
+            sources += [t for _, vit in fp8_vits(self.model) for t in LayerScaleFold.sources(vit)]
         return (p.device, p.dtype, tuple((t.data_ptr(), t._version) for t in sources))
 
     def prepare(self) -> None:
@@ -503,6 +578,7 @@ class FastEngine:
                 "folds": list(self._prepared.folds) if self._prepared else [],
                 "cpu_gemm": self._prepared.gemm_why if self._prepared else None,
                 "fp8": self._prepared.fp8_why if self._prepared else None,
+                "vit_epilogues": self._prepared.vit_why if self._prepared else None,
                 "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls,
                 "attention": {k: {"choice": r["choice"], "timings_ms": r["timings_ms"],
                                   "errors": r["errors"], "skipped": r["skipped"]}
@@ -536,9 +612,14 @@ class FastEngine:
                                        per_tensor=o.fp8_scaling == "tensor")
                 else:
                     gemm = CpuGemm(prepared.gemm_name if prepared is not None else "aten", epi)
-                return fused_forward_with_hooks(vit, x, hook_ids, backend=backend,
-                                                epilogue_backend=epi,
-                                                fuse_layer_norm=o.fuse_layer_norm, gemm=gemm)
+                fold = prepared.layerscale.get(id(vit)) if prepared is not None else None
+                if o.fold_layerscale and fold is None:
+                    raise RuntimeError("fold_layerscale: this ViT has no prepared fold (its "
+                                       "module was replaced); call model.prepare_fast() again")
+                return fused_forward_with_hooks(
+                    vit, x, hook_ids, backend=backend, epilogue_backend=epi,
+                    fuse_layer_norm=o.fuse_layer_norm, gemm=gemm, fold=fold,
+                    epilogues=ViTEpilogues(o.residual_in_gemm, o.fc1_gelu, o.residual_fp32))
             if o.epilogues == "compile":
                 return compiled_forward_with_hooks(vit, x, hook_ids, backend=backend,
                                                    mode=o.compile_mode)

@@ -134,6 +134,10 @@ class Fp8Gemm(CpuGemm):
     per-token scaling buys).
     """
 
+    #: refused with ``residual_in_gemm`` / ``fc1_gelu="tanh"`` (``FastOptions``): its passes
+    #: quantise the GEMM inputs, its GEMMs are ``_scaled_mm``
+    supports_vit_epilogues = False
+
     def __init__(self, weights: dict[int, Fp8Weight], epilogue_backend: str | None = None, *,
                  per_tensor: bool = False):
         super().__init__("aten", epilogue_backend)

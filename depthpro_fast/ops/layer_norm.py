@@ -2,7 +2,12 @@
 
 Two ops share this file because they share one kernel (the fused one has a residual prologue):
 
-- ``layer_norm(x, weight, bias, eps)``: ``LN(x)`` over the last axis.
+- ``layer_norm(x, weight, bias, eps, shift=None, out_dtype=None)``: ``LN(x + shift)`` over the
+  last axis, written in ``out_dtype`` (default: the dtype of ``x``). ``shift`` is an optional
+  per-channel vector added in fp32 before the statistics: the fused ViT with
+  ``FastOptions.residual_in_gemm`` carries the proj / fc2 biases that way (its residual stream
+  lacks their running sum), and ``out_dtype`` lets an fp32 residual stream
+  (``residual_fp32``) feed a 16-bit GEMM in the same pass.
 - ``add_layer_norm(x, delta, weight, bias, eps, delta_bias=None, gamma=None)`` ->
   ``(r, LN(r))`` with ``r = x + gamma * (delta + delta_bias)``: the end of a ViT attention or MLP
   branch (the bias of the ``proj`` / ``fc2`` GEMM, LayerScale and the residual add) fused with the
@@ -12,7 +17,9 @@ Two ops share this file because they share one kernel (the fused one has a resid
 Numerics (every implementation): the residual update is computed in fp32 and rounded once to the
 dtype of ``x``; the LayerNorm statistics (mean, biased variance) are fp32 and are taken of the
 *rounded* residual, so ``normed`` is exactly ``LN`` of the ``r`` that is returned, as in the
-unfused chain. Outputs have the dtype and shape of ``x``.
+unfused chain. Outputs have the shape of ``x`` and its dtype (``layer_norm``'s normalised
+output: ``out_dtype`` when given). With ``shift``, ``x + shift`` is *not* rounded before the
+statistics (it is not a tensor anyone keeps).
 """
 
 from __future__ import annotations
@@ -28,10 +35,14 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         eps: float) -> torch.Tensor:
-    """LayerNorm over the last axis in fp32 math, cast back to ``x.dtype``."""
+                         eps: float, shift: torch.Tensor | None = None,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm of ``x + shift`` over the last axis in fp32 math, cast to ``out_dtype``
+    (default ``x.dtype``)."""
     n = x.shape[-1]
-    return F.layer_norm(x.float(), (n,), weight.float(), bias.float(), eps).to(x.dtype)
+    xf = x.float() if shift is None else x.float() + shift.float()
+    out = F.layer_norm(xf, (n,), weight.float(), bias.float(), eps)
+    return out.to(out_dtype or x.dtype)
 
 
 def residual_update_reference(x: torch.Tensor, delta: torch.Tensor,
@@ -106,14 +117,24 @@ def check_eps(op: str, eps: object) -> float:
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
+               shift: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                backend: str | None = None) -> torch.Tensor:
-    """LayerNorm of ``x`` over its last axis (affine ``weight``, ``bias``), fp32 statistics."""
+    """LayerNorm of ``x + shift`` over its last axis (affine ``weight``, ``bias``), fp32
+    statistics, written in ``out_dtype`` (default: ``x.dtype``). ``shift``: an optional
+    per-channel vector (see the module docstring)."""
     check_rows("layer_norm", x)
     check_vector("layer_norm", "weight", weight, x)
     check_vector("layer_norm", "bias", bias, x)
+    if shift is not None:
+        check_vector("layer_norm", "shift", shift, x)
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"layer_norm: out_dtype must be float32, float16 or bfloat16, got "
+                        f"{out_dtype}")
     eps = check_eps("layer_norm", eps)
     impl = backends.implementation("layer_norm", backend, x.device)
-    return impl(x, weight, bias, eps)
+    if shift is None and out_dtype is None:
+        return impl(x, weight, bias, eps)
+    return impl(x, weight, bias, eps, shift, out_dtype)
 
 
 def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,

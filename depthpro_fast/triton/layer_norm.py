@@ -5,6 +5,9 @@ registers, so the statistics are two-pass (mean, then the centred sum of squares
 memory traffic, all in fp32. With ``HAS_DELTA`` the program first forms the residual update
 ``x + gamma * (delta + delta_bias)`` in fp32, stores it rounded to the output dtype, and
 normalises the rounded values (so ``normed == LN(residual)`` exactly as in the unfused chain).
+With ``HAS_SHIFT`` (``layer_norm``'s ``shift``) a per-channel fp32 vector is added to the row
+before the statistics (not rounded: the fused ViT's carried biases); the normalised output is
+stored in the dtype of its buffer (``out_dtype``: an fp32 residual stream feeding a bf16 GEMM).
 With ``QUANT`` (the fp8 ops ``layer_norm_fp8`` / ``add_layer_norm_fp8``) the fp32 normalised rows
 are not stored in the model dtype but quantised per row to e4m3 with fp32 scales, in the same
 pass (``_fp8.store_fp8_rows``).
@@ -31,10 +34,11 @@ _alloc = torch.empty
 
 @triton.jit
 def _layer_norm_kernel(
-    x_ptr, d_ptr, db_ptr, g_ptr, w_ptr, b_ptr, res_ptr, out_ptr, s_ptr,
+    x_ptr, d_ptr, db_ptr, g_ptr, sh_ptr, w_ptr, b_ptr, res_ptr, out_ptr, s_ptr,
     M, N, stride_x, stride_d, stride_res, stride_out, eps,
     HAS_DELTA: tl.constexpr, HAS_DBIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -54,6 +58,8 @@ def _layer_norm_kernel(
         r = (x + d).to(res_ptr.dtype.element_ty)
         tl.store(res_ptr + rows64[:, None] * stride_res + cols[None, :], r, mask=mask)
         x = r.to(tl.float32)  # normalise what was stored
+    if HAS_SHIFT:
+        x += tl.load(sh_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     mean = tl.sum(x, axis=1) / N
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / N
@@ -71,7 +77,8 @@ def _layer_norm_kernel(
 
 def _launch(x: torch.Tensor, delta: torch.Tensor | None, delta_bias: torch.Tensor | None,
             gamma: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            q_dtype: torch.dtype | None = None,
+            q_dtype: torch.dtype | None = None, shift: torch.Tensor | None = None,
+            out_dtype: torch.dtype | None = None,
             ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(residual or None, normed, None), or with ``q_dtype`` (the fp8 ops: e4m3; the tests:
     fp32, the values before the e4m3 conversion) (residual or None, q (M, N), scale (M, 1))."""
@@ -80,9 +87,10 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, delta_bias: torch.Tenso
     weight, bias = weight.contiguous(), bias.contiguous()
     delta_bias = None if delta_bias is None else delta_bias.contiguous()
     gamma = None if gamma is None else gamma.contiguous()
+    shift = None if shift is None else shift.contiguous()
     scale = None
     if q_dtype is None:
-        out = _alloc(x.shape, dtype=x.dtype, device=x.device)
+        out = _alloc(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     else:
         out = _alloc((m, n), dtype=q_dtype, device=x.device)
         scale = _alloc((m, 1), dtype=torch.float32, device=x.device)
@@ -99,27 +107,32 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, delta_bias: torch.Tenso
             x2, d2,
             delta_bias if delta_bias is not None else weight,
             gamma if gamma is not None else weight,
+            shift if shift is not None else weight,
             weight, bias,
             res2 if res2 is not None else x2, out2,
             scale if scale is not None else weight,
             m, n, x2.stride(0), d2.stride(0),
             (res2 if res2 is not None else x2).stride(0), out2.stride(0), eps,
             HAS_DELTA=delta is not None, HAS_DBIAS=delta_bias is not None,
-            HAS_GAMMA=gamma is not None, QUANT=q_dtype is not None, BLOCK_M=block_m,
+            HAS_GAMMA=gamma is not None, HAS_SHIFT=shift is not None,
+            QUANT=q_dtype is not None, BLOCK_M=block_m,
             BLOCK_N=block_n, num_warps=warps,
         )
     return res, out, scale
 
 
 @torch.library.custom_op("depthpro_fast::layer_norm_triton", mutates_args=())
-def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> torch.Tensor:
-    return _launch(x, None, None, None, weight, bias, eps)[1]
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   shift: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    return _launch(x, None, None, None, weight, bias, eps, shift=shift, out_dtype=out_dtype)[1]
 
 
 @_layer_norm_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+      shift: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty_like(x, dtype=out_dtype or x.dtype,
+                            memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("depthpro_fast::add_layer_norm_triton", mutates_args=())
@@ -183,10 +196,11 @@ def _check_width(op: str, x: torch.Tensor) -> None:
 
 
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      eps: float) -> torch.Tensor:
+                      eps: float, shift: torch.Tensor | None = None,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Triton implementation of :func:`depthpro_fast.ops.layer_norm` (same arguments)."""
     _check_width("layer_norm", x)
-    return _layer_norm_op(x, weight, bias, eps)
+    return _layer_norm_op(x, weight, bias, eps, shift, out_dtype)
 
 
 def add_layer_norm_triton(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
