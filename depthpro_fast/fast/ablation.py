@@ -54,6 +54,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-channels_last=False": {"channels_last": False},
     "fast-cudnn_benchmark=False": {"cudnn_benchmark": False},
     "fast-attention_choice=backend": {"attention_choice": "backend"},
+    # issue 13 item 4: the three ViTs in lock-step instead of the side stream
+    "fast-vit_lockstep=True": {"vit_lockstep": True},
     # the fp8 mode (bf16 runs only): per-token scales, and one scale per tensor to measure them
     "fast-fp8=True": {"fp8": True},
     "fast-fp8=True,fp8_scaling=tensor": {"fp8": True, "fp8_scaling": "tensor"},
