@@ -355,3 +355,22 @@ def test_refusals_and_fallback():
     why = fast.fast_engine.status()["vit_lockstep"]
     assert why.startswith("off (per-ViT path)") and "depth" in why
     assert _rel(cid, want) <= 1e-5
+
+
+def test_pt2_export_of_a_lockstep_model_traces_the_per_vit_path(tmp_path):
+    """torch.export traces a symbolic batch: the lock-step (row groups per concrete batch)
+    steps aside there and the exported graph is the per-ViT fast path; eager stays lock-step."""
+    from depthpro_fast.exporters import export, load_exported
+
+    model = _random_model(MICRO, seed=25).set_backend("torch")
+    # (cpu_gemm="aten": oneDNN's linear, which "auto" may pick, does not serialise to .pt2)
+    model.prepare_fast({"vit_lockstep": True, "cpu_gemm": "aten"})
+    r = export(model, tmp_path / "lockstep.pt2")
+    program = load_exported(r.path)
+    x = _input(1, seed=45)
+    with torch.no_grad():
+        want = model(x)
+        got = program(x)
+    for a, b in zip(got, want, strict=True):
+        assert _rel(a, b) <= 1e-5
+    assert model.fast_engine.status()["vit_lockstep"].startswith("on:")

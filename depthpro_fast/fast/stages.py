@@ -82,7 +82,9 @@ class FastStages(Stages):
     def vits(self, x: torch.Tensor, patches: torch.Tensor, level2: torch.Tensor,
              compute_fov: bool, mark: Mark = lambda stage: None) -> ViTOutputs:
         enc, vit, side = self.encoder, self.engine._vit, self.side
-        if self.p.lockstep is not None:  # the ViTs in lock-step (fast/lockstep.py), no stream
+        # the ViTs in lock-step (fast/lockstep.py), no side stream; a symbolic batch (as
+        # torch.export traces it) runs them one by one: the row groups are per concrete batch
+        if self.p.lockstep is not None and isinstance(patches.shape[0], int):
             inputs, hooks = [patches, level2], [tuple(enc.hook_block_ids), ()]
             if compute_fov:
                 inputs.append(level2)
