@@ -71,19 +71,26 @@ WIDTHS = (64, 130)
 
 @pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("c", WIDTHS)
-def test_reference_is_the_one_vit_ops_group_by_group(sizes, c):
+@pytest.mark.parametrize("slices", ["auto", None])
+def test_reference_is_the_one_vit_ops_group_by_group(sizes, c, slices):
+    """Both forms of the reference: group by group (CPU) and parameters gathered per row (the
+    form a CUDA device runs, without host syncs)."""
     x, delta, w, b, db, gamma, ends = _case(sizes, c, torch.float32)
-    r, n = ops.grouped_add_layer_norm_reference(x, delta, w, b, 1e-6, ends, db, gamma, c + 6)
-    n0 = ops.grouped_layer_norm_reference(x, w, b, 1e-6, ends)
+    r, n = ops.grouped_add_layer_norm_reference(x, delta, w, b, 1e-6, ends, db, gamma, c + 6,
+                                                slices=slices)
+    n0 = ops.grouped_layer_norm_reference(x, w, b, 1e-6, ends, slices=slices)
     start = 0
     for g, size in enumerate(sizes):
         s = slice(start, start + size)
         want_r, want_n = ops.add_layer_norm_reference(x[s], delta[s], w[g], b[g], 1e-6, db[g],
                                                       gamma[g])
+        want_n0 = ops.layer_norm_reference(x[s], w[g], b[g], 1e-6)
         assert torch.equal(r[s], want_r)
-        torch.testing.assert_close(n[s, :c], want_n, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(n0[s], ops.layer_norm_reference(x[s], w[g], b[g], 1e-6),
-                                   rtol=1e-6, atol=1e-6)
+        if slices is None:
+            torch.testing.assert_close(n[s, :c], want_n, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(n0[s], want_n0, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(n[s, :c], want_n) and torch.equal(n0[s], want_n0)
         start += size
     assert torch.equal(n[:, c], torch.ones(sum(sizes)))
     assert not n[:, c + 1:].any()

@@ -307,6 +307,15 @@ def prepare(model: DepthPro) -> tuple[LockstepViTs | None, str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _gelu(u: torch.Tensor, epilogue_backend: str | None) -> torch.Tensor:
+    """Exact GELU of fc1's output (its bias came through the bias lane): on a CPU in place (as
+    ``CpuGemm.linear_bias_gelu``: the op's contract keeps its input, one more pass), else the
+    ``bias_gelu`` op without a bias (one launch over all rows)."""
+    if u.device.type == "cpu" and epilogue_backend not in ("triton", "cuda"):
+        return torch.ops.aten.gelu_(u)
+    return ops.bias_gelu(u, None, backend=epilogue_backend)
+
+
 def forward(st: LockstepViTs, inputs: Sequence[torch.Tensor],
             hook_ids: Sequence[Sequence[int]], *, backend: str | None,
             epilogue_backend: str | None) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
@@ -339,7 +348,7 @@ def forward(st: LockstepViTs, inputs: Sequence[torch.Tensor],
         h, n = ops.grouped_add_layer_norm(h, a, blk.norm2_weight[:g], blk.norm2_bias[:g], eps,
                                           ends, delta_bias=blk.proj_bias[:g], gamma=blk.ls1[:g],
                                           out_width=kb, backend=epi)
-        u = ops.bias_gelu(grouped_linear(st.gemm, n, blk.fc1[:g], rows), None, backend=epi)
+        u = _gelu(grouped_linear(st.gemm, n, blk.fc1[:g], rows), epi)
         m = grouped_linear(st.gemm, u, blk.fc2[:g], rows)
         last = i + 1 == depth
         # after the last block: the ViTs' outputs (final norms), no GEMM input (no bias lane)

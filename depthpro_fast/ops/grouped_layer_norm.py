@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from .layer_norm import _check_tensor, check_delta, check_eps, residual_update_reference
+from .layer_norm import (
+    _check_tensor,
+    add_layer_norm_reference,
+    check_delta,
+    check_eps,
+    layer_norm_reference,
+    residual_update_reference,
+)
 
 
 def _row_groups(m: int, group_ends: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -37,12 +44,21 @@ def _row_groups(m: int, group_ends: torch.Tensor, device: torch.device) -> torch
     return (rows[:, None] >= ends[None, :]).sum(dim=1)
 
 
-def _widen(normed: torch.Tensor, out_width: int | None) -> torch.Tensor:
+def _group_slices(group_ends: torch.Tensor) -> list[slice] | None:
+    """Each ViT's rows as a slice, where the ends can be read without a host sync (not on a
+    CUDA device); None on CUDA (the references then gather the parameters row by row)."""
+    if group_ends.device.type == "cuda":
+        return None
+    ends = group_ends.tolist()
+    return [slice(s, e) for s, e in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def _normed_out(x: torch.Tensor, out_width: int | None) -> torch.Tensor:
+    """The normalised output, with its bias lanes (1 at column C, 0 after) already written."""
+    m, c = x.shape
     if out_width is None:
-        return normed
-    m, c = normed.shape
-    out = normed.new_zeros((m, out_width))
-    out[:, :c] = normed
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = x.new_zeros((m, out_width))
     out[:, c] = 1
     return out
 
@@ -56,24 +72,47 @@ def _layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 def grouped_layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                  eps: float, group_ends: torch.Tensor,
-                                 out_width: int | None = None) -> torch.Tensor:
-    """Each row normalised with its ViT's parameters (gathered per row from the stacks)."""
-    g = _row_groups(x.shape[0], group_ends, x.device)
-    return _widen(_layer_norm_rows(x, weight[g], bias[g], eps), out_width)
+                                 out_width: int | None = None, *,
+                                 slices: list[slice] | None | str = "auto") -> torch.Tensor:
+    """Each ViT's rows normalised with its parameters: ``layer_norm_reference`` group by group,
+    or (on CUDA, or ``slices=None``) with the parameters gathered per row (no host sync)."""
+    c = x.shape[1]
+    out = _normed_out(x, out_width)
+    slices = _group_slices(group_ends) if slices == "auto" else slices
+    if slices is None:
+        g = _row_groups(x.shape[0], group_ends, x.device)
+        out[:, :c] = _layer_norm_rows(x, weight[g], bias[g], eps)
+        return out
+    for i, rows in enumerate(slices):
+        out[rows, :c] = layer_norm_reference(x[rows], weight[i], bias[i], eps)
+    return out
 
 
 def grouped_add_layer_norm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                                      bias: torch.Tensor, eps: float, group_ends: torch.Tensor,
                                      delta_bias: torch.Tensor | None = None,
                                      gamma: torch.Tensor | None = None,
-                                     out_width: int | None = None,
+                                     out_width: int | None = None, *,
+                                     slices: list[slice] | None | str = "auto",
                                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``add_layer_norm_reference`` with each row's parameters gathered from its ViT's: the
-    residual update rounded once, then the LayerNorm of the rounded residual."""
-    g = _row_groups(x.shape[0], group_ends, x.device)
-    r = residual_update_reference(x, delta, None if delta_bias is None else delta_bias[g],
-                                  None if gamma is None else gamma[g])
-    return r, _widen(_layer_norm_rows(r, weight[g], bias[g], eps), out_width)
+    """``add_layer_norm_reference`` group by group (the residual update rounded once, then the
+    LayerNorm of the rounded residual), or (on CUDA, or ``slices=None``) with the parameters
+    gathered per row (no host sync)."""
+    c = x.shape[1]
+    out = _normed_out(x, out_width)
+    slices = _group_slices(group_ends) if slices == "auto" else slices
+    if slices is None:
+        g = _row_groups(x.shape[0], group_ends, x.device)
+        r = residual_update_reference(x, delta, None if delta_bias is None else delta_bias[g],
+                                      None if gamma is None else gamma[g])
+        out[:, :c] = _layer_norm_rows(r, weight[g], bias[g], eps)
+        return r, out
+    r = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for i, rows in enumerate(slices):
+        r[rows], out[rows, :c] = add_layer_norm_reference(
+            x[rows], delta[rows], weight[i], bias[i], eps,
+            None if delta_bias is None else delta_bias[i], None if gamma is None else gamma[i])
+    return r, out
 
 
 # ----------------------------------------------------------------------------------------------
