@@ -23,7 +23,7 @@ import depthpro_fast
 from depthpro_fast import ops
 from depthpro_fast.config import DepthProConfig
 from depthpro_fast.fast import FastOptions, lockstep
-from tests.conftest import poison_, requires_triton
+from tests.conftest import poison_, requires_cuda, requires_triton
 
 MICRO = DepthProConfig(embed_dim=64, depth=2, num_heads=1, mlp_ratio=2.0,
                        encoder_feature_layer_ids=(0, 1), encoder_feature_dims=(8, 16, 32, 64),
@@ -381,3 +381,46 @@ def test_pt2_export_of_a_lockstep_model_traces_the_per_vit_path(tmp_path):
     for a, b in zip(got, want, strict=True):
         assert _rel(a, b) <= 1e-5
     assert model.fast_engine.status()["vit_lockstep"].startswith("on:")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the official config in bf16 (grouped_mm's CUTLASS kernel on sm90 / sm100), CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gpu_lockstep_budget_and_graph_replay(batch):
+    from depthpro_fast.accuracy import FOV_BUDGET_DEG, MARE_BUDGET, mean_abs_rel_error
+
+    torch.manual_seed(21)
+    model, _ = depthpro_fast.load(None, device="cuda", backend="reference")
+    x = _input(batch, seed=46).cuda()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            ref_cid, ref_fov = model(x)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    base = copy.deepcopy(model).to(torch.bfloat16).set_backend("auto")
+    del model
+    graphed = copy.deepcopy(base).prepare_fast({"vit_lockstep": True})
+    eager = copy.deepcopy(base).prepare_fast({"vit_lockstep": True, "cuda_graphs": False})
+    xb = x.bfloat16()
+    with torch.no_grad():
+        cid, fov = graphed(xb)
+        again = graphed(xb)
+        e_cid, e_fov = eager(xb)
+        skipped = graphed(xb, need_fov=False)
+    status = graphed.fast_engine.status()
+    assert not status["graphs"]["failures"], status["graphs"]
+    assert status["vit_lockstep"].startswith("on:")
+    major = torch.cuda.get_device_capability()[0]
+    if major in (9, 10):  # the CUTLASS grouped kernel, capturable
+        assert "linears: grouped_mm" in status["vit_lockstep"], status["vit_lockstep"]
+    assert torch.equal(cid, e_cid) and torch.equal(fov, e_fov) and torch.equal(again[0], cid)
+    assert skipped[1] is None
+    assert mean_abs_rel_error(cid, ref_cid) <= MARE_BUDGET[torch.bfloat16]
+    assert float((fov.float() - ref_fov).abs().max()) <= FOV_BUDGET_DEG
