@@ -424,3 +424,18 @@ def test_gpu_lockstep_budget_and_graph_replay(batch):
     assert skipped[1] is None
     assert mean_abs_rel_error(cid, ref_cid) <= MARE_BUDGET[torch.bfloat16]
     assert float((fov.float() - ref_fov).abs().max()) <= FOV_BUDGET_DEG
+
+
+def test_model_without_fov_network_runs_two_vits_in_lockstep():
+    torch.manual_seed(26)
+    model, _ = depthpro_fast.load(None, config=MICRO, device="cpu", backend="reference",
+                                  use_fov=False)
+    lock = copy.deepcopy(model).prepare_fast({"vit_lockstep": True})
+    x = _input(1, seed=47)
+    with torch.no_grad():
+        cid, fov = lock(x)
+        want, want_fov = model(x)
+    assert fov is None and want_fov is None
+    assert _rel(cid, want) <= 1e-5
+    why = lock.fast_engine.status()["vit_lockstep"]
+    assert why.startswith("on: patch, image (no FOV network)") and "G=2" in why

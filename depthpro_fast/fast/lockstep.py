@@ -297,9 +297,9 @@ def prepare(model: DepthPro) -> tuple[LockstepViTs | None, str]:
     if problem:
         return None, f"off (per-ViT path): {problem}"
     st = LockstepViTs(vits)
-    names = "patch, image, FOV" if len(vits) == 3 else "patch, image (no FOV network)"
-    return st, (f"on: {names} encoders in lock-step (G={len(vits)}; G=2 when the FOV is "
-                f"skipped), no side stream; linears: {st.gemm_why}")
+    groups = ("patch, image, FOV encoders (G=3; G=2 when the FOV is skipped)" if len(vits) == 3
+              else "patch, image (no FOV network) encoders (G=2)")
+    return st, f"on: {groups} in lock-step, no side stream; linears: {st.gemm_why}"
 
 
 # ----------------------------------------------------------------------------------------------
