@@ -39,7 +39,7 @@ from .timing import dtype_name, random_inputs, synchronize
 
 SCHEMA = "depthpro_fast.smoke/1"
 OPS = ("attention", "split_patches", "merge_patches", "layer_norm", "add_layer_norm",
-       "bias_gelu", "residual_layerscale")
+       "bias_gelu", "residual_layerscale", "grouped_add_layer_norm")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Largest error over the reference's largest magnitude: about 4 roundings of the dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -75,7 +75,14 @@ def _op_call(op: str, size: str, dtype: torch.dtype,
     c = x.shape[-1]
     delta, bias = rand(rows, c, seed=5, low=-3.0, high=3.0), rand(c, seed=6)
     weight, gamma = rand(c, seed=7, low=0.5, high=1.5), rand(c, seed=8, low=0.05, high=0.2)
+    # the lock-stepped ViTs' pass: three row groups (as the patch, image and FOV encoders)
+    ends = torch.tensor([rows - 2 * (rows // 37), rows - rows // 37, rows], dtype=torch.int32,
+                        device=device)
+    stacked = [torch.stack([v, v.flip(0), v.roll(1)]) for v in (weight, bias, gamma)]
     calls = {
+        "grouped_add_layer_norm": lambda be: ops.grouped_add_layer_norm(
+            x, delta, stacked[0], stacked[1], 1e-6, ends, delta_bias=stacked[1],
+            gamma=stacked[2], out_width=c + 8, backend=be),
         "layer_norm": lambda be: ops.layer_norm(x, weight, bias, 1e-6, backend=be),
         "add_layer_norm": lambda be: ops.add_layer_norm(x, delta, weight, bias, 1e-6,
                                                         delta_bias=bias, gamma=gamma,

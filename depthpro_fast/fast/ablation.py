@@ -62,6 +62,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
                                             "fc1_gelu": "tanh"},
     "fast-residual_in_gemm+residual_fp32": {"fold_layerscale": True, "residual_in_gemm": True,
                                             "residual_fp32": True},
+    # issue 13 item 4: the three ViTs in lock-step instead of the side stream
+    "fast-vit_lockstep=True": {"vit_lockstep": True},
     # the fp8 mode (bf16 runs only): per-token scales, and one scale per tensor to measure them
     "fast-fp8=True": {"fp8": True},
     "fast-fp8=True,fp8_scaling=tensor": {"fp8": True, "fp8_scaling": "tensor"},

@@ -12,7 +12,8 @@ reference modules (same weights, same ops) through the same data flow
   channels_last, cuDNN autotuning (``torch.backends.cudnn.benchmark`` on during the forward).
 - Concurrency (CUDA): the image encoder and the FOV encoder run on a second stream while the
   patch encoder (35 windows per image) runs on the caller's stream (stream discipline:
-  ``fast/stages.py``).
+  ``fast/stages.py``); or, with ``vit_lockstep``, the three ViTs run in lock-step on one stream
+  (one grouped GEMM per linear, one attention, one launch per pass: ``fast/lockstep.py``).
 - The FOV branch is skipped when its result is unused (``need_fov=False``, which ``infer``
   passes when the caller gives ``f_px``); ``infer`` then reports the FOV implied by the given
   focal length, ``2 atan(W / (2 f_px))`` (the same rule as for models without an FOV network).
@@ -44,7 +45,7 @@ import torch
 from .. import backends, dataflow
 from ..config import NUM_TOKENS
 from ..fp8_format import Fp8UnavailableError, fp8_problem
-from . import attention_choice, folds, fp8
+from . import attention_choice, folds, fp8, lockstep
 from .attention_choice import Candidate
 from .cpu_gemm import CPU_GEMMS, CpuGemm, addmm_fp32_out_available, choose_cpu_gemm
 from .decoder import EpilogueDecoder, FusedSubpixelTail
@@ -102,6 +103,11 @@ class FastOptions:
       epilogues, and a GPU of compute capability >= 8.9 (a CPU runs an emulation).
     - ``fp8_scaling``: ``"row"`` (per token) or ``"tensor"`` (one scale per activation tensor,
       reference ops: only to measure what per-token scaling buys).
+    - ``vit_lockstep``: the patch, image and FOV encoders in lock-step (``fast/lockstep.py``):
+      their rows concatenated, one grouped GEMM per linear (weights stacked once; one GEMM per
+      ViT where the grouped GEMM cannot run, said in ``status()``), one attention launch, one
+      launch per elementwise pass; replaces the side stream. Needs the ``fused`` epilogues with
+      ``fuse_layer_norm``; not with ``fp8``. Off by default until measured on a GPU.
     - ``fold_layerscale`` (issue 13 item 1): LayerScale folded into prepared copies of the ViT
       proj / fc2 weights and biases (float64, rounded once; ``fast/vit.py``).
     - ``residual_in_gemm`` (needs ``fold_layerscale``): the residual add in the proj / fc2
@@ -142,6 +148,7 @@ class FastOptions:
     residual_in_gemm: bool = False
     fc1_gelu: str = "erf"
     residual_fp32: bool = False
+    vit_lockstep: bool = False
 
     def __post_init__(self) -> None:
         if self.epilogues not in EPILOGUES:
@@ -158,6 +165,16 @@ class FastOptions:
         if self.fp8_scaling not in FP8_SCALINGS:
             raise ValueError(f"fp8_scaling must be one of {', '.join(FP8_SCALINGS)}, got "
                              f"{self.fp8_scaling!r}")
+        if self.vit_lockstep is True:
+            if self.epilogues != "fused" or self.fuse_layer_norm is not True:
+                raise ValueError("vit_lockstep runs its own fused ViT forward (grouped GEMMs and "
+                                 "the fused LayerNorm passes); it needs epilogues='fused' and "
+                                 f"fuse_layer_norm=True, got epilogues={self.epilogues!r}, "
+                                 f"fuse_layer_norm={self.fuse_layer_norm!r}")
+            if self.fp8 is True:
+                raise ValueError("vit_lockstep and fp8 cannot be combined: the lock-step's "
+                                 "grouped GEMM runs in the model dtype (there is no grouped "
+                                 "e4m3 GEMM with the fp8 mode's scales here); turn one off")
         if self.fp8 is True and self.epilogues != "fused":
             raise ValueError(f"fp8 runs in the fused ViT forward; epilogues={self.epilogues!r} "
                              "cannot be combined with it (use epilogues='fused')")
@@ -180,6 +197,11 @@ class FastOptions:
             raise ValueError(f"fp8 cannot be combined with {', '.join(vit_switches)}: its GEMMs "
                              "are _scaled_mm on e4m3 copies of the model's own ViT weights and "
                              "its LayerNorm passes write quantised rows (turn them off with fp8)")
+        if self.vit_lockstep is True and vit_switches:
+            raise ValueError(f"vit_lockstep cannot be combined with {', '.join(vit_switches)} "
+                             "yet: the lock-step forward (fast/lockstep.py) has its own grouped "
+                             "GEMMs and LayerNorm passes without the folded LayerScale, the "
+                             "in-GEMM residual or the tanh GELU; turn one side off")
         for f in dataclasses.fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"fast option {f.name} must be True or False, got "
@@ -364,6 +386,12 @@ class _Prepared:
             self.gemm_name, self.gemm_why = choose_cpu_gemm(
                 opts.cpu_gemm, p.dtype, k=mlp.in_features, n=mlp.out_features)
 
+        # issue 13 item 4: the ViTs in lock-step (their weights stacked once, fast/lockstep.py)
+        self.lockstep: lockstep.LockstepViTs | None = None
+        self.lockstep_why = "off: vit_lockstep=False"
+        if opts.vit_lockstep:
+            self.lockstep, self.lockstep_why = lockstep.prepare(model)
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the prepared layers own (kept alive by CUDA graphs)."""
         out: list[torch.Tensor] = []
@@ -381,6 +409,8 @@ class _Prepared:
             out += [w.q, w.scale]
         for fold in self.layerscale.values():
             out += fold.tensors()
+        if self.lockstep is not None:
+            out += self.lockstep.tensors()
         return out
 
 
@@ -438,6 +468,9 @@ class FastEngine:
         self._attention: dict[tuple, Candidate] = {}
         self._attention_records: dict[str, dict[str, Any]] = {}
         self._warmed: set = set()
+        # vit_lockstep: the ViT parameters its stacked copies derive from, listed once per
+        # preparation (walking ~1000 parameters' modules on every call costs ~1 ms)
+        self._lockstep_sources: list[torch.Tensor] | None = None
         if not lazy:
             self.prepare()
 
@@ -453,6 +486,11 @@ class FastEngine:
     def _current_fingerprint(self) -> tuple:
         p = next(self.model.parameters())
         sources = _fold_sources(self.model)
+        if self.options.vit_lockstep:  # the stacked copies of the ViT weights are derived too
+            if self._lockstep_sources is None:
+                self._lockstep_sources = [t for vit in lockstep.model_vits(self.model)
+                                          for t in vit.parameters()]
+            sources += self._lockstep_sources
         if self.options.fp8:  # the e4m3 copies of the ViT linears are derived weights too
             sources += [blk.get_submodule(path).weight for _, vit in fp8_vits(self.model)
                         for blk in vit.blocks for path in fp8.VIT_LINEARS]
@@ -468,6 +506,7 @@ class FastEngine:
     def _prepare_locked(self) -> None:
         with torch.no_grad():
             self._prepared = _Prepared(self.model, self.options)
+        self._lockstep_sources = None  # listed again (e.g. after load_state_dict(assign=True))
         self._fingerprint = self._current_fingerprint()
         self.graphs.reset()
 
@@ -545,7 +584,7 @@ class FastEngine:
             ok, why = self._measures_attention()
             self.notes["attention_choice"] = why
             if ok:
-                self._choose_attention(x)
+                self._choose_attention(x, compute_fov)
             if self._tunes(x.device):
                 self._forward(x, prepared, compute_fov, streams=False)
                 if x.device.type == "cuda":
@@ -557,12 +596,16 @@ class FastEngine:
         """Whether a first forward autotunes (Triton, cuDNN): on CUDA devices."""
         return device.type == "cuda"
 
-    def _choose_attention(self, x: torch.Tensor) -> None:
+    def _choose_attention(self, x: torch.Tensor, compute_fov: bool = True) -> None:
         from ..op_common import windows_per_image
 
         attn = self.model.encoder.patch_encoder.blocks[0].attn
         b = x.shape[0]
-        for batch in (windows_per_image() * b, b):  # patch encoder, image / FOV encoders
+        batches = [windows_per_image() * b, b]  # patch encoder, image / FOV encoders
+        if self._prepared is not None and self._prepared.lockstep is not None:
+            # lock-step: one attention over the sequences of all ViTs run (FOV included or not)
+            batches = [windows_per_image() * b + b + (b if compute_fov else 0)]
+        for batch in batches:
             k = (batch, x.dtype, x.device)
             if k in self._attention:
                 continue
@@ -579,6 +622,7 @@ class FastEngine:
                 "cpu_gemm": self._prepared.gemm_why if self._prepared else None,
                 "fp8": self._prepared.fp8_why if self._prepared else None,
                 "vit_epilogues": self._prepared.vit_why if self._prepared else None,
+                "vit_lockstep": self._prepared.lockstep_why if self._prepared else None,
                 "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls,
                 "attention": {k: {"choice": r["choice"], "timings_ms": r["timings_ms"],
                                   "errors": r["errors"], "skipped": r["skipped"]}
@@ -594,6 +638,21 @@ class FastEngine:
             s = torch.cuda.Stream(device=device)
             self._side_streams[device] = s
         return s
+
+    def _lockstep_vits(self, inputs: list[torch.Tensor], hook_ids: list[tuple[int, ...]],
+                       ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """The first ``len(inputs)`` ViTs (patch, image, FOV) in lock-step (fast/lockstep.py)."""
+        prepared = self._prepared
+        assert prepared is not None and prepared.lockstep is not None
+        x, seqs = inputs[0], sum(t.shape[0] for t in inputs)
+        # one attention over all sequences: the implementation measured for that batch
+        chosen = (self._attention.get((seqs, x.dtype, x.device)) if isinstance(seqs, int)
+                  else None)
+        backend = chosen.backend if chosen is not None else self.model.backend
+        with attention_choice.pinned(chosen):
+            return lockstep.forward(prepared.lockstep, inputs, hook_ids, backend=backend,
+                                    epilogue_backend=self.options.epilogue_backend
+                                    or self.model.backend)
 
     def _vit(self, vit: VisionTransformer, x: torch.Tensor, hook_ids=()):
         o = self.options
@@ -630,7 +689,8 @@ class FastEngine:
         """The network's one data flow (``dataflow.run_network``) over the fast stages
         (``streams=False``: no side stream, as at warm-up)."""
         with cudnn_benchmark(self.options.cudnn_benchmark and x.device.type == "cuda"):
-            side = self._side_stream(x.device) if streams else None
+            # the lock-stepped ViTs replace the side stream
+            side = self._side_stream(x.device) if streams and p.lockstep is None else None
             stages = FastStages(self, p, side)
             return dataflow.run_network(stages, x, compute_fov=compute_fov)
 

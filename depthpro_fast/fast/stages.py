@@ -82,6 +82,21 @@ class FastStages(Stages):
     def vits(self, x: torch.Tensor, patches: torch.Tensor, level2: torch.Tensor,
              compute_fov: bool, mark: Mark = lambda stage: None) -> ViTOutputs:
         enc, vit, side = self.encoder, self.engine._vit, self.side
+        # the ViTs in lock-step (fast/lockstep.py), no side stream; a symbolic batch (as
+        # torch.export traces it) runs them one by one: the row groups are per concrete batch
+        if self.p.lockstep is not None and isinstance(patches.shape[0], int):
+            inputs, hooks = [patches, level2], [tuple(enc.hook_block_ids), ()]
+            if compute_fov:
+                inputs.append(level2)
+                hooks.append(())
+            outs = self.engine._lockstep_vits(inputs, hooks)
+            fov = None
+            if compute_fov:
+                linear = self.fov_network.encoder[1]
+                fov = Ready(F.linear(outs[2][0], linear.weight, linear.bias))
+            for stage in ("patch encoder", "image encoder", "FOV encoder"):
+                mark(stage)
+            return ViTOutputs(outs[0][0], outs[0][1], Ready(outs[1][0]), fov)
         if side is None:
             image = Ready(vit(enc.image_encoder, level2)[0])
             fov = Ready(self._fov_tokens(level2)) if compute_fov else None

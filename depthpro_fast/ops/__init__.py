@@ -9,6 +9,12 @@ from .bias_gelu import bias_gelu, bias_gelu_reference
 from .bias_gelu_fp8 import bias_gelu_fp8, bias_gelu_fp8_reference
 from .bias_relu import bias_relu, bias_relu_reference
 from .bias_residual import bias_residual, bias_residual_reference
+from .grouped_layer_norm import (
+    grouped_add_layer_norm,
+    grouped_add_layer_norm_reference,
+    grouped_layer_norm,
+    grouped_layer_norm_reference,
+)
 from .layer_norm import (
     add_layer_norm,
     add_layer_norm_reference,
@@ -42,6 +48,10 @@ __all__ = [
     "bias_relu_reference",
     "bias_residual",
     "bias_residual_reference",
+    "grouped_add_layer_norm",
+    "grouped_add_layer_norm_reference",
+    "grouped_layer_norm",
+    "grouped_layer_norm_reference",
     "layer_norm",
     "layer_norm_fp8",
     "layer_norm_fp8_reference",

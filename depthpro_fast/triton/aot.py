@@ -60,7 +60,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 #: Kernels on the hot path of every ViT block: a config of theirs that may be picked must not
 #: spill (local-memory traffic in the innermost loop of the forward).
 HOT_KERNELS = ("_attention_fwd_kernel", "_layer_norm_kernel", "_bias_gelu_kernel",
-               "_residual_layerscale_kernel", "_bias_gelu_fp8_kernel", "_quantize_rows_kernel")
+               "_residual_layerscale_kernel", "_bias_gelu_fp8_kernel", "_quantize_rows_kernel",
+               "_grouped_layer_norm_kernel")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
