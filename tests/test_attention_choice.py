@@ -127,7 +127,8 @@ def test_warm_up_runs_without_the_side_stream_before_the_graph_runner(monkeypatc
     events = []
     monkeypatch.setattr(FastEngine, "_tunes", staticmethod(lambda device: True))
     monkeypatch.setattr(engine, "uses_graphs", lambda device: True)
-    monkeypatch.setattr(engine, "_choose_attention", lambda x: events.append("measure"))
+    monkeypatch.setattr(engine, "_choose_attention",
+                        lambda x, compute_fov=True: events.append("measure"))
     real_forward = engine._forward
 
     def forward(x, p, compute_fov, *, streams=True):

@@ -198,7 +198,11 @@ def test_folder_run_corrupt_file_skip_and_overwrite(tmp_path, fake_model, capsys
     assert "broken.jpg" in captured.err and "corrupt" in captured.err
     assert "5 images: 4 written, 0 skipped (outputs exist), 1 failed" in captured.out
     assert fake_model.loads[0][0] == "some.pt" and fake_model.loads[0][1]["config"] == "tiny"
-    assert fake_model.loads[0][1]["dtype"] == "float32"  # auto on CPU
+    # --dtype auto on a CPU: bf16 where it has bf16 arithmetic (AVX512_BF16 / AMX), else fp32
+    from depthpro_fast.cpu import fastest_cpu_dtype
+
+    want = str(fastest_cpu_dtype()).removeprefix("torch.")
+    assert fake_model.loads[0][1]["dtype"] == want
     assert sorted(fake_model.calls) == [2, 2]  # 4 readable images in batches of 2
 
     expected = ["a.jpg", "a.png", "sub/gray16", "sub/deeper/x"]
@@ -576,8 +580,9 @@ def test_tiny_model_end_to_end_batched(tmp_path, tiny_model, capsys):
     rc = cli.main(["predict", str(root), "-o", str(out), "--recursive", "--save", "all",
                    "--batch-size", "2", "--ply-stride", "2", "--quiet", "--device", "cpu",
                    "--backend", "reference", "--checkpoint", str(TINY_DIR / "state_dict_fp16.pt"),
-                   "--config", str(TINY_DIR / "config.json")])
-    assert rc == 1
+                   "--config", str(TINY_DIR / "config.json"),
+                   "--dtype", "fp32"])  # as the fp32 model it is compared with (auto: bf16
+    assert rc == 1                      # on a CPU with bf16 arithmetic)
     captured = capsys.readouterr()
     assert "zz_corrupt.png" in captured.err
     assert "3 images: 2 written, 0 skipped (outputs exist), 1 failed" in captured.out
