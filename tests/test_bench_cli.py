@@ -121,6 +121,30 @@ def test_staged_forward_is_the_forward():
     assert torch.equal(depth, depth_s) and torch.equal(fov, fov_s)
 
 
+@pytest.mark.parametrize("native, rates, want", [
+    (True, {"fp32": 0.3, "bf16": 1.8}, "bf16"),   # an AMX CPU: the bf16 rate sets the floor
+    (True, {"fp32": 0.3, "bf16": 0.2}, "fp32"),   # bf16 slower: the fp32 rate stays
+    (False, {"fp32": 0.3, "bf16": 9.9}, "fp32"),  # no bf16 arithmetic: bf16 not measured
+    (None, {"fp32": 0.3, "bf16": 9.9}, "fp32"),   # unknown CPU: no claim
+])
+def test_floor_peak_on_a_cpu(monkeypatch, native, rates, want):
+    from depthpro_fast import api
+    from depthpro_fast.bench import timing
+
+    asked = []
+
+    def fake_peak(device, dtype=None, n=None, runs=None):
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        asked.append(name)
+        return {"tflops": rates[name], "dtype": name, "n": 2048, "median_ms": 1.0}
+
+    monkeypatch.setattr(api, "cpu_has_native", lambda dtype: native)
+    monkeypatch.setattr(timing, "peak_matmul_tflops", fake_peak)
+    floor, fp32 = timing.floor_peak(CPU)
+    assert floor["dtype"] == want and fp32["dtype"] == "fp32"
+    assert asked == (["fp32", "bf16"] if native else ["fp32"])
+
+
 def test_time_callable_and_stats():
     calls = []
     inputs = random_inputs((4,), count=3, device=CPU, dtype=torch.float32)

@@ -125,7 +125,7 @@ def peak_matmul_tflops(device: torch.device, dtype: torch.dtype | None = None,
     """The matmul rate this device reaches right now: a large (n x n) @ (n x n) product.
 
     GPU: bf16, n = 8192, 20 timed runs (CUDA events, median) after about 0.5 s of warm-up
-    (clocks ramp up). CPU: fp32, n = 2048, 3 runs.
+    (clocks ramp up). CPU: fp32 (or ``dtype``), n = 2048, 3 runs.
     Returns ``{"tflops", "dtype", "n", "median_ms"}``.
     """
     gpu = device.type == "cuda"
@@ -151,6 +151,22 @@ def peak_matmul_tflops(device: torch.device, dtype: torch.dtype | None = None,
     del pairs
     return {"tflops": 2 * n ** 3 / (stats.median * 1e-3) / 1e12, "dtype": dtype_name(dtype),
             "n": n, "median_ms": stats.median}
+
+
+def floor_peak(device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(the peak that sets the FLOP floor, the CPU's fp32 peak or the GPU's peak)``.
+
+    A GPU: its bf16 rate, both times. A CPU: the fp32 rate, and where the CPU has bf16
+    arithmetic (AVX512_BF16, AMX) the bf16 rate too, the faster setting the floor, as on a GPU
+    (with the fp32 rate the bf16 rows of an AMX Xeon read 300 % of the "floor"). The fp32 rate
+    stays the one that estimates an fp32 forward's time."""
+    from ..api import cpu_has_native
+
+    peak = peak_matmul_tflops(device)
+    if device.type != "cpu" or not cpu_has_native(torch.bfloat16):
+        return peak, peak
+    bf16 = peak_matmul_tflops(device, torch.bfloat16)
+    return (bf16 if bf16["tflops"] > peak["tflops"] else peak), peak
 
 
 class CpuPeakRss:

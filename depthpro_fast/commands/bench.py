@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.results import results_dict, write_json
     from ..bench.runner import Runner
     from ..bench.tables import fill_relative, format_stages, format_table
-    from ..bench.timing import dtype_name, peak_matmul_tflops
+    from ..bench.timing import dtype_name, floor_peak
     from ..bench.variants import default_variants
     from ..config import PRESETS, resolve_config
     from ..flops import count_flops
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     if gpu and device.index is not None:
         torch.cuda.set_device(device)  # CUDA events record on the current device
     log(f"measuring the peak matmul rate on {device} ...")
-    peak = peak_matmul_tflops(device)
+    peak, fp32_peak = floor_peak(device)
     runner = Runner(cfg, device, batches=args.batch, runs=runs, warmup=warmup,
                        stages=args.stages, seed=args.seed, log=log,
                        # backends named on the command line are timed even where they only
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                        accuracy=gpu or not big,
                        cpu_engine_rows_only=not gpu and big and args.backends is None)
     if not gpu and big:
-        per_forward = flops_per_image / (peak["tflops"] * 1e12) / 0.7 * max(args.batch)
+        per_forward = flops_per_image / (fp32_peak["tflops"] * 1e12) / 0.7 * max(args.batch)
         log(f"a CPU at this size: each row that runs takes {warmup + runs} forwards of about "
             f"{per_forward:.0f} s (estimated from the matmul rate just measured); by default "
             "the reference and the fast engine in fp32, and the fast engine in bf16 where the "
