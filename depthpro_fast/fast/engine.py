@@ -470,7 +470,7 @@ class FastEngine:
         self._warmed: set = set()
         # vit_lockstep: the ViT parameters its stacked copies derive from, listed once per
         # preparation (walking ~1000 parameters' modules on every call costs ~1 ms)
-        self._lockstep_sources: list[torch.Tensor] | None = None
+        self._derived: list[tuple[torch.nn.Module, str]] | None = None  # _derived_sources
         if not lazy:
             self.prepare()
 
@@ -483,19 +483,39 @@ class FastEngine:
 
     # -- preparation --------------------------------------------------------------------------
 
+    def _derived_sources(self) -> list[torch.Tensor]:
+        """The ViT tensors that prepared copies derive from (the lock-step's stacked weights,
+        the fp8 mode's e4m3 copies, the folded LayerScale).
+
+        The (module, parameter name) slots are listed once per preparation, since walking the
+        72 blocks' submodules on every call cost ~0.3 ms of host time per forward; the tensors
+        are read from the slots on every call, so a parameter replaced in its module
+        (``load_state_dict(assign=True)``, ``blk.attn.qkv.weight = Parameter(...)``) is still
+        seen. A replaced *module* needs ``prepare_fast()``, as for the other prepared layers."""
+        if self._derived is None:
+            o, slots = self.options, []
+
+            def add(module: torch.nn.Module, *names: str) -> None:
+                slots.extend((module, n) for n in names)
+
+            if o.vit_lockstep:
+                for vit in lockstep.model_vits(self.model):
+                    for m in vit.modules():
+                        add(m, *(n for n, _ in m.named_parameters(recurse=False)))
+            if o.fp8:
+                for _, vit in fp8_vits(self.model):
+                    for blk in vit.blocks:
+                        for path in fp8.VIT_LINEARS:
+                            add(blk.get_submodule(path), "weight")
+            if o.fold_layerscale and o.epilogues == "fused":
+                for _, vit in fp8_vits(self.model):
+                    slots += LayerScaleFold.source_slots(vit)
+            self._derived = slots
+        return [m._parameters[n] for m, n in self._derived]
+
     def _current_fingerprint(self) -> tuple:
         p = next(self.model.parameters())
-        sources = _fold_sources(self.model)
-        if self.options.vit_lockstep:  # the stacked copies of the ViT weights are derived too
-            if self._lockstep_sources is None:
-                self._lockstep_sources = [t for vit in lockstep.model_vits(self.model)
-                                          for t in vit.parameters()]
-            sources += self._lockstep_sources
-        if self.options.fp8:  # the e4m3 copies of the ViT linears are derived weights too
-            sources += [blk.get_submodule(path).weight for _, vit in fp8_vits(self.model)
-                        for blk in vit.blocks for path in fp8.VIT_LINEARS]
-        if self.options.fold_layerscale and self.options.epilogues == "fused":
-            sources += [t for _, vit in fp8_vits(self.model) for t in LayerScaleFold.sources(vit)]
+        sources = _fold_sources(self.model) + self._derived_sources()
         return (p.device, p.dtype, tuple((t.data_ptr(), t._version) for t in sources))
 
     def prepare(self) -> None:
@@ -506,7 +526,7 @@ class FastEngine:
     def _prepare_locked(self) -> None:
         with torch.no_grad():
             self._prepared = _Prepared(self.model, self.options)
-        self._lockstep_sources = None  # listed again (e.g. after load_state_dict(assign=True))
+        self._derived = None  # listed again (e.g. after load_state_dict(assign=True))
         self._fingerprint = self._current_fingerprint()
         self.graphs.reset()
 

@@ -117,10 +117,12 @@ class LayerScaleFold:
     blocks: tuple[FoldedBlock, ...]
 
     @staticmethod
-    def sources(vit: VisionTransformer) -> list[torch.Tensor]:
-        return [t for blk in vit.blocks
-                for t in (blk.attn.proj.weight, blk.attn.proj.bias, blk.ls1.gamma,
-                          blk.mlp.fc2.weight, blk.mlp.fc2.bias, blk.ls2.gamma)]
+    def source_slots(vit: VisionTransformer) -> list[tuple[torch.nn.Module, str]]:
+        """(module, parameter name) of every tensor the fold derives from."""
+        return [slot for blk in vit.blocks
+                for slot in ((blk.attn.proj, "weight"), (blk.attn.proj, "bias"),
+                             (blk.ls1, "gamma"), (blk.mlp.fc2, "weight"),
+                             (blk.mlp.fc2, "bias"), (blk.ls2, "gamma"))]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for b in self.blocks for t in b.tensors()]
