@@ -99,6 +99,18 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
         ref_dtypes, fast_dtypes = [torch.float32, torch.bfloat16, torch.float16], [torch.bfloat16]
     else:
         ref_dtypes = fast_dtypes = [torch.float32]
+    # the fast engine's rows run on "auto" when it is timed, else on the first backend named
+    engine_backend = ("auto" if "auto" in fast_backends else fast_backends[0]
+                      if fast_backends else None)
+
+    def engine_rows(dt: torch.dtype, *, in_fp8: bool = False) -> list[Variant]:
+        """The fast engine eager, and with its CUDA graphs unless those rows are off."""
+        out = [Variant("engine", dt, backend=engine_backend, fp8=in_fp8)]
+        if cuda_graph is not False:
+            out.append(Variant("engine", dt, backend=engine_backend, mode="cudagraph",
+                               fp8=in_fp8))
+        return out
+
     rows = [Variant("reference", dt) for dt in ref_dtypes]
     for dt in fast_dtypes:
         if compile is not False:
@@ -107,21 +119,14 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
         if cuda_graph is not False and "auto" in fast_backends:
             rows.append(Variant("fast", dt, backend="auto", mode="cudagraph"))
         if fast_backends:
-            engine_backend = "auto" if "auto" in fast_backends else fast_backends[0]
-            rows.append(Variant("engine", dt, backend=engine_backend))
-            if cuda_graph is not False:
-                rows.append(Variant("engine", dt, backend=engine_backend, mode="cudagraph"))
+            rows += engine_rows(dt)
         if hf is not False:
             rows.append(Variant("hf", dt, backend="-"))
     if gpu and dtypes is None and fast_backends:
         # the fast engine in fp16 beside bf16 (issue 13 item 5): the official command line runs
         # fp16, and fp16's 10-bit mantissa against bf16's 7 is the other accuracy/speed choice;
         # the engine rows only, to keep the GPU check's time budget
-        engine_backend = "auto" if "auto" in fast_backends else fast_backends[0]
-        rows.append(Variant("engine", torch.float16, backend=engine_backend))
-        if cuda_graph is not False:
-            rows.append(Variant("engine", torch.float16, backend=engine_backend,
-                                mode="cudagraph"))
+        rows += engine_rows(torch.float16)
     if onnxruntime is not False:
         # ONNX takes fp32 and fp16 (no bf16): on a GPU, whose fast rows are bf16, it runs fp16
         onnx_dtypes = [dt for dt in fast_dtypes if dt in (torch.float32, torch.float16)]
@@ -129,16 +134,11 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
             onnx_dtypes = [torch.float16]
         rows += [Variant("onnxruntime", dt, backend="-") for dt in onnx_dtypes]
     if (fp8 if fp8 is not None else dtypes is None) and fast_backends:
-        engine_backend = "auto" if "auto" in fast_backends else fast_backends[0]
-        rows.append(Variant("engine", torch.bfloat16, backend=engine_backend, fp8=True))
-        if cuda_graph is not False:
-            rows.append(Variant("engine", torch.bfloat16, backend=engine_backend,
-                                mode="cudagraph", fp8=True))
+        rows += engine_rows(torch.bfloat16, in_fp8=True)
     if not gpu and dtypes is None and fast_backends:
         # the fast engine in bf16 too: the fastest CPU path where the CPU has bf16 arithmetic
         # (the runner skips it, saying why, where it has not)
-        rows.append(Variant("engine", torch.bfloat16,
-                            backend="auto" if "auto" in fast_backends else fast_backends[0]))
+        rows.append(Variant("engine", torch.bfloat16, backend=engine_backend))
     return rows
 
 

@@ -49,8 +49,8 @@ def aten_gemms(engine: Any) -> Iterator[str | None]:
         prepared.gemm_name = name
 
 
-def trace(model: Any, plan: ExportPlan, notes: list[str] | None = None
-          ) -> torch.export.ExportedProgram:
+def trace(model: Any, plan: ExportPlan, notes: list[str]) -> torch.export.ExportedProgram:
+    """The exported program of the model as it runs; what the trace changed goes in ``notes``."""
     engine = model.fast_engine
     if engine is not None:
         engine.prepare()  # folds and GEMM choice are made eagerly, never inside a trace
@@ -60,7 +60,7 @@ def trace(model: Any, plan: ExportPlan, notes: list[str] | None = None
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.export.export(NetworkForward(model, plan.include_fov), (x,),
                                       dynamic_shapes=dynamic_batch(), strict=False)
-    if replaced is not None and notes is not None:
+    if replaced is not None:
         notes.append(f"the ViT GEMMs were traced through aten, not {replaced} (the engine's "
                      "CPU choice): torch.export cannot serialise oneDNN's linear op")
     return program
