@@ -54,6 +54,16 @@ def mean_abs_rel(a, b) -> float:
     return float((np.abs(a - b) / np.abs(b)).mean())
 
 
+def outputs_side_by_side(model, exported, batches: tuple[int, ...]) -> list[tuple]:
+    """(exported outputs, model outputs) on a fresh input per batch size (seeds 41, 42, ...)."""
+    pairs = []
+    for i, batch in enumerate(batches):
+        x = network_inputs(batch, 41 + i)
+        with torch.no_grad():
+            pairs.append((exported(x), model(x)))
+    return pairs
+
+
 def session(path: Path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -217,12 +227,7 @@ def test_pt2_of_the_fast_path_round_trips(tmp_path, cpu_gemm):
     assert r.custom_ops == () and any("plain ATen" in n for n in r.notes)
     assert any("traced through aten, not onednn" in n for n in r.notes) == (cpu_gemm == "onednn")
     assert model.fast_engine._prepared.gemm_name == cpu_gemm  # put back after the trace
-    program = load_exported(r.path)
-    for batch, seed in ((1, 41), (3, 42)):
-        x = network_inputs(batch, seed)
-        with torch.no_grad():
-            want = model(x)
-            got = program(x)
+    for got, want in outputs_side_by_side(model, load_exported(r.path), batches=(1, 3)):
         assert len(got) == 2
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-6, atol=1e-6)
@@ -261,12 +266,7 @@ def test_aoti_package_of_the_fast_path_round_trips(tmp_path):
     model, _ = depthpro_fast.load(None, config=cfg, fast=True)
     r = export(model, tmp_path / "m.pt2", format="aoti")
     assert r.format == "aoti" and is_aoti_package(r.path)
-    runner = load_exported(r.path)
-    for batch, seed in ((1, 41), (2, 42)):
-        x = network_inputs(batch, seed)
-        with torch.no_grad():
-            want = model(x)
-            got = runner(x)
+    for got, want in outputs_side_by_side(model, load_exported(r.path), batches=(1, 2)):
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape and max_rel(g, w) <= 1e-5
 
