@@ -51,6 +51,7 @@ from .cpu_gemm import CPU_GEMMS, CpuGemm, addmm_fp32_out_available, choose_cpu_g
 from .decoder import EpilogueDecoder, FusedSubpixelTail
 from .graphs import GraphRunner
 from .stages import FastStages
+from .streams import own_stream, release_stream
 from .vit import (
     FC1_GELUS,
     LayerScaleFold,
@@ -655,8 +656,17 @@ class FastEngine:
             return None
         s = self._side_streams.get(device)
         if s is None:
-            s = torch.cuda.Stream(device=device)
-            self._side_streams[device] = s
+            # drawn once and kept, never a CUDA stream that another engine or a graph runner
+            # holds (torch's pool hands out 32 streams per device round-robin: fast/streams.py)
+            s = own_stream(device, self)
+            if s is None:
+                self.notes["streams"] = (f"off on {device}: every stream of torch's pool is held "
+                                         "by other engines or graph runners")
+                return None
+            kept = self._side_streams.setdefault(device, s)
+            if kept is not s:  # another thread drew one first
+                release_stream(s, self)
+            s = kept
         return s
 
     def _lockstep_vits(self, inputs: list[torch.Tensor], hook_ids: list[tuple[int, ...]],
