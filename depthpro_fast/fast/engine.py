@@ -49,6 +49,7 @@ from . import attention_choice, folds, fp8, lockstep
 from .attention_choice import Candidate
 from .cpu_gemm import CPU_GEMMS, CpuGemm, addmm_fp32_out_available, choose_cpu_gemm
 from .decoder import EpilogueDecoder, FusedSubpixelTail
+from .freshness import tensor_state
 from .graphs import GraphRunner
 from .stages import FastStages
 from .streams import own_stream, release_stream
@@ -517,7 +518,9 @@ class FastEngine:
     def _current_fingerprint(self) -> tuple:
         p = next(self.model.parameters())
         sources = _fold_sources(self.model) + self._derived_sources()
-        return (p.device, p.dtype, tuple((t.data_ptr(), t._version) for t in sources))
+        # tensor_state: data pointer + version counter, or for inference tensors (no version
+        # counter: a model loaded inside torch.inference_mode()) the tensor object itself
+        return (p.device, p.dtype, tuple(tensor_state(t) for t in sources))
 
     def prepare(self) -> None:
         """(Re)build the folded / converted layers from the model's current weights."""
