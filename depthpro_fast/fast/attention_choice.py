@@ -1,10 +1,10 @@
-"""Attention chosen by measurement (issue 13 item 3).
+"""Attention chosen by measurement.
 
 At the engine's warm-up, for each attention shape the model runs (the patch encoder's
 (35B, heads, 577, D) and the image / FOV encoders' (B, heads, 577, D), in the model dtype), every
 implementation available on the device is timed on random q, k, v laid out as the model lays
 them out (strided views of a packed (B, N, 3, H, D) qkv tensor), checked against the reference
-on the same inputs, and the fastest correct one is used for that shape:
+on the same inputs, and the fastest correct one (near-ties: below) is used for that shape:
 
 - ``reference`` (``ops.attention_reference``), ``torch`` (SDPA, PyTorch's own pick);
 - ``sdpa:<backend>``: SDPA restricted with ``torch.nn.attention.sdpa_kernel`` to one backend

@@ -3,11 +3,12 @@
 Which library is faster depends on the CPU, so the fast engine times both
 (``FastOptions(cpu_gemm="auto")``, about a second) and keeps the faster. The two run a GEMM in
 different orders, so they round differently: a choice that flipped between runs would change
-the depth maps' bits and the speed (one bench row measured 14.4 s in one run and 21-22 s in
-others). So the choice is made once, as every timed choice (``fast/timed_choice.py``): measured
-once per process, dtype and shape, stored per device (``DeviceCache("cpu_gemm", "cpu")``: the
-CPU model and thread count, the versions), and oneDNN must beat ``aten`` by more than the CPU's
-near-tie margin (10 %), else ``aten``, first in the fixed order, is kept:
+the depth maps' bits and the speed (a suspect for a bench row that measured 14.4 s in one run
+and 21-22 s in others; on the 2-core EPYC the two once measured 91 against 91 GFLOP/s). So the
+choice is made once, as every timed choice (``fast/timed_choice.py``): measured once per
+process, dtype and shape, stored per device (``DeviceCache("cpu_gemm", "cpu")``: the CPU model
+and thread count, the versions), and oneDNN must beat ``aten`` by more than the CPU's near-tie
+margin (10 %), else ``aten``, first in the fixed order, is kept:
 
 - ``aten``: ``F.linear`` (fp32 through MKL's sgemm; bf16 through oneDNN already). Measured on a
   2-core AVX2 AMD EPYC, fp32, (20195 x 1024) @ (1024 x 4096): 89-105 GFLOP/s.
@@ -15,7 +16,7 @@ near-tie margin (10 %), else ``aten``, first in the fixed order, is kept:
   the ViT weights stay the model's own tensors), with fc1's bias and exact (erf) GELU as oneDNN
   post-ops, so the bias + GELU pass disappears. Same shape and machine: 73-79 GFLOP/s, so
   ``auto`` keeps ``aten`` there; reported 335 against MKL's 176 GFLOP/s on an AVX-512 EPYC
-  (issue 14), where ``auto`` picks it.
+  where ``auto`` picks it.
 
 Both compute the same function up to rounding (fp32 accumulation in either).
 """
