@@ -19,10 +19,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _attention_measurements() -> dict[str, Any]:
-    from .fast.attention_choice import MEASURED
+def _timed_choices(kind: str) -> dict[str, Any]:
+    """The choices of ``kind`` made by timing that this process used (fast/timed_choice.py)."""
+    from .fast.timed_choice import USED
 
-    return {k: dict(v) for k, v in MEASURED.items()}
+    return {k: dict(v) for k, v in USED.get(kind, {}).items()}
 
 
 def info() -> dict[str, Any]:
@@ -59,8 +60,10 @@ def info() -> dict[str, Any]:
         "backends": backend_report,
         "ops": backends.registered_ops(),
         "auto_fallbacks": backends.fallback_log(),
-        # attention implementations timed by fast engines in this process (and the choice)
-        "attention_measurements": _attention_measurements(),
+        # attention implementations chosen by fast engines in this process: timings, choice,
+        # and its source ("measured" here or "device cache": stored by an earlier process)
+        "attention_measurements": _timed_choices("attention_choice"),
+        "cpu_gemm_choices": _timed_choices("cpu_gemm"),
         "checkpoint_search": [
             {"where": what, "path": str(path) if path else None,
              "exists": bool(path and path.is_file())}
@@ -98,10 +101,14 @@ def format_info(report: dict[str, Any] | None = None) -> str:
     lines.append("ops: " + ", ".join(f"{op} [{'/'.join(impls)}]" for op, impls in r["ops"].items()))
     for key, why in r["auto_fallbacks"].items():
         lines.append(f"  auto skipped {key}: {why}")
-    for shape, m in r.get("attention_measurements", {}).items():
-        times = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} failed"
-                          for k, v in m["timings_ms"].items())
-        lines.append(f"  attention {shape}: {m['choice']} (ms: {times})")
+    for kind, choices in (("attention", r.get("attention_measurements", {})),
+                          ("cpu gemm", r.get("cpu_gemm_choices", {}))):
+        for shape, m in choices.items():
+            times = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} failed"
+                              for k, v in m["timings_ms"].items())
+            skipped = "".join(f"; {k} skipped" for k in m.get("skipped", {}))
+            lines.append(f"  {kind} {shape}: {m['choice']} ({m.get('source', 'measured')}; "
+                         f"ms: {times}{skipped})")
     lines.append("checkpoint search (load('auto')):")
     for c in r["checkpoint_search"]:
         lines.append(f"  {c['where']:<24} {c['path'] or '(not set)'}"

@@ -1,18 +1,34 @@
-"""Attention chosen by measurement (issue 13 item 3): the choice from injected timings, the
-real timing path on a CPU, the engine's use of the choice (status, info, the ViTs' attention)."""
+"""Attention chosen by measurement: the choice from injected timings (near-ties to the fixed
+order), the real timing path on a CPU, the GPU's size limit for the candidates that materialise
+the scores, the choice made once and stored per device (three models loaded under a noisy timer
+give bitwise the same output; a second process times nothing), the engine's use of the choice
+(status, info, the ViTs' attention)."""
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import depthpro_fast
+from depthpro_fast import device_cache
 from depthpro_fast.fast import attention_choice as ac
+from depthpro_fast.fast import cpu_gemm, timed_choice
 from tests.test_fast_path import MICRO, _input, _random_model, max_rel
+from tests.test_timed_choice import as_another_process, fresh_store, noisy_clock
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)  # never touched: candidates() only reads its type
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path, monkeypatch):
+    """Every test starts with an empty device cache: no choice stored by another test."""
+    yield from fresh_store(tmp_path, monkeypatch)
 
 
 def test_choose_takes_the_fastest_that_qualified():
@@ -25,6 +41,66 @@ def test_choose_takes_the_fastest_that_qualified():
         == "sdpa:math"
     with pytest.raises(RuntimeError, match="no attention implementation qualified"):
         ac.choose({"torch": None})
+
+
+def test_near_ties_go_to_the_fixed_preference_order():
+    # torch (SDPA's own pick) 5 % faster than SDPA pinned to flash: a tie on a CPU (10 %), and
+    # the pinned kernel is earlier in the order; on CUDA (3 %) the difference is real
+    timings = {"torch": 1.0, "sdpa:flash": 1.05, "sdpa:math": 3.0, "reference": 4.0}
+    assert ac.choose(timings, margin=timed_choice.near_tie_margin(CPU)) == "sdpa:flash"
+    assert ac.choose(timings, margin=timed_choice.near_tie_margin(CUDA)) == "torch"
+    # our CUDA kernel 2.5 % slower than Triton on a GPU: kept (first in the order)
+    assert ac.choose({"cuda": 1.015, "sdpa:cudnn": 1.0, "triton": 0.99},
+                     margin=timed_choice.near_tie_margin(CUDA)) == "cuda"
+    assert ac.PREFERENCE.index("sdpa:flash") < ac.PREFERENCE.index("triton") \
+        < ac.PREFERENCE.index("torch") < ac.PREFERENCE.index("reference")
+
+
+def test_candidates_come_in_preference_order():
+    names = [c.name for c in ac.candidates(CPU)[0]]
+    assert names == [n for n in ac.PREFERENCE if n in names]
+    assert names == ["sdpa:flash", "torch", "sdpa:math", "reference"]
+
+
+def test_gpu_skips_the_materialising_candidates_above_the_size_limit():
+    """At batch 8 the patch encoder's (280, 16, 577, 64) would write 5.6 GiB of fp32 scores
+    (twice, with the softmax) in ``reference`` and ``sdpa:math``: skipped, with the reason."""
+    big = (280, 16, 577, 64)
+    assert ac.scores_bytes(*big[:3]) > ac.SCORES_LIMIT_BYTES
+    found, skipped = ac.candidates(CUDA, big)
+    names = {c.name for c in found}
+    assert not names & {"reference", "sdpa:math"}
+    assert {"torch", "sdpa:flash", "sdpa:efficient"} <= names
+    for name in ("reference", "sdpa:math"):
+        assert "materialises 5690 MiB of fp32 attention scores" in skipped[name]
+        assert "limit on CUDA: 512 MiB" in skipped[name]
+    # the image / FOV encoders at batch 1 (21 MB): measured
+    assert {"reference", "sdpa:math"} <= {c.name for c in ac.candidates(CUDA, (1, 16, 577, 64))[0]}
+    # the limit is on the GPU only (a CPU's memory is the model's anyway) and on the shape
+    assert {"reference", "sdpa:math"} <= {c.name for c in ac.candidates(CPU, big)[0]}
+    assert {"reference", "sdpa:math"} <= {c.name for c in ac.candidates(CUDA)[0]}
+
+
+def test_a_stored_choice_over_the_gpu_size_limit_is_measured_again(monkeypatch):
+    """A stored ``sdpa:math`` (e.g. from a version without the limit) for a shape now over the
+    limit is not reused: measured again, the reason recorded (a fake CUDA device throughout)."""
+    monkeypatch.setattr(device_cache, "device_fingerprint",
+                        lambda device: {"device_type": torch.device(device).type, "fake": 1})
+    key = ac.shape_key(280, 16, 577, 64, torch.bfloat16)
+    device_cache.DeviceCache("attention_choice", CUDA).put(key, {"choice": "sdpa:math"})
+    device_cache.clear_memory()
+    calls = []
+
+    def measured(*args, **kwargs):
+        calls.append(args)
+        return {"choice": "sdpa:flash", "timings_ms": {"sdpa:flash": 1.0}, "errors": {},
+                "skipped": dict(ac.candidates(CUDA, args[:4])[1])}
+
+    monkeypatch.setattr(ac, "measure", measured)
+    rec = ac.decide(280, 16, 577, 64, torch.bfloat16, CUDA)
+    assert calls and rec["choice"] == "sdpa:flash" and rec["source"] == "measured"
+    assert "stored choice 'sdpa:math' not usable: materialises" in rec["why_measured"]
+    assert "materialises" in rec["skipped"]["reference"]
 
 
 def test_measure_with_injected_timings_records_and_excludes():
@@ -45,7 +121,8 @@ def test_measure_with_injected_timings_records_and_excludes():
     assert rec["timings_ms"]["sdpa:math"] is None and "tolerance" in rec["errors"]["sdpa:math"]
     assert rec["timings_ms"]["torch"] is None and "no kernel" in rec["errors"]["torch"]
     assert "triton" in rec["skipped"] and "cuda" in rec["skipped"]
-    assert ac.MEASURED["3x2x17x16 float32 cpu"]["choice"] == "sdpa:flash"
+    assert rec["margin"] == 0.10 and rec["order"] == ["sdpa:flash", "torch", "sdpa:math",
+                                                      "reference"]
 
 
 def test_real_timing_path_on_cpu():
@@ -78,7 +155,7 @@ def test_engine_measures_with_auto_and_uses_the_choice(monkeypatch):
     real = ac.measure
 
     def rigged(*args, **kwargs):
-        rec = real(*args, repeats=1, **kwargs)
+        rec = real(*args, **{**kwargs, "repeats": 1})
         rec["choice"] = "sdpa:math"
         return rec
 
@@ -99,9 +176,12 @@ def test_engine_measures_with_auto_and_uses_the_choice(monkeypatch):
     # the measurement pins each candidate in turn; then the three ViTs run the chosen one
     assert used[-3:] == ["sdpa:math"] * 3 and len(used) > 3
     assert max_rel(out, ref) <= 1e-5
+    assert "35x1x577x64 float32: sdpa:math (measured in this process: no stored choice" \
+        in status["notes"]["attention_choice_source"]
     info = depthpro_fast.info()
-    assert "35x1x577x64 float32 cpu" in info["attention_measurements"]
-    assert "attention 35x1x577x64" in depthpro_fast.report.format_info(info)
+    assert info["attention_measurements"]["35x1x577x64 float32 cpu"]["source"] == "measured"
+    assert "attention 35x1x577x64 float32 cpu: sdpa:math (measured; ms:" \
+        in depthpro_fast.report.format_info(info)
 
 
 def test_engine_keeps_an_explicit_backend():
@@ -147,3 +227,62 @@ def test_warm_up_runs_without_the_side_stream_before_the_graph_runner(monkeypatc
         fast(x)
     assert events == ["measure", "forward streams=False", "graphs", "forward streams=True",
                       "graphs", "forward streams=True"]
+
+
+def test_decide_measures_once_then_a_second_process_reads_the_device_cache(monkeypatch):
+    first = ac.decide(2, 2, 33, 16, torch.float32, CPU, repeats=1)
+    assert first["source"] == "measured" and first["choice"] in ac.PREFERENCE
+
+    def no_timing(*args):
+        raise AssertionError("timed again: the stored choice was not reused")
+
+    assert ac.decide(2, 2, 33, 16, torch.float32, CPU, timer=no_timing)["why_measured"] is None
+    as_another_process(monkeypatch)
+    second = ac.decide(2, 2, 33, 16, torch.float32, CPU, timer=no_timing)
+    assert second["source"] == "device cache" and second["choice"] == first["choice"]
+    assert second["timings_ms"] == first["timings_ms"]
+    # another shape or dtype is another decision
+    assert ac.decide(3, 2, 33, 16, torch.float32, CPU, repeats=1)["source"] == "measured"
+    assert ac.decide(2, 2, 33, 16, torch.float16, CPU, repeats=1)["source"] == "measured"
+
+
+def test_a_real_second_process_uses_the_stored_choice(tmp_path):
+    """The same through a new Python process (the device cache folder is inherited)."""
+    first = ac.decide(2, 2, 33, 16, torch.float32, CPU, repeats=1)
+    script = (
+        "import torch\n"
+        "from depthpro_fast.fast import attention_choice as ac\n"
+        "def no_timing(*a): raise AssertionError('timed again')\n"
+        "r = ac.decide(2, 2, 33, 16, torch.float32, torch.device('cpu'), timer=no_timing)\n"
+        "print(r['source'], r['choice'])\n")
+    env = {**os.environ, device_cache.ENV_VAR: str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["device", "cache", first["choice"]]
+
+
+def test_three_loads_under_a_noisy_timer_give_bitwise_identical_outputs(monkeypatch):
+    """Every timing random (attention and CPU GEMM): the first model's measurement decides,
+    the next two use the stored choice, and the three depth maps are bitwise equal. Before
+    choices were stored, each new engine measured again and picked its own kernels."""
+    clock = noisy_clock(3)
+    monkeypatch.setattr(ac, "CLOCK", clock)
+    monkeypatch.setattr(cpu_gemm, "CLOCK", clock)
+    # the premise: this timer alone picks different attention kernels for one shape
+    winners = {ac.measure(2, 2, 33, 16, torch.float32, CPU)["choice"] for _ in range(8)}
+    assert len(winners) > 1, winners
+    x = _input(seed=8)
+    outs, notes = [], []
+    for _ in range(3):
+        torch.manual_seed(41)  # the same random weights each time
+        model, _ = depthpro_fast.load(None, config=MICRO, device="cpu", fast=True)
+        with torch.no_grad():
+            outs.append(model(x))
+        notes.append(model.fast_engine.status()["notes"]["attention_choice_source"])
+    for cid, fov in outs[1:]:
+        assert torch.equal(cid, outs[0][0]) and torch.equal(fov, outs[0][1])
+    assert "measured in this process: no stored choice" in notes[0]
+    assert notes[1] == notes[2] and "measured earlier in this process" in notes[1]
+    assert timed_choice.USED["attention_choice"].keys() == {"35x1x577x64 float32 cpu",
+                                                             "1x1x577x64 float32 cpu"}

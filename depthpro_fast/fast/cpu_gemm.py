@@ -1,7 +1,14 @@
 """The ViT GEMMs on a CPU: PyTorch's default (MKL for fp32) or oneDNN, chosen by measurement.
 
-Which library is faster depends on the CPU, so the fast engine times both once per process and
-dtype (``FastOptions(cpu_gemm="auto")``, about a second) and keeps the faster:
+Which library is faster depends on the CPU, so the fast engine times both
+(``FastOptions(cpu_gemm="auto")``, about a second) and keeps the faster. The two run a GEMM in
+different orders, so they round differently: a choice that flipped between runs would change
+the depth maps' bits and the speed (a suspect for a bench row that measured 14.4 s in one run
+and 21-22 s in others; on the 2-core EPYC the two once measured 91 against 91 GFLOP/s). So the
+choice is made once, as every timed choice (``fast/timed_choice.py``): measured once per
+process, dtype and shape, stored per device (``DeviceCache("cpu_gemm", "cpu")``: the CPU model
+and thread count, the versions), and oneDNN must beat ``aten`` by more than the CPU's near-tie
+margin (10 %), else ``aten``, first in the fixed order, is kept:
 
 - ``aten``: ``F.linear`` (fp32 through MKL's sgemm; bf16 through oneDNN already). Measured on a
   2-core AVX2 AMD EPYC, fp32, (20195 x 1024) @ (1024 x 4096): 89-105 GFLOP/s.
@@ -9,7 +16,7 @@ dtype (``FastOptions(cpu_gemm="auto")``, about a second) and keeps the faster:
   the ViT weights stay the model's own tensors), with fc1's bias and exact (erf) GELU as oneDNN
   post-ops, so the bias + GELU pass disappears. Same shape and machine: 73-79 GFLOP/s, so
   ``auto`` keeps ``aten`` there; reported 335 against MKL's 176 GFLOP/s on an AVX-512 EPYC
-  (issue 14), where ``auto`` picks it.
+  where ``auto`` picks it.
 
 Both compute the same function up to rounding (fp32 accumulation in either).
 """
@@ -19,15 +26,19 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
+from . import timed_choice
 
 CPU_GEMMS = ("auto", "aten", "onednn")
-# oneDNN must beat the default by this much to be chosen (timings on a shared CPU are noisy).
-_MIN_GAIN = 1.08
+#: the fixed order that breaks near-ties: PyTorch's default first
+PREFERENCE = ("aten", "onednn")
+#: the timer of the measurement (read at each call: tests inject a noisy one)
+CLOCK: Callable[[], float] = time.perf_counter
 
 
 @functools.cache
@@ -177,33 +188,61 @@ class CpuGemm:
 
 
 def _seconds(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
+    clock = CLOCK
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
-@functools.cache
-def _measure(dtype: torch.dtype, threads: int, rows: int, k: int, n: int) -> tuple[str, str]:
-    ok, why = onednn_linear_available(dtype)
-    if not ok:
-        return "aten", f"aten: oneDNN unavailable ({why})"
+def measure_cpu_gemm(dtype: torch.dtype, rows: int, k: int, n: int) -> dict[str, Any]:
+    """Time fc1 (a ``rows x k @ k x n`` GEMM with its bias + exact GELU) in both libraries now
+    (oneDNN must be available); the record ``{"choice", "timings_ms", "gflops", "shape",
+    "dtype", "threads", "margin", "order"}``."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k, generator=g).to(dtype)
     w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
     b = torch.randn(n, generator=g).to(dtype)
     # what the fused ViT runs: fc1 with its bias and GELU
     cands = {name: functools.partial(CpuGemm(name).linear_bias_gelu, x, w, b)
-             for name in ("aten", "onednn")}
+             for name in PREFERENCE}
     for fn in cands.values():  # warm-up (oneDNN builds its kernel on the first call)
         fn()
     best = {name: float("inf") for name in cands}
     for _ in range(2):  # interleaved, best of each: robust to a neighbour's load
         for name, fn in cands.items():
             best[name] = min(best[name], _seconds(fn))
-    chosen = "onednn" if best["aten"] > _MIN_GAIN * best["onednn"] else "aten"
+    timings = {name: s * 1e3 for name, s in best.items()}
+    margin = timed_choice.near_tie_margin("cpu")
     flop = 2 * rows * k * n
-    rates = ", ".join(f"{name} {flop / s / 1e9:.0f} GFLOP/s" for name, s in best.items())
-    return chosen, f"{chosen}: measured {rates} ({rows}x{k} @ {k}x{n}, {dtype}, {threads} threads)"
+    return {"choice": timed_choice.pick(timings, PREFERENCE, margin), "timings_ms": timings,
+            "gflops": {name: round(flop / max(s, 1e-12) / 1e9, 1) for name, s in best.items()},
+            "shape": [rows, k, n], "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "margin": margin, "order": list(PREFERENCE)}
+
+
+def describe(record: dict[str, Any]) -> str:
+    """The engine's ``status()["cpu_gemm"]`` words for a choice record."""
+    rows, k, n = record["shape"]
+    rates = ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in record["gflops"].items())
+    return (f"{record['choice']}: measured {rates} ({rows}x{k} @ {k}x{n}, {record['dtype']}, "
+            f"{record['threads']} threads; ties within {record['margin']:.0%} go to aten); "
+            f"{timed_choice.source_words(record)}")
+
+
+def decide_cpu_gemm(dtype: torch.dtype, rows: int, k: int, n: int) -> dict[str, Any]:
+    """The library for this dtype and GEMM shape: measured once per process, stored per device
+    (``fast/timed_choice.py``); oneDNN must be available (:func:`onednn_linear_available`)."""
+
+    def usable(stored: dict[str, Any]) -> str | None:
+        if stored["choice"] not in PREFERENCE:
+            return "not a CPU GEMM library of this version"
+        if stored["choice"] == "onednn" and not onednn_linear_available(dtype)[0]:
+            return f"oneDNN unavailable ({onednn_linear_available(dtype)[1]})"
+        return None
+
+    key = f"{rows}x{k}x{n} {str(dtype).removeprefix('torch.')}"
+    return timed_choice.decide("cpu_gemm", "cpu", key, key,
+                               lambda: measure_cpu_gemm(dtype, rows, k, n), usable)
 
 
 def choose_cpu_gemm(option: str, dtype: torch.dtype, *, k: int = 1024, n: int = 4096,
@@ -211,7 +250,8 @@ def choose_cpu_gemm(option: str, dtype: torch.dtype, *, k: int = 1024, n: int = 
     """``(library, why)`` for ``FastOptions.cpu_gemm`` = ``option`` on a CPU in ``dtype``.
 
     ``auto`` times one fc1-shaped GEMM with its bias + GELU in both libraries (once per
-    process, dtype and thread count; about a second for the official ViT-L on 2 cores).
+    process, dtype and shape, stored per device and thread count: :func:`decide_cpu_gemm`;
+    about a second for the official ViT-L on 2 cores).
     """
     if option not in CPU_GEMMS:
         raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {option!r}")
@@ -222,4 +262,8 @@ def choose_cpu_gemm(option: str, dtype: torch.dtype, *, k: int = 1024, n: int = 
         if not ok:
             raise RuntimeError(f"cpu_gemm='onednn' cannot run in {dtype}: {why}")
         return "onednn", "onednn: chosen by the option"
-    return _measure(dtype, torch.get_num_threads(), rows, k, n)
+    ok, why = onednn_linear_available(dtype)
+    if not ok:
+        return "aten", f"aten: oneDNN unavailable ({why})"
+    record = decide_cpu_gemm(dtype, rows, k, n)
+    return record["choice"], describe(record)

@@ -621,7 +621,11 @@ class FastEngine:
         return device.type == "cuda"
 
     def _choose_attention(self, x: torch.Tensor, compute_fov: bool = True) -> None:
+        """The attention implementation per ViT batch of this input: measured once per process
+        and stored per device (``attention_choice.decide``), so every engine on the same device
+        and versions runs the same kernels; where each choice came from goes to the notes."""
         from ..op_common import windows_per_image
+        from . import timed_choice
 
         attn = self.model.encoder.patch_encoder.blocks[0].attn
         b = x.shape[0]
@@ -633,11 +637,15 @@ class FastEngine:
             k = (batch, x.dtype, x.device)
             if k in self._attention:
                 continue
-            record = attention_choice.measure(batch, attn.num_heads, NUM_TOKENS,
-                                              attn.head_dim, x.dtype, x.device)
+            record = attention_choice.decide(batch, attn.num_heads, NUM_TOKENS,
+                                             attn.head_dim, x.dtype, x.device)
             self._attention[k] = attention_choice.by_name(record["choice"], x.device)
-            self._attention_records[f"{batch}x{attn.num_heads}x{NUM_TOKENS}x{attn.head_dim} "
-                                    f"{record['dtype']}"] = record
+            name = attention_choice.shape_key(batch, attn.num_heads, NUM_TOKENS, attn.head_dim,
+                                              x.dtype)
+            self._attention_records[name] = record
+        self.notes["attention_choice_source"] = "; ".join(
+            f"{name}: {r['choice']} ({timed_choice.source_words(r)})"
+            for name, r in self._attention_records.items())
 
     def status(self) -> dict[str, Any]:
         """What the engine does and does not use, and why (for reports and benchmarks)."""
