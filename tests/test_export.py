@@ -23,9 +23,9 @@ import depthpro_fast
 from depthpro_fast.exporters import ExportError, export, load_exported
 from depthpro_fast.exporters import metric_depth as recipe
 from depthpro_fast.exporters.to_pt2 import is_aoti_package
+from depthpro_fast.install_hints import EXPORT_HINT
 
-ort = pytest.importorskip("onnxruntime", reason="the ONNX tests need onnxruntime "
-                                                "(pip install 'depthpro-fast[export]')")
+ort = pytest.importorskip("onnxruntime", reason=f"the ONNX tests need onnxruntime ({EXPORT_HINT})")
 onnx = pytest.importorskip("onnx")
 
 ROOT = Path(__file__).resolve().parents[1]
