@@ -70,12 +70,14 @@ def test_the_docs_show_commands():
 
 @pytest.mark.parametrize("command", COMMANDS, ids=_ids(COMMANDS))
 def test_command_names_real_subcommands_and_options(command):
-    assert check_command(command.text) == [], command.where
+    problems = check_command(command.text)
+    assert not problems, f"{command.where}: `{command.text}`: " + "; ".join(problems)
 
 
 @pytest.mark.parametrize("block", PY_BLOCKS, ids=_ids(PY_BLOCKS))
 def test_python_block_compiles_and_names_real_api(block):
-    assert check_python_block(block.text) == [], f"{block.file}:{block.line}"
+    problems = check_python_block(block.text)
+    assert not problems, f"{block.file}:{block.line}: " + "; ".join(problems)
 
 
 def _workdir(tmp: Path) -> dict[str, str]:

@@ -163,7 +163,7 @@ def test_onnx_fp16_depth_only_from_the_command_line(fp16_depth_only, fp32_model)
 
 
 # ----------------------------------------------------------------------------------------------
-# the numpy recipe (README) against infer
+# the numpy recipe (docs/export.md) against infer
 # ----------------------------------------------------------------------------------------------
 
 
