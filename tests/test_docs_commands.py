@@ -231,3 +231,12 @@ def test_doc_pages_named_in_the_docs_exist():
                                 path.read_text(encoding="utf-8")))
     missing = sorted(p for p in named if not (ROOT / p).is_file() and p not in PENDING_PAGES)
     assert missing == []
+
+
+def test_install_sh_refuses_an_unknown_argument_before_installing():
+    """`./install.sh devel` must not install the plain package silently (it used to ignore
+    anything but `dev`): it stops at once, naming what it accepts."""
+    proc = subprocess.run([str(ROOT / "install.sh"), "devel"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHON": "/nonexistent/python"})
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown argument 'devel'" in proc.stderr and "dev, export" in proc.stderr
