@@ -2,7 +2,9 @@
 # Installs depthpro_fast (editable) with a torch that fits this machine.
 #
 #   ./install.sh          the package
-#   ./install.sh dev      the package and the test / benchmark tools
+#   ./install.sh dev      the package and the test / benchmark tools (ONNX export included)
+#   ./install.sh export   the package and the ONNX export tools (onnx, onnxscript, onnxruntime)
+#   ./install.sh --help   this text
 #
 # On a machine without an NVIDIA GPU it installs PyTorch's CPU build so that pip never downloads
 # several GB of CUDA wheels: from a wheelhouse pip is configured with (find-links), else from the
@@ -14,8 +16,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-EXTRA=""
-[ "${1:-}" = "dev" ] && EXTRA="[dev]"
+case "${1:-}" in
+  "") EXTRA="" ;;
+  dev | export) EXTRA="[$1]" ;;
+  -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  *) echo "install.sh: unknown argument '$1'; accepted: nothing (the package), dev, export," \
+          "--help" >&2; exit 2 ;;
+esac
+if [ $# -gt 1 ]; then
+  echo "install.sh: one argument at most (dev or export), got: $*" >&2; exit 2
+fi
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }

@@ -23,9 +23,9 @@ import depthpro_fast
 from depthpro_fast.exporters import ExportError, export, load_exported
 from depthpro_fast.exporters import metric_depth as recipe
 from depthpro_fast.exporters.to_pt2 import is_aoti_package
+from depthpro_fast.install_hints import EXPORT_HINT
 
-ort = pytest.importorskip("onnxruntime", reason="the ONNX tests need onnxruntime "
-                                                "(pip install 'depthpro-fast[export]')")
+ort = pytest.importorskip("onnxruntime", reason=f"the ONNX tests need onnxruntime ({EXPORT_HINT})")
 onnx = pytest.importorskip("onnx")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def test_onnx_fp16_depth_only_from_the_command_line(fp16_depth_only, fp32_model)
 
 
 # ----------------------------------------------------------------------------------------------
-# the numpy recipe (README) against infer
+# the numpy recipe (docs/export.md) against infer
 # ----------------------------------------------------------------------------------------------
 
 

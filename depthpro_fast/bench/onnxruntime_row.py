@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..install_hints import EXPORT_HINT
+
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
@@ -26,7 +28,7 @@ def onnxruntime_unavailable(device: torch.device) -> str | None:
     missing = [p for p in ("onnxruntime", "onnx", "onnxscript")
                if importlib.util.find_spec(p) is None]
     if missing:
-        return (f"{', '.join(missing)} not installed (pip install 'depthpro-fast[export]')")
+        return f"{', '.join(missing)} not installed ({EXPORT_HINT})"
     if device.type == "cuda" and not providers(device)[:-1]:
         return ("this onnxruntime has no CUDA or TensorRT execution provider (pip install "
                 "onnxruntime-gpu); its CPU provider is not timed on a GPU machine")

@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from ..install_hints import EXPORT_HINT
+
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16", "half": "float16", "fp8": "fp8"}
 _FAST_BACKENDS = ("auto", "triton", "cuda")
@@ -75,9 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time transformers' DepthProForDepthEstimation when installed, "
                              "official config (default: on a GPU; on a CPU only with --hf)")
     parser.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=None,
-                        help="time our ONNX export in ONNX Runtime (pip install "
-                             "'depthpro-fast[export]'; on a GPU its CUDA / TensorRT providers, "
-                             "fp16; default: on a GPU; on a CPU only with --onnxruntime)")
+                        help=f"time our ONNX export in ONNX Runtime ({EXPORT_HINT}; on a GPU "
+                             "its CUDA / TensorRT providers, fp16; default: on a GPU; on a CPU "
+                             "only with --onnxruntime)")
     parser.add_argument("--stages", action="store_true",
                         help="add the per-stage breakdown of the eager rows")
     parser.add_argument("--flops", action="store_true", help="print the FLOP count per module")

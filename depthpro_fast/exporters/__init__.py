@@ -5,7 +5,7 @@ float tensor normalised as ``transform`` does (``2 * rgb - 1``, resized to 1536x
 outputs ``canonical_inverse_depth`` (B, 1, 1536, 1536) and ``fov_deg`` (B, 1, 1, 1); a model
 without its FOV network (``load(..., use_fov=False)``) or ``include_fov=False`` gives a
 depth-only graph. The batch is dynamic. Turning those outputs into metric depth (the focal
-length, the resize back, the clamp) is ``infer``'s job; the README shows it in numpy for users
+length, the resize back, the clamp) is ``infer``'s job; docs/export.md shows it in numpy for users
 of ONNX Runtime or TensorRT (``metric_depth.py`` holds the same recipe, tested against
 ``infer``).
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .._spelling import option
+from ..install_hints import EXPORT_HINT
 
 #: format -> the file suffix it writes
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "aoti": ".pt2"}
@@ -107,8 +108,8 @@ def _need_packages(fmt: str) -> None:
         missing = [p for p in _ONNX_PACKAGES if importlib.util.find_spec(p) is None]
         if missing:
             raise ExportError(f"ONNX export needs the Python package(s) {', '.join(missing)}: "
-                              "pip install 'depthpro-fast[export]' (onnx, onnxscript, and "
-                              "onnxruntime to run the result)")
+                              f"{EXPORT_HINT} (onnx, onnxscript, and onnxruntime to "
+                              "run the result)")
     if fmt == "aoti" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         raise ExportError("aoti export compiles C++ with AOTInductor and needs a C++ compiler "
                           "(c++, g++ or clang++ on PATH); none was found. The pt2 format "
