@@ -96,6 +96,8 @@ class FastOptions:
     - ``skip_unused_fov``: skip the FOV branch when the caller does not need it.
     - ``compile_mode``: ``torch.compile`` mode for ``epilogues="compile"``.
     - ``max_graphs``: CUDA graphs kept (one per batch size / FOV need).
+    - ``max_recaptures``: how often a key evicted by other keys is captured again before it
+      is marked thrashing and runs eagerly (``fast/graphs.py``).
     - ``cpu_gemm``: on a CPU, the library of the fused ViT's GEMMs: ``"aten"`` (PyTorch's
       default, MKL in fp32), ``"onednn"`` (oneDNN, fc1's bias + GELU as its post-ops) or
       ``"auto"`` (the faster of the two, timed once per process and dtype; ``fast/cpu_gemm.py``).
@@ -143,6 +145,7 @@ class FastOptions:
     skip_unused_fov: bool = True
     compile_mode: str | None = None
     max_graphs: int = 4
+    max_recaptures: int = 2
     cpu_gemm: str = "auto"
     fp8: bool = False
     fp8_scaling: str = "row"
@@ -211,6 +214,10 @@ class FastOptions:
         if isinstance(self.max_graphs, bool) or not isinstance(self.max_graphs, int) \
                 or self.max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive integer, got {self.max_graphs!r}")
+        if isinstance(self.max_recaptures, bool) or not isinstance(self.max_recaptures, int) \
+                or self.max_recaptures < 0:
+            raise ValueError("max_recaptures must be an integer >= 0, got "
+                             f"{self.max_recaptures!r}")
 
     @classmethod
     def resolve(cls, value: bool | Mapping[str, Any] | FastOptions | None) -> FastOptions | None:
@@ -437,14 +444,16 @@ def check_fp8_model(p: torch.Tensor) -> None:
         raise Fp8UnavailableError(f"fp8 cannot run here: {problem}")
 
 
-def _fold_sources(model: DepthPro) -> list[torch.Tensor]:
-    """Parameters that the prepared layers are derived from (everything but the ViTs)."""
+def fold_source_slots(model: DepthPro) -> list[tuple[torch.nn.Module, str]]:
+    """(module, parameter name) of every parameter that the prepared conv layers are derived
+    from (everything but the ViTs)."""
     enc = model.encoder
     mods = [enc.upsample_latent0, enc.upsample_latent1, enc.upsample0, enc.upsample1,
             enc.upsample2, enc.upsample_lowres, enc.fuse_lowres, model.decoder, model.head]
     if model.fov is not None:
         mods += [model.fov.downsample, model.fov.head]
-    return [p for m in mods for p in m.parameters()]
+    return [(m, n) for mod in mods for m in mod.modules()
+            for n, p in m.named_parameters(recurse=False) if p is not None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +472,8 @@ class FastEngine:
         self._prepared: _Prepared | None = None
         self._fingerprint: tuple | None = None
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.graphs = GraphRunner(max_graphs=self.options.max_graphs)
+        self.graphs = GraphRunner(max_graphs=self.options.max_graphs,
+                                  max_recaptures=self.options.max_recaptures)
         self.notes: dict[str, str] = {}
         self.calls = 0
         # attention per ViT batch (measured at warm-up): (batch, dtype, device) -> candidate
@@ -486,7 +496,8 @@ class FastEngine:
     # -- preparation --------------------------------------------------------------------------
 
     def _derived_sources(self) -> list[torch.Tensor]:
-        """The ViT tensors that prepared copies derive from (the lock-step's stacked weights,
+        """The tensors that prepared layers derive from: the conv folds' sources (everything
+        but the ViTs) and the ViT tensors of prepared copies (the lock-step's stacked weights,
         the fp8 mode's e4m3 copies, the folded LayerScale).
 
         The (module, parameter name) slots are listed once per preparation, since walking the
@@ -495,7 +506,8 @@ class FastEngine:
         (``load_state_dict(assign=True)``, ``blk.attn.qkv.weight = Parameter(...)``) is still
         seen. A replaced *module* needs ``prepare_fast()``, as for the other prepared layers."""
         if self._derived is None:
-            o, slots = self.options, []
+            # the conv folds' sources too: walking their modules on every call cost ~1 ms
+            o, slots = self.options, fold_source_slots(self.model)
 
             def add(module: torch.nn.Module, *names: str) -> None:
                 slots.extend((module, n) for n in names)
@@ -517,7 +529,7 @@ class FastEngine:
 
     def _current_fingerprint(self) -> tuple:
         p = next(self.model.parameters())
-        sources = _fold_sources(self.model) + self._derived_sources()
+        sources = self._derived_sources()  # the conv folds' and the ViT copies' sources
         # tensor_state: data pointer + version counter, or for inference tensors (no version
         # counter: a model loaded inside torch.inference_mode()) the tensor object itself
         return (p.device, p.dtype, tuple(tensor_state(t) for t in sources))
@@ -657,7 +669,9 @@ class FastEngine:
                 "vit_lockstep": self._prepared.lockstep_why if self._prepared else None,
                 "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls,
                 "attention": {k: {"choice": r["choice"], "timings_ms": r["timings_ms"],
-                                  "errors": r["errors"], "skipped": r["skipped"]}
+                                  "errors": r["errors"], "skipped": r["skipped"],
+                                  "source": r.get("source"),
+                                  "why_measured": r.get("why_measured")}
                               for k, r in self._attention_records.items()}}
 
     # -- the forward --------------------------------------------------------------------------
