@@ -71,9 +71,11 @@ BAND_PIXELS = 1 << 20
 
 
 def row_bands(height: int, width: int, step: int = 1,
-              pixels: int = BAND_PIXELS) -> Iterator[tuple[int, int]]:
-    """``(first, stop)`` row ranges covering ``range(height)`` of about ``pixels`` pixels each;
-    every ``first`` is a multiple of ``step`` (so a stride of ``step`` keeps the same rows)."""
+              pixels: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(first, stop)`` row ranges covering ``range(height)`` of about ``pixels`` pixels each
+    (default ``BAND_PIXELS``); every ``first`` is a multiple of ``step`` (so a stride of
+    ``step`` keeps the same rows)."""
+    pixels = BAND_PIXELS if pixels is None else pixels
     rows = max(step, (max(pixels // max(width, 1), 1) // step) * step)
     for first in range(0, height, rows):
         yield first, min(first + rows, height)
@@ -268,9 +270,15 @@ _TURBO_POLY = np.array([
 def turbo(t: np.ndarray) -> np.ndarray:
     """Values in [0, 1] (clipped) -> uint8 RGB of shape ``t.shape + (3,)``; 0 blue, 1 red."""
     t = np.clip(np.nan_to_num(np.asarray(t, dtype=np.float64), nan=0.0), 0.0, 1.0)
-    powers = np.stack([t ** k for k in range(6)], axis=-1)  # (..., 6)
-    rgb = powers @ _TURBO_POLY.T  # (..., 3)
-    return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+    out = np.empty((*t.shape, 3), np.uint8)
+    acc = np.empty_like(t)
+    for c, coefficients in enumerate(_TURBO_POLY):  # Horner, in place: 16 bytes per pixel
+        acc.fill(coefficients[-1])
+        for a in coefficients[-2::-1]:
+            acc *= t
+            acc += a
+        out[..., c] = np.rint(np.clip(acc, 0.0, 1.0, out=acc) * 255.0)
+    return out
 
 
 def colorize_inverse_depth(depth: Any) -> np.ndarray:
