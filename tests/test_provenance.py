@@ -211,3 +211,20 @@ def test_load_none_is_seeded_by_default():
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # another seed, another network
     with pytest.raises(TypeError, match="seed"):
         depthpro_fast.load(None, config="tiny", device="cpu", seed="1")
+
+
+def test_demo_is_seeded_and_records_it(tmp_path, capsys):
+    import json
+
+    runs = []
+    for i, seed in enumerate((0, 0, 1)):
+        out = tmp_path / f"d{i}.npz"
+        assert cli.main(["demo", "--size", "24x32", "--out", str(out), "--seed",
+                         str(seed)]) == 0
+        with np.load(out) as z:
+            runs.append((z["depth"], json.loads(str(z["provenance"]))))
+    assert np.array_equal(runs[0][0], runs[1][0])  # the same network and image again
+    assert not np.array_equal(runs[0][0], runs[2][0])
+    record = runs[2][1]
+    assert record["seed"] == 1 and record["weights"] == "random" and record["config"] == "tiny"
+    assert record["path"] == "reference" and record["dtype"] == "float32"
