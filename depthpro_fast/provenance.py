@@ -202,7 +202,7 @@ def mismatch(record: Mapping[str, Any] | None, recipe: Recipe,
     """None when an output with ``record`` is what ``recipe`` (and the format options
     ``extra``) would make; otherwise the reason, worded to follow "made with"."""
     if not isinstance(record, Mapping):
-        return "no record of what made them (an older version or another program)"
+        return "no record of what made its outputs (an older version or another program)"
     if record.get("format") != FORMAT:
         return f"record format {record.get('format')!r} (now {FORMAT})"
     want = recipe.as_dict()

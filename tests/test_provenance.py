@@ -139,7 +139,7 @@ def test_checkpoint_identity_input_and_old_files(tmp_path, fake_model, capsys):
     # an output without a record (an older version wrote it): recomputed
     outputs.write_npz(tmp_path / "o" / "photo.npz", np.ones((12, 16), np.float32), 10.0, 60.0)
     rc, out, _ = run(capsys, *argv)
-    assert "1 image had no record of what made them" in out and "1 written" in out
+    assert "1 image had no record of what made its outputs" in out and "1 written" in out
 
 
 def test_missing_checkpoint_is_an_error_even_when_outputs_exist(tmp_path, fake_model, capsys):
