@@ -253,12 +253,14 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..api import load, resolve_device
     from ..backends import require_backend
+    from ..config import resolve_config
     from ..outputs import check_output_folder
     from ..provenance import make_recipe
 
     # every check that needs no image and no model comes first, each once
     formats = parse_save(args.save)
     checkpoint = checkpoint_choice(args)
+    resolve_config(args.config)  # a wrong --config is said before any checkpoint search
     if args.seed is not None and checkpoint is not None:
         raise ValueError(f"--seed {args.seed} applies to --random-weights only (a checkpoint's "
                          "weights have no seed); drop it")
