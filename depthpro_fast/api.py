@@ -188,7 +188,8 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
          config: DepthProConfig | Mapping[str, Any] | str | os.PathLike | None = None,
          device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
          backend: str = "auto", use_fov: bool = True,
-         fast: bool | Mapping[str, Any] | Any = None) -> tuple[DepthPro, Transform]:
+         fast: bool | Mapping[str, Any] | Any = None,
+         seed: int | None = 0) -> tuple[DepthPro, Transform]:
     """Build DepthPro, load weights and return ``(model, transform)``.
 
     ``checkpoint``: a path to Apple's ``depth_pro.pt`` (or a ``.safetensors`` in the same key
@@ -196,6 +197,10 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     its ``model.safetensors``, are mapped to Apple's keys); ``"auto"`` searches
     ``$DEPTHPRO_CHECKPOINT``, ``./checkpoints/depth_pro.pt`` and the user cache; ``None`` builds
     random weights.
+    ``seed`` (random weights only): the weights are drawn from this seed (default 0), so
+    ``load(None)`` gives the same network every call; another seed, another network; None
+    draws from the global RNG (a different network each call). The caller's RNG state is
+    left as it was.
     ``config``: a ``DepthProConfig``, a dict of knobs, a preset name or a JSON file path
     (default: the official model). ``device`` defaults to CUDA when available. The model is
     returned in eval mode.
@@ -245,7 +250,13 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
         warn_fp32_fast_on_gpu(dev)
 
     if checkpoint is None:
-        model = build_model(cfg, use_fov=use_fov, device=dev)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an integer or None, got {seed!r}")
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [],
+                                   enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = build_model(cfg, use_fov=use_fov, device=dev)
         plausible_random_init_(model)
         model = model.to(dtype=dt)
     else:

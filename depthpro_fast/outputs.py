@@ -15,7 +15,9 @@ Formats (``FORMATS`` gives the file suffix of each):
   length was given or read from EXIF); ``image_size`` [H, W]; when known,
   ``focallength_source`` (``"estimated"``, ``"exif"`` or ``"given"``); ``random_weights``
   (True) when the network had random weights (``predict --random-weights``: the depth is
-  meaningless). ``np.load(path)`` opens it without pickle.
+  meaningless); ``provenance``: the record of what made it (a JSON string, see below).
+  ``np.load(path)`` opens it without pickle. ``compress=True`` (``predict --npz-compress``)
+  deflates it (``np.savez_compressed``): smaller, slower to write, read the same way.
 * ``png16``: 16-bit grayscale PNG of the depth in millimetres, rounded to the nearest mm. The
   range of uint16 caps it: depths beyond 65.535 m are stored as 65535 (saturated), depths below
   0.5 mm (and any non-finite value) as 0. Read back with ``depth_m = png / 1000``.
@@ -27,17 +29,29 @@ Formats (``FORMATS`` gives the file suffix of each):
   and the principal point at the image centre: pixel (row v, column u) has its centre at
   (u + 0.5, v + 0.5), and ``x = (u + 0.5 - W / 2) * z / f``, ``y = (v + 0.5 - H / 2) * z / f``,
   ``z = depth`` (OpenCV camera axes: x right, y down, z forward). ``stride`` keeps every
-  stride-th row and column: ``ceil(H / stride) * ceil(W / stride)`` points.
+  stride-th row and column: ``ceil(H / stride) * ceil(W / stride)`` points;
+  :func:`choose_ply_stride` picks the smallest stride that keeps at most ``PLY_MAX_POINTS``.
+
+Provenance: every writer takes ``provenance``, a JSON-able mapping (``depthpro_fast.provenance``
+builds it) stored in the file itself: the npz member ``provenance``, the PNG text chunk
+``depthpro_fast`` (before the image data, so reading it decodes no pixel) and a PLY header line
+``comment depthpro_fast {...}``. :func:`read_provenance` reads it back from any of them.
+
+Memory: the PNG and PLY writers work in bands of rows (about ``BAND_PIXELS`` pixels each), so
+that a 48 MP depth map needs only its own 192 MB and the output array, not gigabytes of float64
+temporaries.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,6 +61,80 @@ FORMATS = {"npz": ".npz", "png16": ".depth_mm.png", "color": ".color.png", "ply"
 PNG16_MAX_MM = 65535
 COLOR_DEPTH_RANGE_M = (0.1, 250.0)  # depths outside saturate the preview's colours
 _PNG_COMPRESS_LEVEL = 3  # zlib 3: most of the size gain of 6 at a fraction of the time
+#: the key of the provenance record: PNG text chunk, PLY comment (npz member: "provenance")
+PROVENANCE_KEY = "depthpro_fast"
+#: the default cap of ``choose_ply_stride``: 2^22 (4.2 M points, 63 MB binary). The network
+#: predicts at 1536 x 1536 (2.4 M samples): finer point clouds only interpolate it.
+PLY_MAX_POINTS = 1 << 22
+#: pixels per band of the banded writers (4 M float64 temporaries per band: 32 MB each)
+BAND_PIXELS = 1 << 20
+
+
+def row_bands(height: int, width: int, step: int = 1,
+              pixels: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(first, stop)`` row ranges covering ``range(height)`` of about ``pixels`` pixels each
+    (default ``BAND_PIXELS``); every ``first`` is a multiple of ``step`` (so a stride of
+    ``step`` keeps the same rows)."""
+    pixels = BAND_PIXELS if pixels is None else pixels
+    rows = max(step, (max(pixels // max(width, 1), 1) // step) * step)
+    for first in range(0, height, rows):
+        yield first, min(first + rows, height)
+
+
+def choose_ply_stride(height: int, width: int, max_points: int = PLY_MAX_POINTS) -> int:
+    """The smallest stride whose point cloud (``ceil(H/s) * ceil(W/s)``) has at most
+    ``max_points`` points."""
+    if max_points < 1:
+        raise ValueError(f"max_points must be >= 1, got {max_points}")
+    stride = max(1, math.isqrt(max(height * width // max_points, 1)))
+    while math.ceil(height / stride) * math.ceil(width / stride) > max_points:
+        stride += 1
+    while stride > 1 and (math.ceil(height / (stride - 1)) * math.ceil(width / (stride - 1))
+                          <= max_points):
+        stride -= 1
+    return stride
+
+
+def _provenance_text(provenance: Mapping[str, Any] | None) -> str | None:
+    if provenance is None:
+        return None
+    # ASCII on one line: a PLY header line, a PNG tEXt chunk (Latin-1) and an npz string
+    return json.dumps(dict(provenance), sort_keys=True, ensure_ascii=True, allow_nan=False)
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The provenance record stored in an output file (npz, PNG or PLY), or None when the file
+    has none, cannot be read or holds something else."""
+    path = Path(path)
+    text = None
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as z:  # lazy: only this member is read
+                if "provenance" in z.files:
+                    text = str(z["provenance"])
+        elif path.suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:  # text chunks before IDAT are in .info unloaded
+                text = im.info.get(PROVENANCE_KEY)
+        elif path.suffix == ".ply":
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+            end = head.find(b"end_header")
+            prefix = f"comment {PROVENANCE_KEY} ".encode()
+            for line in head[:max(end, 0)].splitlines():
+                if line.startswith(prefix):
+                    text = line[len(prefix):].decode("ascii")
+                    break
+    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError):
+        return None
+    if not text:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,9 +249,13 @@ def _positive_float(value: Any, name: str) -> float:
 
 def depth_to_millimetres(depth: Any) -> np.ndarray:
     """Depth in metres -> uint16 millimetres, rounded, clipped to 0..65535 (non-finite -> 0)."""
-    d = as_depth_array(depth).astype(np.float64)
-    mm = np.rint(np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0) * 1000.0)
-    return np.clip(mm, 0, PNG16_MAX_MM).astype(np.uint16)
+    d = as_depth_array(depth)
+    out = np.empty(d.shape, np.uint16)
+    for a, b in row_bands(*d.shape):  # float64 temporaries of one band only
+        band = d[a:b].astype(np.float64)
+        mm = np.rint(np.nan_to_num(band, nan=0.0, posinf=0.0, neginf=0.0) * 1000.0)
+        out[a:b] = np.clip(mm, 0, PNG16_MAX_MM)
+    return out
 
 
 # Turbo colormap, polynomial approximation: each channel is a degree-5 polynomial in t
@@ -178,40 +270,63 @@ _TURBO_POLY = np.array([
 def turbo(t: np.ndarray) -> np.ndarray:
     """Values in [0, 1] (clipped) -> uint8 RGB of shape ``t.shape + (3,)``; 0 blue, 1 red."""
     t = np.clip(np.nan_to_num(np.asarray(t, dtype=np.float64), nan=0.0), 0.0, 1.0)
-    powers = np.stack([t ** k for k in range(6)], axis=-1)  # (..., 6)
-    rgb = powers @ _TURBO_POLY.T  # (..., 3)
-    return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+    out = np.empty((*t.shape, 3), np.uint8)
+    acc = np.empty_like(t)
+    for c, coefficients in enumerate(_TURBO_POLY):  # Horner, in place: 16 bytes per pixel
+        acc.fill(coefficients[-1])
+        for a in coefficients[-2::-1]:
+            acc *= t
+            acc += a
+        out[..., c] = np.rint(np.clip(acc, 0.0, 1.0, out=acc) * 255.0)
+    return out
 
 
 def colorize_inverse_depth(depth: Any) -> np.ndarray:
     """The preview image: (H, W) depth in metres -> (H, W, 3) uint8, near red, far blue."""
     d = as_depth_array(depth)
     near, far = COLOR_DEPTH_RANGE_M
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = 1.0 / np.clip(np.nan_to_num(d, nan=far, posinf=far), near, far)
-    high, low = float(inv.max()), float(inv.min())
+
+    def inverse(a: int, b: int) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return 1.0 / np.clip(np.nan_to_num(d[a:b], nan=far, posinf=far), near, far)
+
+    bands = list(row_bands(*d.shape))
+    # two passes over bands (range, then colours): bounded temporaries, the same values
+    high = max(float(inverse(a, b).max()) for a, b in bands)
+    low = min(float(inverse(a, b).min()) for a, b in bands)
     span = high - low
-    t = (inv - low) / span if span > 1e-12 else np.zeros_like(inv)
-    return turbo(t)
+    out = np.empty((*d.shape, 3), np.uint8)
+    for a, b in bands:
+        inv = inverse(a, b)
+        out[a:b] = turbo((inv - low) / span if span > 1e-12 else np.zeros_like(inv))
+    return out
 
 
 def point_cloud(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1,
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Unproject a depth map: -> (points (N, 3) float32 metres, colours (N, 3) uint8)."""
+    parts = list(point_cloud_bands(depth, rgb, f_px, stride))
+    return (np.concatenate([p for p, _ in parts]).reshape(-1, 3),
+            np.concatenate([c for _, c in parts]).reshape(-1, 3))
+
+
+def point_cloud_bands(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1,
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`point_cloud` in bands of rows, in order (bounded temporaries)."""
     d = as_depth_array(depth)
     rgb = _as_rgb(rgb, d.shape)
     f = _positive_float(f_px, "f_px")
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
     height, width = d.shape
-    z = d[::stride, ::stride].astype(np.float64)
-    v = np.arange(0, height, stride, dtype=np.float64)[:, None] + 0.5
     u = np.arange(0, width, stride, dtype=np.float64)[None, :] + 0.5
-    x = (u - width / 2.0) * z / f
-    y = (v - height / 2.0) * z / f
-    points = np.stack([x, y, z], axis=-1).reshape(-1, 3).astype(np.float32)
-    colours = np.ascontiguousarray(rgb[::stride, ::stride].reshape(-1, 3))
-    return points, colours
+    for a, b in row_bands(height, width, stride, BAND_PIXELS * stride):
+        z = d[a:b:stride, ::stride].astype(np.float64)
+        v = np.arange(a, b, stride, dtype=np.float64)[:, None] + 0.5
+        x = (u - width / 2.0) * z / f
+        y = (v - height / 2.0) * z / f
+        points = np.stack([x, y, z], axis=-1).reshape(-1, 3).astype(np.float32)
+        yield points, np.ascontiguousarray(rgb[a:b:stride, ::stride].reshape(-1, 3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,14 +336,17 @@ def point_cloud(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1,
 
 def write_npz(path: str | os.PathLike, depth: Any, focallength_px: float, fov_deg: float,
               focallength_source: str | None = None, *, fov_deg_estimated: float | None = None,
-              random_weights: bool = False) -> None:
+              random_weights: bool = False, provenance: Mapping[str, Any] | None = None,
+              compress: bool = False) -> None:
     """Depth (float32 metres), focal length (px), FOV (degrees) and image size, atomically.
 
     ``fov_deg`` is the FOV of ``focallength_px``; ``fov_deg_estimated`` the network's estimate
     (stored when given, i.e. when the FOV network ran; see ``inference.postprocess``).
 
     ``random_weights``: the network had random weights; the file then says so
-    (``random_weights`` = True), so that a meaningless depth map cannot pass for a real one."""
+    (``random_weights`` = True), so that a meaningless depth map cannot pass for a real one.
+    ``provenance``: the record of what made the file (member ``provenance``, a JSON string).
+    ``compress``: deflate the members (``np.savez_compressed``)."""
     d = as_depth_array(depth)
     arrays = {"depth": d,
               "focallength_px": np.float32(_positive_float(focallength_px, "focallength_px")),
@@ -241,59 +359,89 @@ def write_npz(path: str | os.PathLike, depth: Any, focallength_px: float, fov_de
         arrays["focallength_source"] = np.array(str(focallength_source))
     if random_weights:
         arrays["random_weights"] = np.array(True)
+    text = _provenance_text(provenance)
+    if text is not None:
+        arrays["provenance"] = np.array(text)
     with atomic_write(path) as f:
-        np.savez(f, **arrays)
+        (np.savez_compressed if compress else np.savez)(f, **arrays)
 
 
-def _write_png(path: str | os.PathLike, array: np.ndarray) -> None:
-    from PIL import Image
+def _write_png(path: str | os.PathLike, array: np.ndarray,
+               provenance: Mapping[str, Any] | None = None) -> None:
+    from PIL import Image, PngImagePlugin
 
     image = Image.fromarray(array)
+    info = None
+    text = _provenance_text(provenance)
+    if text is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PROVENANCE_KEY, text)  # written before the image data
     with atomic_write(path) as f:
-        image.save(f, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+        image.save(f, format="PNG", compress_level=_PNG_COMPRESS_LEVEL, pnginfo=info)
 
 
-def write_png16(path: str | os.PathLike, depth: Any) -> None:
+def write_png16(path: str | os.PathLike, depth: Any,
+                provenance: Mapping[str, Any] | None = None) -> None:
     """16-bit grayscale PNG of the depth in millimetres (see the module docstring)."""
-    _write_png(path, depth_to_millimetres(depth))
+    _write_png(path, depth_to_millimetres(depth), provenance)
 
 
-def write_color(path: str | os.PathLike, depth: Any) -> None:
+def write_color(path: str | os.PathLike, depth: Any,
+                provenance: Mapping[str, Any] | None = None) -> None:
     """8-bit RGB PNG preview of the inverse depth (turbo-style colormap)."""
-    _write_png(path, colorize_inverse_depth(depth))
+    _write_png(path, colorize_inverse_depth(depth), provenance)
 
 
 def write_ply(path: str | os.PathLike, depth: Any, rgb: np.ndarray, f_px: float,
-              stride: int = 1, binary: bool = True, fov_deg: float | None = None) -> int:
+              stride: int = 1, binary: bool = True, fov_deg: float | None = None,
+              provenance: Mapping[str, Any] | None = None) -> int:
     """Coloured point cloud (see the module docstring); returns the number of points.
 
-    ``fov_deg`` (the FOV of ``f_px``) goes into a header comment when given."""
-    points, colours = point_cloud(depth, rgb, f_px, stride)
-    n = len(points)
+    ``fov_deg`` (the FOV of ``f_px``) goes into a header comment when given, ``provenance``
+    into a ``comment depthpro_fast {...}`` line. Written in bands of rows."""
+    d = as_depth_array(depth)
+    bands = point_cloud_bands(d, rgb, f_px, stride)  # checks the arguments
+    first = next(bands)
+    height, width = d.shape
+    n = math.ceil(height / stride) * math.ceil(width / stride)
     fov = "" if fov_deg is None else f" fov_deg {_positive_float(fov_deg, 'fov_deg'):.6f}"
+    text = _provenance_text(provenance)
+    record = "" if text is None else f"comment {PROVENANCE_KEY} {text}\n"
     header = ("ply\n"
               f"format {'binary_little_endian' if binary else 'ascii'} 1.0\n"
               "comment depthpro_fast: pinhole unprojection, principal point at the image centre,"
               " OpenCV axes (x right, y down, z forward), metres\n"
               f"comment focal_length_px {float(f_px):.6f}{fov} stride {stride}\n"
+              f"{record}"
               f"element vertex {n}\n"
               "property float x\nproperty float y\nproperty float z\n"
               "property uchar red\nproperty uchar green\nproperty uchar blue\n"
               "end_header\n").encode("ascii")
+    vertex_type = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                            ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    written = 0
     with atomic_write(path) as f:
         f.write(header)
-        if binary:
-            vertex = np.empty(n, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
-                                        ("red", "u1"), ("green", "u1"), ("blue", "u1")])
-            vertex["x"], vertex["y"], vertex["z"] = points[:, 0], points[:, 1], points[:, 2]
-            vertex["red"], vertex["green"], vertex["blue"] = (colours[:, 0], colours[:, 1],
-                                                              colours[:, 2])
-            f.write(vertex.tobytes())
-        else:
-            chunk = 1 << 16  # bounded memory for the text formatting of large clouds
-            for start in range(0, n, chunk):
-                p, c = points[start:start + chunk], colours[start:start + chunk]
-                lines = [f"{a:.6g} {b:.6g} {z:.6g} {r} {g} {bl}\n"
-                         for (a, b, z), (r, g, bl) in zip(p.tolist(), c.tolist(), strict=True)]
-                f.write("".join(lines).encode("ascii"))
+        for points, colours in _chain(first, bands):
+            written += len(points)
+            if binary:
+                vertex = np.empty(len(points), dtype=vertex_type)
+                vertex["x"], vertex["y"], vertex["z"] = points[:, 0], points[:, 1], points[:, 2]
+                vertex["red"], vertex["green"], vertex["blue"] = (colours[:, 0], colours[:, 1],
+                                                                  colours[:, 2])
+                f.write(vertex.tobytes())
+            else:
+                chunk = 1 << 16  # bounded memory for the text of large bands
+                for i in range(0, len(points), chunk):
+                    p, c = points[i:i + chunk].tolist(), colours[i:i + chunk].tolist()
+                    f.write("".join(f"{a:.6g} {b:.6g} {z:.6g} {r} {g} {bl}\n"
+                                    for (a, b, z), (r, g, bl) in zip(p, c, strict=True)
+                                    ).encode("ascii"))
+        if written != n:  # the header's count must be the truth
+            raise AssertionError(f"PLY {path}: {written} points written, header says {n}")
     return n
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest

@@ -50,9 +50,19 @@ class FakeDepthPro(torch.nn.Module):
         return infer(self, x, f_px)
 
 
+def dummy_checkpoint(monkeypatch, folder: Path) -> Path:
+    """A file for ``--checkpoint some.pt`` and for ``auto`` ($DEPTHPRO_CHECKPOINT): the stand-in
+    load never reads it, but the outputs record its fingerprint."""
+    path = folder / "some.pt"
+    path.write_bytes(b"stand-in weights")
+    monkeypatch.setenv("DEPTHPRO_CHECKPOINT", str(path))
+    return path
+
+
 @pytest.fixture
 def fake_model(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # a mistaken default -o lands in the test's folder
+    dummy_checkpoint(monkeypatch, tmp_path)
     model = FakeDepthPro()
     loads = []
 
@@ -196,7 +206,7 @@ def test_folder_run_corrupt_file_skip_and_overwrite(tmp_path, fake_model, capsys
     assert cli.main(args) == 1  # one file failed
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.err and "corrupt" in captured.err
-    assert "5 images: 4 written, 0 skipped (outputs exist), 1 failed" in captured.out
+    assert "5 images: 4 written, 0 skipped (made the same way), 1 failed" in captured.out
     assert fake_model.loads[0][0] == "some.pt" and fake_model.loads[0][1]["config"] == "tiny"
     # --dtype auto on a CPU: bf16 where it has bf16 arithmetic (AVX512_BF16 / AMX), else fp32
     from depthpro_fast.cpu import fastest_cpu_dtype
@@ -391,7 +401,7 @@ def test_summary_counts_images_not_missing_paths(tmp_path, fake_model, capsys):
                    "-o", str(tmp_path / "out"), "--quiet"])
     assert rc == 1  # a path that matched nothing is still a mistake worth an exit code
     out = capsys.readouterr().out
-    assert "1 image: 1 written, 0 skipped (outputs exist), 0 failed, in " in out
+    assert "1 image: 1 written, 0 skipped (made the same way), 0 failed, in " in out
     assert "2 arguments matched no image" in out
     assert "missing.jpg: no such file or folder" in out  # listed under "no image:"
     seconds, rate = (float(v) for v in re.search(r"in ([\d.]+) s \(([\d.]+) images/s\)",
@@ -411,7 +421,7 @@ def test_nothing_left_to_do_does_not_load_the_model(tmp_path, fake_model, capsys
     assert len(fake_model.loads) == 1  # not loaded again
     text = capsys.readouterr().out
     assert "nothing left to do (--overwrite recomputes), model not loaded" in text
-    assert "2 images: 0 written, 2 skipped (outputs exist), 0 failed" in text
+    assert "2 images: 0 written, 2 skipped (made the same way), 0 failed" in text
     assert "images/s" not in text
     # a folder that became read-only is no obstacle when nothing needs writing
     assert cli.main(["predict", *photos, "-o", str(out), "--quiet", "--overwrite"]) == 0
@@ -462,6 +472,7 @@ def micro_models():
 def test_fov_rule_in_files_is_the_same_with_and_without_fast(tmp_path, monkeypatch,
                                                              micro_models, capsys):
     model, fast = micro_models
+    dummy_checkpoint(monkeypatch, tmp_path)
     monkeypatch.setattr("depthpro_fast.api.load",
                         lambda checkpoint, **kw: (fast if kw["fast"] else model, Transform()))
     photo = tmp_path / "photo.jpg"  # 600 px wide, EXIF 50 mm (35 mm equivalent) = 833.3 px
@@ -528,7 +539,8 @@ def test_random_weights_runs_without_a_checkpoint_and_says_so(tmp_path, fake_mod
         assert "random_weights" not in z.files
     fake_model.loads.clear()
     assert cli.main(["predict", str(img), "-o", str(out), "--quiet", "--overwrite"]) == 0
-    assert fake_model.loads[0][0] == "auto"  # the default
+    # the default, auto, resolved before the load (the file loaded is the file recorded)
+    assert fake_model.loads[0][0] == str(tmp_path / "some.pt")
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -585,7 +597,7 @@ def test_tiny_model_end_to_end_batched(tmp_path, tiny_model, capsys):
     assert rc == 1                      # on a CPU with bf16 arithmetic)
     captured = capsys.readouterr()
     assert "zz_corrupt.png" in captured.err
-    assert "3 images: 2 written, 0 skipped (outputs exist), 1 failed" in captured.out
+    assert "3 images: 2 written, 0 skipped (made the same way), 1 failed" in captured.out
 
     for src, name, source in ((jpg, "cam", "exif"), (png, "sub/scan", "estimated")):
         rgb, f_exif = load_image(src)
@@ -654,7 +666,7 @@ def ctrl_c_run(tmp_path, fake_model, monkeypatch):
     release, released = threading.Event(), threading.Event()
     notices: list[str] = []
 
-    def slow_color(path, depth):
+    def slow_color(path, depth, provenance=None):
         try:
             with outputs.atomic_write(path) as f:
                 f.write(b"\x89PNG half a file")
@@ -692,7 +704,7 @@ def test_ctrl_c_finishes_the_computed_outputs_and_prints_the_partial_summary(
     assert notices == ["interrupted: finishing the 2 outputs of 1 image already computed "
                        "(Ctrl-C again to abort them; no partial file is left)"]
     captured = capsys.readouterr()
-    assert ("interrupted: 3 images: 1 written, 0 skipped (outputs exist), 0 failed, "
+    assert ("interrupted: 3 images: 1 written, 0 skipped (made the same way), 0 failed, "
             "2 not done, in ") in captured.out
     assert "a rerun with the same arguments continues" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["img0.color.png", "img0.npz"]
@@ -729,7 +741,7 @@ def test_second_ctrl_c_aborts_promptly_and_leaves_no_temporary_file(ctrl_c_run, 
     assert not released.is_set()
     assert notices[1] == "aborted: the outputs of 1 image were not written (a rerun computes it)"
     captured = capsys.readouterr()
-    assert "interrupted: 3 images: 0 written, 0 skipped (outputs exist), 0 failed, 3 not done" \
+    assert "interrupted: 3 images: 0 written, 0 skipped (made the same way), 0 failed, 3 not done" \
         in captured.out
     assert tmp_files(out) == []  # the abandoned write's hidden temporary is gone
     release.set()  # the abandoned writer wakes up: it must not put a file in place now

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["reference", "torch", "triton", "cuda", "auto"])
     parser.add_argument("--size", default="480x640", help="HxW of the generated image")
     parser.add_argument("--out", default="depthpro_demo.npz", help="output .npz file")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random weights and of the generated image (default 0)")
 
 
 def synthetic_image(height: int, width: int, seed: int = 0):
@@ -49,11 +50,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     import numpy as np
-    import torch
 
     from ..api import load
     from ..outputs import check_output_folder
+    from ..provenance import make_recipe
 
     height, width = parse_size(args.size)
     if os.path.isdir(args.out):
@@ -61,14 +64,19 @@ def run(args: argparse.Namespace) -> int:
                          f"{os.path.join(args.out, 'depthpro_demo.npz')}")
     # before the model is built, not after the inference
     check_output_folder(os.path.dirname(os.path.abspath(args.out)), "folder of --out")
-    torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    model, transform = load(None, config=args.config, device=args.device, backend=args.backend)
+    model, transform = load(None, config=args.config, device=args.device, backend=args.backend,
+                            seed=args.seed)
     t1 = time.perf_counter()
     image = synthetic_image(height, width, args.seed)
     prediction = model.infer(transform(image))
     t2 = time.perf_counter()
     depth = prediction["depth"].float().cpu().numpy()
+    # what made the file, as predict records it (see depthpro_fast.provenance)
+    recipe = make_recipe(None, config=args.config, dtype=str(transform.dtype), fast=False,
+                         seed=args.seed, backend=args.backend, device=transform.device)
+    record = {**recipe.as_dict(), "random_weights": True, "output": "demo npz",
+              "input": {"name": f"synthetic {height}x{width} seed {args.seed}"}}
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     # write to a temporary file, then rename: never a half-written output
@@ -79,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         np.savez(tmp, depth=depth, focallength_px=float(prediction["focallength_px"]),
                  fov_deg=float(prediction["fov_deg"]),
                  fov_deg_estimated=float(prediction["fov_deg_estimated"]), image=image,
-                 random_weights=np.array(True))
+                 random_weights=np.array(True), provenance=np.array(json.dumps(record)))
         os.replace(tmp, args.out)
     finally:
         if os.path.exists(tmp):

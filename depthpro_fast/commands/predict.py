@@ -4,8 +4,11 @@ The command: its options, the checks made before any work (options, backend, inp
 folder; each once), the model load (skipped when nothing is left to do) and the summary.
 Inputs and output names: ``predict_inputs``; the batched run: ``predict_run``.
 
-An image whose requested outputs all exist is skipped (``--overwrite`` recomputes it); every
-file is written atomically. A file that cannot be read or processed is reported and skipped;
+An image is skipped only when its requested outputs all exist and were made the same way
+(weights, config, precision, path, focal-length request, input bytes, PLY options: each file
+records what made it, see ``depthpro_fast.provenance`` and docs/cli.md); the others are
+computed again and the summary says why. ``--overwrite`` recomputes everything; every file is
+written atomically. A file that cannot be read or processed is reported and skipped;
 the exit code is 1 if any failed or an argument matched no image, 130 after Ctrl-C. Under
 ``torchrun`` the sorted input list is sharded by rank (see ``depthpro_fast.distributed``).
 """
@@ -27,6 +30,9 @@ from .predict_inputs import (  # noqa: F401 (the command's public names, kept he
     output_paths,
     parse_save,
 )
+from .predict_post import BANDED_ABOVE_PIXELS
+from .predict_progress import Progress
+from .predict_resume import PlyOptions, plan_work, recomputed_lines
 from .predict_run import (  # noqa: F401
     Summary,
     _plural,
@@ -60,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no checkpoint: random weights, to try the command without "
                              "downloading anything (with --config, e.g. --config tiny); the "
                              "depth maps are meaningless")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --random-weights: the seed of the weights (default: 0, so "
+                             "that reruns use the same network; recorded in the outputs)")
     parser.add_argument("--config", default=None,
                         help="preset (official, tiny) or JSON file of knobs (default: official)")
     parser.add_argument("--device", default=None,
@@ -88,9 +97,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "estimate)")
     parser.add_argument("--ignore-exif", action="store_true",
                         help="do not use the EXIF focal length (orientation is still applied)")
-    parser.add_argument("--ply-stride", type=int, default=1,
-                        help="keep every N-th row and column in the point cloud (default: 1)")
+    parser.add_argument("--ply-stride", default="auto",
+                        help="keep every N-th row and column in the point cloud; auto (the "
+                             "default): the smallest stride that keeps at most "
+                             "--ply-max-points points (every pixel up to 4 MP)")
+    parser.add_argument("--ply-max-points", type=int, default=PlyOptions.max_points,
+                        help="the cap of --ply-stride auto (default: %(default)s; the network "
+                             "predicts at 1536x1536 = 2.4 M samples)")
     parser.add_argument("--ply-ascii", action="store_true", help="ASCII PLY instead of binary")
+    parser.add_argument("--npz-compress", action="store_true",
+                        help="deflate the npz (smaller, slower to write; np.load reads it the "
+                             "same way)")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute images whose outputs already exist")
     parser.add_argument("--workers", type=int, default=2,
@@ -103,23 +120,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "uint16 depth in millimetres (depths beyond 65.535 m are stored as 65535, i.e. "
         "clipped; 0 = invalid); color = turbo-style preview of the inverse depth (near red, far "
         "blue), same size as the image; ply = coloured point cloud, pinhole with the principal "
-        "point at the image centre, metres, OpenCV axes. Exit code 1 if any image failed.")
+        "point at the image centre, metres, OpenCV axes. Every output records what made it "
+        "(weights, config, dtype, path, focal length, input, options; docs/cli.md): a rerun "
+        "skips only outputs made the same way. Exit code 1 if any image failed.")
 
 
-def format_summary(s: Summary, outdir: str | os.PathLike) -> str:
+def format_summary(s: Summary, outdir: str | os.PathLike, *,
+                   ply_max_points: int = PlyOptions.max_points, npz_compress: bool = False,
+                   ) -> str:
     """One line (then the failures, one per line). The rate counts only images the model
     processed and written, so that a missing file or a skipped image does not show up as
     thousands of images per second."""
     rate = f" ({s.written / s.seconds:.2f} images/s)" if s.written and s.seconds > 0 else ""
     not_done = f", {s.not_done} not done" if s.interrupted else ""
     text = (f"{'interrupted: ' if s.interrupted else ''}{_plural(s.total, 'image')}: "
-            f"{s.written} written, {s.skipped} skipped (outputs exist), {len(s.failed)} failed"
+            f"{s.written} written, {s.skipped} skipped (made the same way), {len(s.failed)} "
+            "failed"
             f"{not_done}" + (f", in {s.seconds:.1f} s{rate}" if s.seconds > 0 else ""))
     if s.missing:
         text += f"; {_plural(len(s.missing), 'argument')} matched no image"
     if s.left_out:
         text += f"; {left_out_note(s.left_out)}"
     text += f"; outputs in {outdir}"
+    for line in recomputed_lines(s.recomputed):
+        text += "\n" + line
+    for line in size_notes(s, ply_max_points, npz_compress):
+        text += "\n" + line
     if s.failed:
         text += "\nfailed:\n" + "\n".join(f"  {path}: {why}" for path, why in s.failed)
     if s.missing:
@@ -127,6 +153,23 @@ def format_summary(s: Summary, outdir: str | os.PathLike) -> str:
     if s.interrupted:
         text += "\na rerun with the same arguments continues where this one stopped"
     return text
+
+
+def size_notes(s: Summary, ply_max_points: int = PlyOptions.max_points,
+               npz_compress: bool = False) -> list[str]:
+    """What was chosen for big images: the PLY stride (auto) and the banded resize."""
+    notes = []
+    for stride, n in sorted(s.ply_strides.items()):
+        notes.append(f"PLY: stride {stride} for {_plural(n, 'image')} (at most "
+                     f"{ply_max_points} points; --ply-stride 1 keeps every pixel)")
+    if s.big_images:
+        mp = max(s.big_images) / 1e6
+        npz = ("" if npz_compress else f"; npz {max(s.big_images) * 4 / 1e6:.0f} MB "
+               "uncompressed (--npz-compress deflates it)")
+        notes.append(f"{_plural(len(s.big_images), 'image')} above "
+                     f"{BANDED_ABOVE_PIXELS / 1e6:.1f} MP (largest {mp:.1f} MP): depth "
+                     f"resized back in bands of rows{npz}")
+    return notes
 
 
 def left_out_note(left_out: dict[str, int]) -> str:
@@ -165,6 +208,29 @@ def checkpoint_choice(args: argparse.Namespace) -> str | None:
     return args.checkpoint
 
 
+def parse_ply_stride(text: str) -> int | None:
+    """``--ply-stride``: ``auto`` (None) or a positive integer."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        stride = int(text)
+    except ValueError:
+        stride = 0
+    if stride < 1:
+        raise ValueError(f"--ply-stride must be auto or an integer >= 1, got {text}")
+    return stride
+
+
+def resolve_checkpoint(choice: str | None) -> str | None:
+    """``checkpoint_choice``'s answer with ``auto`` resolved to the file it finds, so that the
+    file fingerprinted for the records is the file loaded."""
+    if choice != "auto":
+        return choice
+    from ..checkpoint import find_checkpoint
+
+    return os.fspath(find_checkpoint())
+
+
 def _resolve_dtype(dtype: str, device: Any) -> str:
     if dtype != "auto":
         return dtype
@@ -187,15 +253,24 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..api import load, resolve_device
     from ..backends import require_backend
+    from ..config import resolve_config
     from ..outputs import check_output_folder
+    from ..provenance import make_recipe
 
     # every check that needs no image and no model comes first, each once
     formats = parse_save(args.save)
     checkpoint = checkpoint_choice(args)
+    resolve_config(args.config)  # a wrong --config is said before any checkpoint search
+    if args.seed is not None and checkpoint is not None:
+        raise ValueError(f"--seed {args.seed} applies to --random-weights only (a checkpoint's "
+                         "weights have no seed); drop it")
+    seed = (0 if args.seed is None else args.seed) if checkpoint is None else None
     if args.f_px is not None and not (math.isfinite(args.f_px) and args.f_px > 0):
         raise ValueError(f"--f-px must be a positive number of pixels, got {args.f_px}")
-    if args.ply_stride < 1:
-        raise ValueError(f"--ply-stride must be >= 1, got {args.ply_stride}")
+    if args.ply_max_points < 1:
+        raise ValueError(f"--ply-max-points must be >= 1, got {args.ply_max_points}")
+    ply = PlyOptions(parse_ply_stride(args.ply_stride), args.ply_max_points,
+                     binary=not args.ply_ascii)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 1:
@@ -227,27 +302,45 @@ def run(args: argparse.Namespace) -> int:
                                     "nothing to do")
         named = distributed.shard(assign_names(sources), rank, world,
                                   key=lambda pair: (str(pair[0].rel), str(pair[0].path)))
-        todo = [n for n in named if args.overwrite or not all(
-            p.exists() for p in output_paths(args.outdir, n[1], formats).values())]
+        # what this run would make, known before the model loads: the resume rule needs it
+        checkpoint = resolve_checkpoint(checkpoint)
+        dtype = _resolve_dtype(args.dtype, device)
+        fast = _resolve_fast(args.fast, device, args.dtype)
+        recipe = make_recipe(checkpoint, config=args.config, dtype=dtype,
+                             fast=fast is not False, f_px=args.f_px,
+                             ignore_exif=args.ignore_exif, seed=seed, backend=args.backend,
+                             device=device)
+        plan = plan_work(named, args.outdir, formats, recipe, ply=ply, overwrite=args.overwrite)
+        if rank == 0:
+            for line in recomputed_lines(plan.recomputed):  # why work that looked done is redone
+                print(f"depthpro-fast predict: {line}", file=sys.stderr)
 
-        if todo:
+        if plan.todo:
             check_output_folder(args.outdir, "output folder (-o)")  # before the model loads
             if checkpoint is None and rank == 0:
                 print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
-            t0 = time.perf_counter()
-            model, transform = load(checkpoint, config=args.config, device=device,
-                                    dtype=_resolve_dtype(args.dtype, device),
-                                    backend=args.backend,
-                                    fast=_resolve_fast(args.fast, device, args.dtype))
-            load_s = time.perf_counter() - t0
+            progress = Progress(len(plan.todo), label=label,
+                                enabled=not args.quiet and rank == 0)
+            what = (f"random weights (seed {seed})" if checkpoint is None
+                    else os.path.basename(checkpoint))
+            try:
+                with progress.step(f"loading the model ({what}, config {recipe.config}, "
+                                   f"{recipe.dtype}, {recipe.path} path)"):
+                    t0 = time.perf_counter()
+                    model, transform = load(checkpoint, config=args.config, device=device,
+                                            dtype=dtype, backend=args.backend, fast=fast,
+                                            **({"seed": seed} if checkpoint is None else {}))
+                    load_s = time.perf_counter() - t0
+            except BaseException:
+                progress.close()
+                raise
             summary = predict_sources(
-                named, model, transform, args.outdir, formats=formats,
-                batch_size=args.batch_size, f_px=args.f_px, ignore_exif=args.ignore_exif,
-                overwrite=args.overwrite, ply_stride=args.ply_stride,
-                ply_binary=not args.ply_ascii, workers=args.workers,
-                progress=not args.quiet and rank == 0, label=label,
-                random_weights=checkpoint is None)
-            weights = "random weights, " if checkpoint is None else ""
+                named, model, transform, args.outdir, formats=formats, recipe=recipe,
+                plan=plan, batch_size=args.batch_size, f_px=args.f_px,
+                ignore_exif=args.ignore_exif, overwrite=args.overwrite, ply=ply,
+                npz_compress=args.npz_compress, workers=args.workers, progress=progress,
+                label=label, random_weights=checkpoint is None)
+            weights = f"random weights of seed {seed}, " if checkpoint is None else ""
             path = ("fast path" if getattr(model, "fast_engine", None) is not None
                     else "reference path")
             dtype_used = str(transform.dtype).removeprefix("torch.")
@@ -256,16 +349,18 @@ def run(args: argparse.Namespace) -> int:
                 dtype_used = "fp8 (e4m3 ViT GEMMs, bfloat16 elsewhere)"
             head = (f"model loaded in {load_s:.1f} s on {device} ({weights}{path}, "
                     f"{dtype_used}, {model.backend} backend); ")
-        else:  # every output exists: no model to load
+        else:  # every output exists and was made the same way: no model to load
             summary = Summary(total=len(named), skipped=len(named))
             head = "nothing left to do (--overwrite recomputes), model not loaded; "
         if rank == 0:
             summary.missing = list(problems)
             summary.left_out = dict(left_out)
 
-        print(prefix + head + format_summary(summary, args.outdir),
+        print(prefix + head + format_summary(summary, args.outdir,
+                                             ply_max_points=ply.max_points,
+                                             npz_compress=args.npz_compress),
               file=sys.stderr if world > 1 else sys.stdout)
-        if checkpoint is None and rank == 0 and todo:  # again at the end, where the eye lands
+        if checkpoint is None and rank == 0 and plan.todo:  # again at the end, where it's seen
             print(RANDOM_WEIGHTS_NOTE, file=sys.stdout)
         if summary.interrupted:  # Ctrl-C: the partial summary above, no collective (may hang)
             return 130

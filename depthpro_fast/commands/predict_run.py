@@ -1,13 +1,11 @@
 """``predict``'s run: decode, batch through the model, write, with Ctrl-C handled.
 
-Images are decoded and outputs written by background (daemon) threads while the model runs.
-With ``batch_size`` N the images, each resized to 1536 x 1536 as in ``infer``, go through the
-network N at a time; the post-processing (focal length, resize back, reciprocal) is done per
-image at its original size with ``infer``'s arithmetic, so results equal ``model.infer`` per
-image up to float rounding of the batched network.
-
-An image whose requested outputs all exist is skipped (``overwrite`` recomputes it); every
-file is written atomically. A file that cannot be read or processed is reported and skipped.
+Images are decoded and outputs written by background (daemon) threads while the model runs;
+the network call and post-processing are ``predict_post``'s. Which images run at all is
+``predict_resume``'s rule: an image is skipped only when its requested outputs all exist and
+were made the same way (``overwrite`` recomputes it); every file is written atomically and
+carries its provenance record. A file that cannot be read or processed is reported and
+skipped. The bar (``predict_progress``) counts an image when its outputs are written.
 Ctrl-C stops taking images and finishes the outputs already computed (a second Ctrl-C
 abandons them, removing their temporaries); the returned ``Summary`` says it was interrupted.
 """
@@ -19,56 +17,19 @@ import os
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..provenance import Recipe, input_identity
 from ..workers import DaemonPool
 from .predict_inputs import Source, output_paths
-
-
-def _post_process(cid: Any, fov_deg: Any, f_px: float | None, height: int, width: int,
-                  ) -> dict[str, Any]:
-    """One image's network output (1, 1, 1536, 1536) -> infer's result at (height, width)."""
-    from ..inference import check_output_memory, focal_length_tensor, postprocess
-
-    check_output_memory(1, height, width, cid.device)
-    f = None if f_px is None else focal_length_tensor(f_px, 1, cid.device)
-    return postprocess(cid, fov_deg, f, height, width)
-
-
-def infer_batch(model: Any, images: Sequence[Any], f_pxs: Sequence[float | None],
-                ) -> list[dict[str, Any]]:
-    """``model.infer`` for several normalised (3, H, W) images of any sizes, with one network
-    call: each is resized to 1536 x 1536, the batch goes through ``model``, and each result is
-    post-processed at its own size. One image: exactly ``model.infer``."""
-    import torch
-
-    from ..config import IMG_SIZE
-    from ..inference import _resize, model_device_dtype
-
-    if len(images) != len(f_pxs):
-        raise ValueError(f"{len(images)} images but {len(f_pxs)} focal lengths")
-    if len(images) == 1:
-        return [model.infer(images[0], f_px=f_pxs[0])]
-    device, dtype = model_device_dtype(model)
-    net = []
-    for x in images:
-        x = x.to(device=device, dtype=dtype).unsqueeze(0)
-        if tuple(x.shape[-2:]) != (IMG_SIZE, IMG_SIZE):
-            x = _resize(x, (IMG_SIZE, IMG_SIZE), "bilinear")
-        net.append(x)
-    with torch.no_grad():
-        # the FOV network is needed only for images without a focal length (the fast path
-        # skips it otherwise, as infer does)
-        cid, fov = model(torch.cat(net), need_fov=any(f is None for f in f_pxs))
-        return [_post_process(cid[i:i + 1], None if fov is None else fov[i:i + 1], f,
-                              int(x.shape[-2]), int(x.shape[-1]))
-                for i, (x, f) in enumerate(zip(images, f_pxs, strict=True))]
-
+from .predict_post import BANDED_ABOVE_PIXELS, infer_batch  # noqa: F401 (infer_batch: public)
+from .predict_progress import Progress
+from .predict_resume import Plan, PlyOptions, format_options, plan_work
 
 # ----------------------------------------------------------------------------------------------
 # the run
@@ -89,6 +50,9 @@ class Summary:
     left_out: dict[str, int] = field(default_factory=dict)  # folder -> sub-folders not searched
     interrupted: bool = False  # Ctrl-C: the run stopped early
     abandoned: int = 0  # images whose outputs a second Ctrl-C gave up on
+    recomputed: Counter = field(default_factory=Counter)  # reason -> images made another way
+    ply_strides: Counter = field(default_factory=Counter)  # stride chosen (auto, > 1) -> images
+    big_images: list[int] = field(default_factory=list)  # pixels of images resized in bands
 
     @property
     def not_done(self) -> int:
@@ -102,6 +66,17 @@ class _Job:
     rgb: Any = None
     f_px: float | None = None
     f_source: str = "estimated"
+    input_id: dict[str, Any] | None = None
+    ply_stride: int = 1
+
+
+def read_input(path: Path) -> tuple[Any, float | None, dict[str, Any]]:
+    """``(rgb, EXIF focal length or None, the file's identity for the record)``."""
+    from ..io import load_image
+
+    identity = input_identity(path)  # first: the bytes decoded are the bytes recorded
+    rgb, f_exif = load_image(path)
+    return rgb, f_exif, identity
 
 
 def _describe(e: BaseException) -> str:
@@ -113,13 +88,30 @@ class Aborted(Exception):
     """The run was aborted (a second Ctrl-C) before this output was started."""
 
 
-def write_outputs(job: _Job, result: dict[str, Any], *, ply_stride: int = 1,
-                  ply_binary: bool = True, random_weights: bool = False,
-                  abort: threading.Event | None = None) -> None:
-    """Every requested output of one image (each file atomically); when ``abort`` is set, the
-    files not yet started are not started."""
+def output_record(job: _Job, result: dict[str, Any], recipe: Recipe | None, fmt: str,
+                  ply: PlyOptions) -> dict[str, Any] | None:
+    """The provenance record of one output file (None without a recipe)."""
+    if recipe is None:
+        return None
+    record = recipe.as_dict()
+    record.update({"random_weights": recipe.weights == "random", "output": fmt,
+                   "input": job.input_id, "focallength_px": float(result["focallength_px"]),
+                   "focallength_source": job.f_source, "fov_deg": float(result["fov_deg"]),
+                   "image_size": list(job.rgb.shape[:2]) if job.rgb is not None else None})
+    record.update(format_options(fmt, ply))
+    if fmt == "ply":
+        record["ply_stride"] = job.ply_stride
+    return record
+
+
+def write_outputs(job: _Job, result: dict[str, Any], *, recipe: Recipe | None = None,
+                  ply: PlyOptions | None = None, npz_compress: bool = False,
+                  random_weights: bool = False, abort: threading.Event | None = None) -> None:
+    """Every requested output of one image (each file atomically, each with its provenance
+    record); when ``abort`` is set, the files not yet started are not started."""
     from .. import outputs
 
+    ply = ply or PlyOptions()
     depth = outputs.as_depth_array(result["depth"])
     f_px = float(result["focallength_px"])
     fov = float(result["fov_deg"])
@@ -127,60 +119,83 @@ def write_outputs(job: _Job, result: dict[str, Any], *, ply_stride: int = 1,
     for fmt, path in job.outputs.items():
         if abort is not None and abort.is_set():
             raise Aborted(f"{path} not written: aborted")
+        record = output_record(job, result, recipe, fmt, ply)
         if fmt == "npz":
             outputs.write_npz(path, depth, f_px, fov, focallength_source=job.f_source,
-                              fov_deg_estimated=fov_estimated, random_weights=random_weights)
+                              fov_deg_estimated=fov_estimated, random_weights=random_weights,
+                              provenance=record, compress=npz_compress)
         elif fmt == "png16":
-            outputs.write_png16(path, depth)
+            outputs.write_png16(path, depth, provenance=record)
         elif fmt == "color":
-            outputs.write_color(path, depth)
+            outputs.write_color(path, depth, provenance=record)
         elif fmt == "ply":
-            outputs.write_ply(path, depth, job.rgb, f_px, stride=ply_stride, binary=ply_binary,
-                              fov_deg=fov)
+            outputs.write_ply(path, depth, job.rgb, f_px, stride=job.ply_stride,
+                              binary=ply.binary, fov_deg=fov, provenance=record)
         else:  # parse_save only lets known formats through
             raise ValueError(f"unknown output format {fmt!r}")
 
 
 def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: Callable,
                     outdir: str | os.PathLike, *, formats: Sequence[str],
+                    recipe: Recipe | None = None, plan: Plan | None = None,
                     batch_size: int = 1, f_px: float | None = None, ignore_exif: bool = False,
-                    overwrite: bool = False, ply_stride: int = 1, ply_binary: bool = True,
-                    workers: int = 2, progress: bool = True, label: str = "",
+                    overwrite: bool = False, ply: PlyOptions | None = None,
+                    npz_compress: bool = False, workers: int = 2,
+                    progress: bool | Progress = True, label: str = "",
                     random_weights: bool = False) -> Summary:
     """Run the model over ``named`` (from ``assign_names``) and write the outputs.
+
+    ``recipe``: how this run makes its outputs (``provenance.make_recipe``): recorded in every
+    file, and the resume rule compares it (without one, nothing is recorded and an image is
+    skipped when its outputs exist). ``plan``: ``plan_work``'s answer when the caller already
+    has it. ``progress``: a ``Progress`` (the caller's, e.g. already showing the model load)
+    or whether to show one.
 
     A Ctrl-C (``KeyboardInterrupt``) does not propagate: the outputs already computed are
     finished (or, on a second Ctrl-C, abandoned) and the partial ``Summary`` is returned with
     ``interrupted`` set, for the caller to report; ``depthpro-fast predict`` exits with 130."""
-    from tqdm import tqdm
-
-    from ..io import load_image
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    ply = ply or PlyOptions()
     summary = Summary(total=len(named))
-    todo = []
-    for source, name in named:
-        outs = output_paths(outdir, name, formats)
-        if not overwrite and all(p.exists() for p in outs.values()):
-            summary.skipped += 1
+    if plan is None:
+        if recipe is not None:
+            plan = plan_work(named, outdir, formats, recipe, ply=ply, overwrite=overwrite)
         else:
-            todo.append(_Job(source.path, outs))
+            plan = Plan()
+            for source, name in named:
+                if overwrite or not all(p.exists()
+                                        for p in output_paths(outdir, name, formats).values()):
+                    plan.todo.append((source, name))
+                else:
+                    plan.skipped += 1
+    summary.skipped = plan.skipped
+    summary.recomputed = Counter(plan.recomputed)
+    todo = [_Job(source.path, output_paths(outdir, name, formats)) for source, name in plan.todo]
     if todo:  # one clear error now rather than one per image after its inference
         from ..outputs import check_output_folder
 
         check_output_folder(outdir)
 
-    bar = tqdm(total=len(todo), unit="img", desc=label or "predict", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = progress if isinstance(progress, Progress) else Progress(
+        len(todo), label=label, enabled=bool(progress))
 
-    def fail(job: _Job, e: BaseException) -> None:
+    def fail(job: _Job, e: BaseException, counted: bool = False) -> None:
         summary.failed.append((str(job.source), _describe(e)))
-        bar.write(f"{label + ': ' if label else ''}failed: {job.source}: {_describe(e)}",
-                  file=sys.stderr)
-        bar.update(1)
+        bar.write(f"{label + ': ' if label else ''}failed: {job.source}: {_describe(e)}")
+        if not counted:
+            bar.image_done()
+
+    def write_and_count(job: _Job, result: dict[str, Any]) -> None:
+        # counted here, in the writer thread, the moment the files are in place (or failed):
+        # the main thread may be inside the next forward for minutes
+        try:
+            write_outputs(job, result, recipe=recipe, ply=ply, npz_compress=npz_compress,
+                          random_weights=random_weights, abort=abort)
+        finally:
+            bar.image_done()
 
     start = time.perf_counter()
     readers = DaemonPool(workers, "depthpro-read")
@@ -195,7 +210,7 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             job = next(queue, None)
             if job is None:
                 return
-            reads.append((job, readers.submit(load_image, job.source)))
+            reads.append((job, readers.submit(read_input, job.source)))
 
     def finish_writes(limit: int) -> None:  # collect finished writes; block above `limit`
         while writes and (writes[0][1].done() or len(writes) > limit):
@@ -203,12 +218,12 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             error = fut.exception()  # waits; a Ctrl-C here leaves the job in `writes`
             writes.popleft()
             if error is not None:
-                fail(job, error)
+                fail(job, error, counted=True)
             else:
                 summary.written += 1
-                bar.update(1)
 
     aborted = False
+    warmed = False
     try:
         read_ahead()
         while reads:
@@ -216,7 +231,7 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             while reads and len(batch) < batch_size:
                 job, fut = reads.popleft()
                 try:
-                    job.rgb, f_exif = fut.result()
+                    job.rgb, f_exif, job.input_id = fut.result()
                 except Exception as e:
                     fail(job, e)
                 else:
@@ -228,15 +243,24 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
                 read_ahead()
             if not batch:
                 continue
-            for job, result in _run_batch(model, transform, batch):
+            if not warmed:  # the first forward: warm-up (plans, autotuning, graphs) included
+                with bar.step(f"first forward ({_plural(len(batch), 'image')}, with warm-up)"):
+                    results = _run_batch(model, transform, batch)
+                warmed = True
+            else:
+                results = _run_batch(model, transform, batch)
+            for job, result in results:
                 if isinstance(result, BaseException):
                     fail(job, result)
                     continue
-                writes.append((job, writers.submit(write_outputs, job, result,
-                                                   ply_stride=ply_stride,
-                                                   ply_binary=ply_binary,
-                                                   random_weights=random_weights,
-                                                   abort=abort)))
+                height, width = job.rgb.shape[:2]
+                if height * width > BANDED_ABOVE_PIXELS:
+                    summary.big_images.append(height * width)
+                if "ply" in job.outputs:
+                    job.ply_stride = ply.stride_for(height, width)
+                    if ply.stride is None and job.ply_stride > 1:
+                        summary.ply_strides[job.ply_stride] += 1
+                writes.append((job, writers.submit(write_and_count, job, result)))
             finish_writes(limit=2 * batch_size)
         finish_writes(limit=0)
     except KeyboardInterrupt:
@@ -248,7 +272,7 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
         try:
             if writes:
                 files = sum(len(job.outputs) for job, _ in writes)
-                announce(bar, f"{label + ': ' if label else ''}interrupted: finishing the "
+                announce(bar.bar, f"{label + ': ' if label else ''}interrupted: finishing the "
                          f"{_plural(files, 'output')} of {_plural(len(writes), 'image')} "
                          "already computed (Ctrl-C again to abort them; no partial file is "
                          "left)")
@@ -259,7 +283,7 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             writers.shutdown(wait=False, cancel=True)
             summary.abandoned = len(writes)
             remove_temp_files([p for job, _ in writes for p in job.outputs.values()])
-            announce(bar, f"{label + ': ' if label else ''}aborted: the outputs of "
+            announce(bar.bar, f"{label + ': ' if label else ''}aborted: the outputs of "
                      f"{_plural(len(writes), 'image')} were not written (a rerun computes "
                      f"{'it' if len(writes) == 1 else 'them'})")
     finally:
@@ -301,7 +325,9 @@ def _run_batch(model: Any, transform: Callable, batch: list[_Job]) -> list[tuple
 
 
 def _to_cpu(result: dict[str, Any]) -> dict[str, Any]:
-    out = {"depth": result["depth"].detach().float().cpu().numpy(),
+    depth = result["depth"]  # a numpy array already when resized back in bands
+    out = {"depth": depth if hasattr(depth, "dtype") and not hasattr(depth, "detach")
+           else depth.detach().float().cpu().numpy(),
            "focallength_px": float(result["focallength_px"]),
            "fov_deg": float(result["fov_deg"])}
     if "fov_deg_estimated" in result:  # present exactly when the FOV network ran
