@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,12 @@ def test_cli_prints_the_table(bench_run):
     assert "fast cuda" in text and "skipped" in text
     assert "GPU numbers" in text and "need a GPU" in text
     assert "patch encoder" in text and "decoder" in text  # --stages
+    # the fp32 reference is true fp32 and says so; the first-call column and its meaning
+    ref_line = next(line for line in text.splitlines() if line.startswith("reference eager"))
+    assert "TF32 off" in ref_line
+    assert "1st call c/w" in text and "1st call cold/warm: time to first depth map" in text
+    engine_line = next(line for line in text.splitlines() if line.startswith("fast engine "))
+    assert re.search(r"\d+\.\d\d/\d+\.\d\d s", engine_line), engine_line
 
 
 def test_cli_json_fields(bench_run):
@@ -90,6 +97,16 @@ def test_cli_json_fields(bench_run):
     assert engine["fov_abs_err_deg"] < 1e-3
     assert engine["engine"]["folds"] and "options" in engine["engine"]
     assert rows[("fast engine + CUDA graph", "fp32")]["status"] == "skipped"
+    # TF32: off in the fp32 reference row; the other rows run under torch's defaults
+    assert ref["tf32"] == "off" and engine["tf32"] != "off"
+    assert "TF32 off" in data["settings"]["fp32_reference"]
+    # the first call (default: the fast engine row on a CPU): cold in a new process, warm a
+    # second fresh model there; the other rows are not measured
+    assert engine["first_call_cold_ms"] > 0 and engine["first_call_warm_ms"] > 0
+    assert ref["first_call_cold_ms"] is None and "first_call_error" not in engine
+    first = data["settings"]["first_call"]
+    assert first["rows"] == "default" and first["disk_caches"] == "as found"
+    assert "new process" in first["meaning"]
 
 
 def test_make_table(bench_run, tmp_path):
@@ -258,3 +275,128 @@ def test_interrupted_run_keeps_what_it_measured(monkeypatch):
     assert [r.status for r in rows] == ["ok", "skipped", "ok"]
     assert "interrupted" in rows[1].reason
     assert saved == [["reference eager"], ["reference eager", "fast engine"]]
+
+
+def test_fp32_reference_rows_run_with_tf32_off(monkeypatch):
+    """cuDNN's TF32 is on by default: the fp32 reference rows turn TF32 off (cuBLAS and cuDNN)
+    while they run, and put the flags back afterwards; the other rows keep the defaults."""
+    from depthpro_fast import model as model_mod
+
+    seen: list[tuple[str, bool, bool]] = []
+    forward = model_mod.DepthPro.forward
+    current = {"row": "?"}
+
+    def spy(self, *args, **kwargs):
+        seen.append((current["row"], torch.backends.cuda.matmul.allow_tf32,
+                     torch.backends.cudnn.allow_tf32))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_mod.DepthPro, "forward", spy)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    runner = Runner(resolve_config(MICRO), CPU, batches=[1], runs=1, warmup=1)
+    rows = []
+    for v in (Variant("reference", torch.float32), Variant("engine", torch.float32, "auto"),
+              Variant("reference", torch.bfloat16)):
+        current["row"] = f"{v.name} {v.dtype_label}"
+        rows.append(runner.run_row(v, 1))
+    assert [r.status for r in rows] == ["ok", "ok", "ok"], [r.reason for r in rows]
+    by_row: dict[str, set] = {}
+    for row, matmul, cudnn in seen:
+        by_row.setdefault(row, set()).add((matmul, cudnn))
+    assert by_row["reference eager fp32"] == {(False, False)}
+    assert by_row["fast engine fp32"] == {(True, True)}
+    assert by_row["reference eager bf16"] == {(True, True)}
+    assert [r.tf32 for r in rows] == ["off", "on", "on"]
+    # restored after the row
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    table = format_table(rows)
+    assert "TF32 off" in table.splitlines()[2] and "TF32 off" not in table.splitlines()[3]
+
+
+def test_first_call_rows_and_failures():
+    """Which rows get the first-call column, and a failing measurement is reported, not fatal."""
+    from depthpro_fast.bench import first_call
+
+    ok = Stats([1.0])
+
+    def row(v):
+        return RowResult(v, 1, "ok", device=ok, host=ok)
+
+    ref = row(Variant("reference", torch.float32))
+    engine = row(Variant("engine", torch.bfloat16, "auto"))
+    graph = row(Variant("engine", torch.bfloat16, "auto", "cudagraph"))
+    fp8_graph = row(Variant("engine", torch.bfloat16, "auto", "cudagraph", fp8=True))
+    hf = row(Variant("hf", torch.bfloat16, "-"))
+    skipped = RowResult(Variant("engine", torch.float16, "auto"), 1, "skipped", "no")
+    rows = [ref, engine, fp8_graph, graph, hf, skipped]
+    assert first_call.select_rows(rows, "default", gpu=True) == [graph]
+    assert first_call.select_rows(rows, "default", gpu=False) == [engine]
+    assert first_call.select_rows(rows, "engine", gpu=True) == [engine, fp8_graph, graph]
+    assert first_call.select_rows(rows, "all", gpu=True) == [ref, engine, fp8_graph, graph]
+    assert first_call.select_rows(rows, "none", gpu=True) == []
+    with pytest.raises(ValueError, match="accepted: default, engine, all, none"):
+        first_call.select_rows(rows, "some", gpu=True)
+
+    calls = []
+
+    def fake_run(config, device, v, batch, *, seed, empty_disk_caches):
+        calls.append((config, v.name, v.dtype_label, empty_disk_caches))
+        if v.fp8:
+            raise first_call.FirstCallError("exit 1: boom")
+        return {"cold_ms": 2500.0, "warm_ms": 300.0}
+
+    assert first_call.fill(rows, "engine", config="tiny", device=CPU, run=fake_run,
+                           empty_disk_caches=True)
+    assert [c[1:3] for c in calls] == [("fast engine", "bf16"),
+                                       ("fast engine + CUDA graph", "fp8"),
+                                       ("fast engine + CUDA graph", "bf16")]
+    assert all(c[0] == "tiny" and c[3] for c in calls)
+    assert (graph.first_call_cold_ms, graph.first_call_warm_ms) == (2500.0, 300.0)
+    assert fp8_graph.first_call_cold_ms is None and "boom" in fp8_graph.first_call_error
+    table = format_table(rows)
+    assert "2.50/0.30 s" in table and "failed" in table
+    assert graph.to_dict()["first_call_cold_ms"] == 2500.0
+    assert fp8_graph.to_dict()["first_call_error"].endswith("boom")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    assert not first_call.fill([ref], "all", config="tiny", device=CPU, run=interrupted)
+    assert ref.first_call_error == "interrupted"
+
+
+def test_first_call_process_reports_cold_and_warm(tmp_path):
+    """The first-call process itself (a new Python process, two fresh models)."""
+    from depthpro_fast.bench import first_call
+
+    cfg = tmp_path / "micro.json"
+    cfg.write_text(json.dumps(MICRO))
+    out = first_call.in_subprocess(str(cfg), CPU, Variant("reference", torch.float32), 1,
+                                   empty_disk_caches=True)
+    assert out["cold_ms"] > 0 and out["warm_ms"] > 0 and out["row"] == "reference eager"
+    with pytest.raises(first_call.FirstCallError, match="exit 2"):
+        first_call.in_subprocess("tiny", CPU, Variant("hf", torch.float32, "-"), 1)
+
+
+def test_engine_rows_first(monkeypatch):
+    """--engine-first: the fast engine's rows are timed before the others (the table keeps its
+    order), so a run cut by a time limit keeps the throughput rows."""
+    variants = [Variant("reference", torch.bfloat16), Variant("fast", torch.bfloat16, "auto"),
+                Variant("engine", torch.bfloat16, "auto"),
+                Variant("engine", torch.bfloat16, "auto", "cudagraph")]
+    for engine_first, want in ((False, [v.name for v in variants]),
+                               (True, ["fast engine", "fast engine + CUDA graph",
+                                       "reference eager", "fast auto"])):
+        runner = Runner(OFFICIAL, CPU, batches=[8], runs=1, warmup=0,
+                        engine_first=engine_first)
+        ran = []
+
+        def fake_row(v, batch, ran=ran):
+            ran.append(v.name)
+            return RowResult(v, batch, "ok", device=Stats([5.0]), host=Stats([5.0]))
+
+        monkeypatch.setattr(runner, "run_row", fake_row)
+        rows = runner.run(variants)
+        assert ran == want
+        assert [r.variant.name for r in rows] == [v.name for v in variants]

@@ -1,13 +1,18 @@
 """The GPU check's pieces on a CPU, tiny shapes: micro-benchmarks, smoke test, the journal that
 isolates their cases, the bench runner's poisoned-context stop, the ablation's results file.
 
-(bench/gpu_check.sh as a whole is dry-run by hand: GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_CONFIG=tiny;
-it takes minutes here.)
+bench/gpu_check.sh: its step plan against its budget, and its qualify step alone (dry run);
+the carried Triton cache's export / install and its hit counter. (The whole script is dry-run by
+hand: GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_CONFIG=tiny; it takes minutes here.)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +284,136 @@ def test_ablation_json_and_bad_input(tmp_path, monkeypatch):
     assert data["schema"] == ablation.SCHEMA and not data["partial"]
     assert data["environment"]["device"] and "commit" in data["environment"]
     assert data["rows"][0]["variant"] == "reference"
+
+
+# ---- bench/gpu_check.sh: its step plan, and its steps on a CPU -----------------------------
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+#: The device call's limit (600 s) less the machine's start and the transfers.
+DEVICE_CALL_S, START_AND_TRANSFERS_S = 600, 60
+#: Time outside the steps before the first one: the environment probe (torch imports).
+SETUP_S = 20
+
+
+def _gpu_check_plan() -> tuple[dict[str, int], list[str], int, int, dict[str, int]]:
+    """(run_step limits in order, ALL_STEPS, BUDGET_S default, RESERVE_S, header table)."""
+    text = GPU_CHECK.read_text()
+    steps = {m[1]: int(m[2]) for m in re.finditer(
+        r"^(?:[A-Z_]+=\S+\s+)*run_step\s+(\w+)\s+(\d+)\s+\w+\s*$", text, re.M)}
+    all_steps = re.search(r'^ALL_STEPS="([^"]+)"', text, re.M)[1].split()
+    budget = int(re.search(r"^BUDGET_S=\$\{BUDGET_S:-(\d+)\}", text, re.M)[1])
+    reserve = int(re.search(r"^RESERVE_S=(\d+)", text, re.M)[1])
+    header = text[:text.index("set -uo pipefail")]
+    table = {m[1]: int(m[2]) for m in re.finditer(r"^#\s+(\w+)\s+(\d+)s\s", header, re.M)}
+    return steps, all_steps, budget, reserve, table
+
+
+def test_gpu_check_steps_fit_the_budget():
+    """The step limits add up to well under the budget (no step is cut by design), the budget
+    leaves the device call room for the machine's start and the transfers, the order puts
+    the decisive numbers first, and the header's plan is the script's."""
+    steps, all_steps, budget, reserve, table = _gpu_check_plan()
+    assert list(steps) == all_steps  # every default step has a limit, in the run's order
+    total = sum(steps.values())
+    assert budget + START_AND_TRANSFERS_S <= DEVICE_CALL_S, budget
+    assert total + SETUP_S + reserve <= budget - 15, (total, budget)
+    assert all_steps[:3] == ["build", "qualify", "bench8"]  # throughput before the rest
+    assert all_steps.index("bench8") < min(all_steps.index("micro"),
+                                           all_steps.index("ablation"))
+    assert all_steps[-1] == "tests" and all(limit >= 20 for limit in steps.values())
+    assert {k: v for k, v in table.items() if k in steps} == steps  # the header says the same
+    assert f"add up to {total} s" in GPU_CHECK.read_text()
+    plan = subprocess.run(["bash", str(GPU_CHECK), "--plan"], capture_output=True, text=True,
+                          check=True).stdout
+    assert re.search(rf"^total\s+{total}s of a {budget}s budget", plan, re.M), plan
+    assert [line.split()[0] for line in plan.splitlines()[:-1]] == all_steps
+
+
+def test_gpu_check_qualify_step_fails_when_its_module_is_missing(tmp_path):
+    """A dry run of the qualify step alone: the missing module is a FAILED step that says so
+    (never a silent pass), in the log and in the summary's step table."""
+    env = {**os.environ, "GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_CONFIG": "tiny",
+           "STEPS": "qualify", "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "GPU_CHECK_QUALIFY_MODULE": "depthpro_fast.no_such_module"}
+    env.pop("DEPTHPRO_FAST_DEVICE_CACHE", None)  # (the tests' own: the script sets its own)
+    proc = subprocess.run(["bash", str(GPU_CHECK), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert re.search(r"^qualify\s+FAILED \(module missing\)", summary, re.M), summary
+    assert "module missing: depthpro_fast.no_such_module" in (
+        tmp_path / "out" / "gpu_check.log").read_text()
+    # the device cache points at the run's scratch folder
+    assert f"device cache {tmp_path / 'work' / 'device-cache'}" in proc.stdout
+
+
+# ---- the carried Triton cache ---------------------------------------------------------------
+
+PARTS = {"triton": "3.6.0", "python": "3.12.1", "triton_key": "k1", "backend": "b1",
+         "ptxas": "release 12.8", "arch": 90, "env": {}}
+
+
+def _fake_triton_cache(root: Path, entries: int) -> None:
+    """Triton's layout: <key>/<files>, and a group file naming them by absolute path."""
+    for i in range(entries):
+        d = root / f"KEY{i}"
+        d.mkdir(parents=True)
+        names = [f"_k{i}.source", f"_k{i}.ttir", f"_k{i}.ptx", f"_k{i}.cubin", f"_k{i}.json"]
+        for n in names:
+            (d / n).write_text(f"{n} contents")
+        (d / f"__grp___k{i}.json").write_text(json.dumps(
+            {"child_paths": {n: str(d / n) for n in names}}))
+    (root / "autotune").mkdir()  # an entry without a binary: not exported
+    (root / "autotune" / "__grp__x.json").write_text(json.dumps({"child_paths": {}}))
+
+
+def test_triton_cache_export_and_install(tmp_path):
+    """export keeps the binaries and the metadata, by name; install puts them in a new folder
+    with group files that point at the copies (Triton drops paths that do not exist)."""
+    from depthpro_fast.bench import triton_cache
+
+    _fake_triton_cache(tmp_path / "aot", 3)
+    carried = tmp_path / "carried"
+    manifest = triton_cache.export(tmp_path / "aot", carried, parts=PARTS)
+    assert manifest["kernels"] == 3 and manifest["triton_key"] == "k1"
+    assert sorted(p.name for p in (carried / "KEY1").iterdir()) == [
+        "__grp___k1.json", "_k1.cubin", "_k1.json"]
+    assert json.loads((carried / "KEY1" / "__grp___k1.json").read_text()) == {
+        "child_paths": {"_k1.cubin": "_k1.cubin", "_k1.json": "_k1.json"}}
+    cache = tmp_path / "elsewhere" / "triton-cache"
+    lines = triton_cache.install(carried, cache, parts=PARTS)
+    assert "3 of 3 kernels installed" in lines[0] and "expect hits" in lines[1]
+    group = json.loads((cache / "KEY2" / "__grp___k2.json").read_text())["child_paths"]
+    assert set(group) == {"_k2.cubin", "_k2.json"}
+    assert all(Path(p).is_absolute() and Path(p).read_text() == f"{n} contents"
+               for n, p in group.items())
+    assert "0 of 3 kernels installed" in triton_cache.install(carried, cache, parts=PARTS)[0]
+    # a key part that differs is named, with what follows
+    other = {**PARTS, "python": "3.11.7", "triton_key": "k2"}
+    lines = triton_cache.install(carried, tmp_path / "c2", parts=other)
+    assert "triton_key DIFFERENT" in lines[1] and "3.11.7" in lines[1]
+    assert "expect misses" in lines[-1]
+    assert "no manifest.json" in triton_cache.install(tmp_path / "aot", cache)[0]
+    assert triton_cache.main(["install", str(tmp_path / "nothing"), str(cache)]) == 1
+
+
+def test_triton_cache_counting_manager(tmp_path, monkeypatch):
+    """The counting manager is Triton's file cache, logging each lookup as a hit or a miss."""
+    pytest.importorskip("triton")
+    from depthpro_fast.bench import triton_cache
+    from depthpro_fast.bench.triton_cache_counter import LOG_ENV, CountingCacheManager
+
+    assert LOG_ENV == triton_cache.LOG_ENV
+    log = tmp_path / "lookups.txt"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(LOG_ENV, str(log))
+    m = CountingCacheManager("SOMEKEY")
+    assert m.get_group("k.json") is None
+    path = m.put(b"\x00cubin", "k.cubin")
+    m.put_group("k.json", {"k.cubin": path})
+    assert m.get_group("k.json") == {"k.cubin": path}
+    assert log.read_text().splitlines() == ["miss SOMEKEY/k.json", "hit SOMEKEY/k.json"]
+    assert triton_cache.count(log) == (1, 1)
+    assert triton_cache.count(tmp_path / "none.txt") == (0, 0)
+    parts = triton_cache.key_parts()  # this Triton's key parts (its bundled ptxas)
+    assert set(parts) == set(PARTS) and parts["arch"] == 90

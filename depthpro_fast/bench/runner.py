@@ -22,7 +22,16 @@ from ..cpu import half_precision_warning
 from .journal import cuda_context_usable
 from .results import json_safe
 from .stages import time_stages
-from .timing import CpuPeakRss, Stats, dtype_name, random_inputs, synchronize, time_callable
+from .timing import (
+    CpuPeakRss,
+    Stats,
+    dtype_name,
+    random_inputs,
+    synchronize,
+    tf32_disabled,
+    tf32_state,
+    time_callable,
+)
 from .variants import OPS, SkipRow, Variant, build_hf_model, hf_unavailable, resolved_ops
 
 
@@ -34,7 +43,13 @@ class RowResult:
     reason: str | None = None
     device: Stats | None = None
     host: Stats | None = None
-    first_call_ms: float | None = None
+    first_call_ms: float | None = None  # the row's first call in this run (shared model)
+    # "time to first depth map" of a fresh model (bench/first_call.py): in a new process
+    # (cold), then a second fresh model in that process (warm); or why it was not measured
+    first_call_cold_ms: float | None = None
+    first_call_warm_ms: float | None = None
+    first_call_error: str | None = None
+    tf32: str | None = None  # TF32 during the row: "off", "on", or per library
     peak_mem_bytes: int | None = None
     ops: dict[str, str] | None = None
     stages: dict[str, Stats] | None = None
@@ -60,7 +75,11 @@ class RowResult:
             "peak_mem_bytes": self.peak_mem_bytes, "images_per_s": self.images_per_s,
             "speedup": self.speedup, "pct_floor": self.pct_floor,
             "mare_vs_fp32_reference": self.mare, "fov_abs_err_deg": self.fov_err_deg,
+            "tf32": self.tf32, "first_call_cold_ms": self.first_call_cold_ms,
+            "first_call_warm_ms": self.first_call_warm_ms,
         }
+        if self.first_call_error:
+            d["first_call_error"] = self.first_call_error
         if self.engine is not None:
             d["engine"] = self.engine
         if self.device is not None:
@@ -79,7 +98,7 @@ class Runner:
                  seed: int = 0, log: Callable[[str], None] | None = None,
                  skip_same_as_reference: bool = True, allow_interpreter: bool = False,
                  cpu_opt_in: Iterable[str] = (), accuracy: bool = True,
-                 cpu_engine_rows_only: bool = False):
+                 cpu_engine_rows_only: bool = False, engine_first: bool = False):
         self.config = config
         self.device = device
         self.batches = list(batches)
@@ -101,6 +120,8 @@ class Runner:
         # accuracy columns: taken from the first call's output; when a row makes no first call
         # (eager, no warm-up), ``accuracy`` allows one more, untimed, forward for them
         self.accuracy = accuracy
+        # the fast engine's rows before the others (a run cut by a time limit keeps them)
+        self.engine_first = engine_first
         self.interrupted = False
         # the failed row after which the CUDA context was unusable (the rest were not run)
         self.poisoned_by: RowResult | None = None
@@ -140,6 +161,17 @@ class Runner:
                                               count=self.n_inputs, device=self.device,
                                               dtype=dtype, seed=self.seed + batch)
         return self._inputs[key]
+
+    def free(self) -> None:
+        """Drop the model and the inputs (the next row or call builds a fresh model)."""
+        self._free()
+
+    def row_callable(self, v: Variant, batch: int) -> tuple[Callable[[torch.Tensor], Any],
+                                                            torch.nn.Module, Callable[[], None]]:
+        """(the function a row times, the module it runs, its clean-up): the row's preparation
+        (backend, ``prepare_fast``, CUDA graph capture, ``torch.compile`` wrapping) on the
+        current model (``model(v.dtype)``)."""
+        return self._callable(v, batch)
 
     # -- one row -----------------------------------------------------------------------------
     def _callable(self, v: Variant, batch: int) -> tuple[Callable[[torch.Tensor], Any],
@@ -221,7 +253,14 @@ class Runner:
         raise ValueError(f"unknown mode {v.mode!r}")
 
     def run_row(self, v: Variant, batch: int) -> RowResult:
-        row = RowResult(v, batch)
+        """One row, timed; the fp32 reference rows with TF32 off (see ``Variant.tf32_off``)."""
+        if not v.tf32_off:
+            return self._run_row(v, batch)
+        with tf32_disabled():
+            return self._run_row(v, batch)
+
+    def _run_row(self, v: Variant, batch: int) -> RowResult:
+        row = RowResult(v, batch, tf32=tf32_state())
         cuda = self.device.type == "cuda"
         cleanup: Callable[[], None] = lambda: None  # noqa: E731
         try:
@@ -382,10 +421,12 @@ class Runner:
         variants = list(variants)
         order = {dt: i for i, dt in enumerate(dict.fromkeys(v.dtype for v in variants))}
         # one model per dtype at a time: run grouped by dtype, torch.compile (slow to compile)
-        # last in its group, transformers last of all
+        # last in its group, transformers last of all; with engine_first the fast engine's rows
+        # come before every other row (one more model build per dtype switch)
         plan = sorted(((v, b) for v in variants for b in self.batches),
-                      key=lambda vb: (vb[0].path == "hf", order[vb[0].dtype],
-                                      vb[0].mode == "compile"))
+                      key=lambda vb: (vb[0].path == "hf",
+                                      self.engine_first and vb[0].path != "engine",
+                                      order[vb[0].dtype], vb[0].mode == "compile"))
         results: dict[tuple[Variant, int], RowResult] = {}
 
         def in_order() -> list[RowResult]:

@@ -43,10 +43,17 @@ def _gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _first_call(r: RowResult) -> str:
+    """The first-call cell: ``cold/warm`` seconds, ``failed``, or ``-`` (not measured)."""
+    if r.first_call_cold_ms is not None and r.first_call_warm_ms is not None:
+        return f"{r.first_call_cold_ms / 1e3:.2f}/{r.first_call_warm_ms / 1e3:.2f} s"
+    return "failed" if r.first_call_error else "-"
+
+
 def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
     """The side-by-side table; rows that did not run show their reason in the last column."""
     header = ("variant", "dtype", "batch", "median ms", "min-max ms", "img/s", "speed-up",
-              "% floor", "peak mem", "MARE", "FOV err", "note")
+              "% floor", "peak mem", "MARE", "FOV err", "1st call c/w", "note")
     lines = []
     for r in rows:
         v = r.variant
@@ -57,6 +64,8 @@ def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
                 note = "ops: " + ", ".join(f"{op.split('_')[0]}={b}" for op, b in r.ops.items())
             if r.first_call_ms is not None and v.mode != "eager":
                 note = (note + "; " if note else "") + f"first call {r.first_call_ms / 1e3:.1f} s"
+            if v.tf32_off and r.tf32 == "off":
+                note = (note + "; " if note else "") + "TF32 off"
             failures = ((r.engine or {}).get("graphs") or {}).get("failures")
             if failures:
                 note = (note + "; " if note else "") + f"graph capture failed (eager): {failures}"
@@ -66,17 +75,17 @@ def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
                      _fmt(r.speedup, ".2f", "-") + ("x" if r.speedup else ""),
                      _fmt(r.pct_floor, ".1f") + ("%" if r.pct_floor is not None else ""),
                      _gib(r.peak_mem_bytes), "ref" if is_ref else _fmt(r.mare, ".1e"),
-                     "ref" if is_ref else _fmt(r.fov_err_deg, ".3f"), note)
+                     "ref" if is_ref else _fmt(r.fov_err_deg, ".3f"), _first_call(r), note)
         else:
             reason = (r.reason or "").replace("\n", " ")
             if len(reason) > note_width:
                 reason = reason[:note_width - 3] + "..."
             cells = (v.name, v.dtype_label, str(r.batch), "-", "-", "-", "-", "-", "-",
-                     "-", "-", f"{r.status}: {reason}")
+                     "-", "-", "-", f"{r.status}: {reason}")
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
               for i, h in enumerate(header)]
-    right = {2, 3, 4, 5, 6, 7, 8, 9, 10}
+    right = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11}
 
     def fmt_row(cells: Sequence[str]) -> str:
         out = [c.rjust(w) if i in right else c.ljust(w)

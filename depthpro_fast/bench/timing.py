@@ -9,11 +9,12 @@ between runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +27,32 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 def dtype_name(dtype: torch.dtype) -> str:
     """``fp32``, ``fp16``, ``bf16`` (other dtypes: torch's name without ``torch.``)."""
     return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+@contextlib.contextmanager
+def tf32_disabled() -> Iterator[None]:
+    """Inside: fp32 matmuls (cuBLAS) and convolutions (cuDNN) in full fp32, not TF32.
+
+    torch leaves cuDNN's TF32 on by default (its convolutions then round their inputs to a
+    10-bit mantissa, ~1e-3 relative error), so an fp32 reference timed under the defaults is
+    a TF32 reference. Both flags are restored on the way out, whatever they were.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def tf32_state() -> str:
+    """TF32 as set now: ``off``, ``on``, or ``matmul on, cudnn off`` (the two differ)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if matmul == cudnn:
+        return "on" if matmul else "off"
+    return f"matmul {'on' if matmul else 'off'}, cudnn {'on' if cudnn else 'off'}"
 
 
 @dataclasses.dataclass

@@ -72,6 +72,12 @@ class Variant:
         """The row every other row's accuracy is measured against."""
         return self.path == "reference" and self.mode == "eager" and self.dtype == torch.float32
 
+    @property
+    def tf32_off(self) -> bool:
+        """The fp32 reference rows (eager and compiled) run with TF32 off (cuBLAS and cuDNN):
+        the accuracy reference is then true fp32, not TF32 (torch's cuDNN default is TF32)."""
+        return self.path == "reference" and self.dtype == torch.float32
+
 
 def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | None = None,
                      fast_backends: Sequence[str] = ("auto", "triton", "cuda"),

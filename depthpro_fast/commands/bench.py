@@ -11,6 +11,11 @@ On a CPU-only machine the default is bounded: the tiny config (the fixtures' mod
 and the fast engine in fp32 and the fast engine in bf16 (skipped, saying why, where the CPU has
 no bf16 arithmetic), one warm-up (which gives the accuracy columns) and one timed run per row,
 with the peak resident memory; the run prints its expected length first. GPU numbers need a GPU.
+
+The fp32 reference rows (the accuracy reference) run with TF32 off in cuBLAS and cuDNN (torch's
+cuDNN default is TF32); the table's note and the JSON's ``tf32`` field say so. The "1st call
+c/w" column is the time to first depth map of a fresh model, cold (a new process) and warm (a
+second fresh model in it): ``depthpro_fast/bench/first_call.py`` says exactly what is timed.
 """
 
 from __future__ import annotations
@@ -80,6 +85,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"time our ONNX export in ONNX Runtime ({EXPORT_HINT}; on a GPU "
                              "its CUDA / TensorRT providers, fp16; default: on a GPU; on a CPU "
                              "only with --onnxruntime)")
+    parser.add_argument("--first-call", choices=("default", "engine", "all", "none"),
+                        default="default",
+                        help="time to first depth map (cold: a fresh model in a new process; "
+                             "warm: a second fresh model there) of: default, one row (the "
+                             "fast engine + CUDA graph on a GPU, the fast engine on a CPU); "
+                             "engine, every fast engine row; all, every reference / fast / "
+                             "engine row; none")
+    parser.add_argument("--first-call-empty-caches", action="store_true",
+                        help="the cold first call with empty Triton and device caches (a first "
+                             "run on a new machine: every kernel compiled and autotuned); "
+                             "default: the disk caches as found")
+    parser.add_argument("--engine-first", action="store_true",
+                        help="time the fast engine's rows before the others (a run cut short "
+                             "by a time limit keeps them)")
     parser.add_argument("--stages", action="store_true",
                         help="add the per-stage breakdown of the eager rows")
     parser.add_argument("--flops", action="store_true", help="print the FLOP count per module")
@@ -118,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..accuracy import FOV_BUDGET_DEG, FP8_FOV_BUDGET_DEG, FP8_MARE_BUDGET, MARE_BUDGET
     from ..api import resolve_device, resolve_dtype
+    from ..bench import first_call
     from ..bench.environment import default_results_name, environment
     from ..bench.results import results_dict, write_json
     from ..bench.runner import Runner
@@ -174,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
                        # no extra untimed forward for the accuracy columns where one takes
                        # minutes (the official model on a CPU without warm-up)
                        accuracy=gpu or not big,
-                       cpu_engine_rows_only=not gpu and big and args.backends is None)
+                       cpu_engine_rows_only=not gpu and big and args.backends is None,
+                       engine_first=args.engine_first)
     if not gpu and big:
         per_forward = flops_per_image / (fp32_peak["tflops"] * 1e12) / 0.7 * max(args.batch)
         log(f"a CPU at this size: each row that runs takes {warmup + runs} forwards of about "
@@ -192,7 +213,14 @@ def run(args: argparse.Namespace) -> int:
         settings = {"batches": args.batch, "runs": runs, "warmup": warmup,
                     "n_inputs": runner.n_inputs, "timer": timer, "seed": args.seed,
                     "stages": args.stages, "wall_s": round(time.perf_counter() - t_start, 1),
-                    "partial": partial}
+                    "partial": partial, "engine_first": args.engine_first,
+                    "fp32_reference": "TF32 off (cuBLAS and cuDNN) in the fp32 reference rows",
+                    "first_call": {"rows": args.first_call,
+                                   "disk_caches": "empty" if args.first_call_empty_caches
+                                   else "as found",
+                                   "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR"),
+                                   "device_cache": os.environ.get("DEPTHPRO_FAST_DEVICE_CACHE"),
+                                   "meaning": first_call.legend(args.first_call_empty_caches)}}
         culprit = runner.poisoned_by
         if culprit is not None:
             settings["poisoned_by"] = {"name": culprit.variant.name,
@@ -212,6 +240,13 @@ def run(args: argparse.Namespace) -> int:
         save(rows, ["partial results: the run had not finished when this was written"], True)
 
     rows = runner.run(variants, on_row=save_partial if json_path else None)
+    if not runner.interrupted and runner.poisoned_by is None and args.first_call != "none":
+        if json_path:
+            save_partial(rows)
+        if not first_call.fill(rows, args.first_call, config=config_arg, device=device,
+                               seed=args.seed, empty_disk_caches=args.first_call_empty_caches,
+                               log=log):
+            runner.interrupted = True
     baseline = fill_relative(rows, flops_per_image, peak["tflops"])
 
     notes = list(args.note)
@@ -258,8 +293,14 @@ def run(args: argparse.Namespace) -> int:
                            + [f"{FP8_MARE_BUDGET:g} fp8"])
         print("MARE: mean absolute relative error of the canonical inverse depth, FOV err: |FOV "
               "- reference FOV| in degrees, both on the first input vs the fp32 reference eager "
-              f"row (same weights); budget (fast path): MARE <= {budget}, FOV <= "
+              f"row, TF32 off (same weights); budget (fast path): MARE <= {budget}, FOV <= "
               f"{FOV_BUDGET_DEG:g} deg ({FP8_FOV_BUDGET_DEG:g} deg in fp8)")
+    if any(r.first_call_cold_ms is not None or r.first_call_error for r in rows):
+        print(first_call.legend(args.first_call_empty_caches))
+    for r in rows:
+        if r.first_call_error:
+            print(f"  first call of {r.variant.name} {r.variant.dtype_label} failed: "
+                  f"{r.first_call_error}")
     long_reasons = [r for r in rows if r.status != "ok" and r.reason and len(r.reason) > 60]
     for r in long_reasons:
         print(f"  {r.variant.name} {r.variant.dtype_label}: {r.status}: {r.reason}")
