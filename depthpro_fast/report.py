@@ -59,6 +59,8 @@ def info() -> dict[str, Any]:
         "backends": backend_report,
         "ops": backends.registered_ops(),
         "auto_fallbacks": backends.fallback_log(),
+        # kernels that failed their qualification on a device (depthpro_fast/qualification.py)
+        "disqualified": backends.disqualified(),
         # attention implementations timed by fast engines in this process (and the choice)
         "attention_measurements": _attention_measurements(),
         "checkpoint_search": [
@@ -98,6 +100,8 @@ def format_info(report: dict[str, Any] | None = None) -> str:
     lines.append("ops: " + ", ".join(f"{op} [{'/'.join(impls)}]" for op, impls in r["ops"].items()))
     for key, why in r["auto_fallbacks"].items():
         lines.append(f"  auto skipped {key}: {why}")
+    for key, why in r.get("disqualified", {}).items():
+        lines.append(f"  disqualified {key}: {why}")
     for shape, m in r.get("attention_measurements", {}).items():
         times = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} failed"
                           for k, v in m["timings_ms"].items())
