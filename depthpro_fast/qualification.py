@@ -77,6 +77,21 @@ def resolve_mode(option: str | None = None) -> str:
     return value
 
 
+@contextlib.contextmanager
+def default_mode(mode: str) -> Iterator[None]:
+    """Inside: ``mode`` unless ``$DEPTHPRO_FAST_QUALIFY`` says otherwise (the command line's
+    ``predict`` and ``bench`` qualify in a child process); the environment is restored after."""
+    resolve_mode(mode)
+    before = os.environ.get(ENV_VAR)
+    if before is None:
+        os.environ[ENV_VAR] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_VAR, None)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
