@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,9 @@ def register(op: str, backend: str, loader: Callable[[], Callable[..., Any]]) ->
         raise ValueError(f"cannot register backend {backend!r}; one of "
                          f"{tuple(b for b in BACKENDS if b != 'auto')}")
     _REGISTRY.setdefault(op, {})[backend] = loader
+    # a replaced implementation takes effect at the next call (tests register fakes)
+    _LOADED.pop((op, backend), None)
+    _forget_resolved(op)
 
 
 def check_backend(backend: str | None) -> str:
@@ -131,7 +135,9 @@ def implementation(op: str, backend: str | None, device: torch.device) -> Callab
     An explicit backend that cannot run raises ``RuntimeError`` saying why; ``auto`` falls back
     and records why (``fallback_log``). The choice is remembered per (op, backend, device type).
     """
-    key = (op, backend or "auto", device.type)
+    if _INTERCEPT is not None:  # kernel qualification is running (see the section below)
+        return _INTERCEPT(op, backend, device)
+    key = (op, backend or "auto", device.type, device.index)
     fn = _RESOLVED.get(key)
     if fn is not None:
         return fn
@@ -154,6 +160,8 @@ def _resolve(op: str, backend: str | None, device: torch.device) -> Callable[...
         ok, why = backend_status(backend, device)
         if not ok:
             raise RuntimeError(f"backend {backend!r} cannot run op {op!r} on {device}: {why}")
+        if is_disqualified(op, backend, device) is not None:
+            return _load(op, next_implementation(op, backend, device))
         return _load(op, backend)
     order = AUTO_ORDER_CUDA if device.type == "cuda" else AUTO_ORDER_CPU
     for candidate in order:
@@ -162,6 +170,10 @@ def _resolve(op: str, backend: str | None, device: torch.device) -> Callable[...
         ok, why = backend_status(candidate, device)
         if not ok:
             _note_fallback(op, candidate, why or "unavailable")
+            continue
+        bad = is_disqualified(op, candidate, device)
+        if bad is not None:
+            _note_fallback(op, candidate, f"disqualified on {device_key(device)}: {bad}")
             continue
         if candidate == "cuda" and not _ext.has_op(op):
             _note_fallback(op, candidate, f"the built extension has no {op!r} kernel")
@@ -218,3 +230,139 @@ def require_backend(backend: str | None, device: torch.device) -> None:
             + option("backend='auto'", "--backend auto")
             + " uses the fastest backend that can; `depthpro-fast info` lists which are "
             "available and why not")
+
+
+# ----------------------------------------------------------------------------------------------
+# qualification: implementations found wrong on a device, and what runs instead
+# (``depthpro_fast/qualification.py`` decides; this section only records and honours it)
+# ----------------------------------------------------------------------------------------------
+
+#: The order in which an implementation falls back when it is disqualified on a device, for
+#: ``auto`` and for an explicit backend alike. ``torch`` and ``reference`` are PyTorch's own
+#: code: they are the baseline and are never disqualified.
+FALLBACK_ORDER = ("cuda", "triton", "torch", "reference")
+CUSTOM_BACKENDS = ("cuda", "triton")
+
+# (op, backend, device key) -> why it was disqualified
+_DISQUALIFIED: dict[tuple[str, str, str], str] = {}
+_WARNED: set[tuple[str, str, str]] = set()
+# When set, ``implementation`` hands every lookup to it (kernel qualification records the ops
+# one forward calls and checks each at its real shapes); None otherwise.
+_INTERCEPT: Callable[[str, str | None, torch.device], Callable[..., Any]] | None = None
+
+
+def device_key(device: torch.device | str) -> str:
+    """``"cuda:0"`` (the current device's index filled in), ``"cpu"``: what a
+    disqualification is recorded for."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def _forget_resolved(op: str | None = None) -> None:
+    for key in [k for k in _RESOLVED if op is None or k[0] == op]:
+        _RESOLVED.pop(key, None)
+
+
+def is_disqualified(op: str, backend: str, device: torch.device | str) -> str | None:
+    """Why ``backend``'s implementation of ``op`` is disqualified on ``device``, or None."""
+    if not _DISQUALIFIED:
+        return None
+    return _DISQUALIFIED.get((op, backend, device_key(device)))
+
+
+def fallback_chain(op: str, backend: str | None, device: torch.device | str) -> list[str]:
+    """The implementations of ``op`` that a call with ``backend`` may run on ``device``, in
+    the order they are tried: the chosen one first (``auto``: the fastest available), then
+    the next ones of :data:`FALLBACK_ORDER`. Unregistered, unavailable and (``cuda``) unbuilt
+    implementations are left out; disqualified ones are kept (the caller skips them). Ends at
+    the first of ``torch`` / ``reference`` (``torch`` without its own implementation of the op
+    is its reference)."""
+    device = torch.device(device)
+    backend = check_backend(backend)
+    impls = _REGISTRY.get(op)
+    if impls is None:
+        raise KeyError(f"no op named {op!r}")
+    if backend == "auto":
+        order = AUTO_ORDER_CUDA if device.type == "cuda" else AUTO_ORDER_CPU
+    else:
+        order = FALLBACK_ORDER[FALLBACK_ORDER.index(backend):]
+    chain = []
+    for b in order:
+        if b in CUSTOM_BACKENDS:
+            if b not in impls or not backend_status(b, device)[0]:
+                continue
+            if b == "cuda" and not _ext.has_op(op):
+                continue
+            chain.append(b)
+            continue
+        chain.append(b if b in impls else "reference")
+        break
+    return chain
+
+
+def next_implementation(op: str, backend: str, device: torch.device | str) -> str:
+    """The backend whose implementation of ``op`` runs on ``device`` in place of ``backend``'s
+    (the first of :func:`fallback_chain` that is not disqualified)."""
+    for b in fallback_chain(op, backend, device)[1:]:
+        if is_disqualified(op, b, device) is None:
+            return b
+    return "reference"
+
+
+def disqualify(op: str, backend: str, device: torch.device | str, why: str) -> None:
+    """Never run ``backend``'s implementation of ``op`` on ``device`` again in this process
+    (``auto`` skips it, with the reason in :func:`fallback_log`; an explicit backend falls to
+    the next of :data:`FALLBACK_ORDER`), and warn once, saying which op, why, and what runs
+    now."""
+    if op not in _REGISTRY:
+        raise KeyError(f"no op named {op!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    if backend not in CUSTOM_BACKENDS:
+        raise ValueError(f"only the custom implementations ({', '.join(CUSTOM_BACKENDS)}) can "
+                         f"be disqualified, got {backend!r}: torch and reference are the "
+                         "baseline they are checked against")
+    key = (op, backend, device_key(device))
+    with _LOCK:
+        _DISQUALIFIED[key] = why
+        _forget_resolved(op)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        now = next_implementation(op, backend, device)
+        warnings.warn(f"depthpro_fast: op {op!r}: the {backend} implementation failed its "
+                      f"qualification on {key[2]} ({why}); it now runs the {now} "
+                      "implementation", RuntimeWarning, stacklevel=2)
+
+
+def disqualified() -> dict[str, str]:
+    """``{"op/backend@device": why}`` for every implementation disqualified in this process."""
+    return {f"{op}/{b}@{dev}": why for (op, b, dev), why in sorted(_DISQUALIFIED.items())}
+
+
+def requalify(op: str | None = None, device: torch.device | str | None = None) -> None:
+    """Forget disqualifications (all, of one op, and / or on one device): tests, and a
+    qualification run again after a kernel was fixed."""
+    dev = None if device is None else device_key(device)
+    with _LOCK:
+        for key in [k for k in _DISQUALIFIED if op in (None, k[0]) and dev in (None, k[2])]:
+            del _DISQUALIFIED[key]
+            _WARNED.discard(key)
+        _forget_resolved(op)
+
+
+def load_implementation(op: str, backend: str) -> Callable[..., Any]:
+    """The implementation ``backend`` registered for ``op`` (``torch`` without one: the
+    reference), loaded without any availability check or fallback (qualification)."""
+    impls = _REGISTRY.get(op)
+    if impls is None:
+        raise KeyError(f"no op named {op!r}")
+    if backend == "torch" and "torch" not in impls:
+        backend = "reference"
+    return _load(op, backend)
+
+
+def set_intercept(fn: Callable[[str, str | None, torch.device], Callable[..., Any]] | None,
+                  ) -> None:
+    """Route every :func:`implementation` lookup through ``fn`` (None: back to normal)."""
+    global _INTERCEPT
+    _INTERCEPT = fn

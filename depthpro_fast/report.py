@@ -60,6 +60,8 @@ def info() -> dict[str, Any]:
         "backends": backend_report,
         "ops": backends.registered_ops(),
         "auto_fallbacks": backends.fallback_log(),
+        # kernels that failed their qualification on a device (depthpro_fast/qualification.py)
+        "disqualified": backends.disqualified(),
         # attention implementations chosen by fast engines in this process: timings, choice,
         # and its source ("measured" here or "device cache": stored by an earlier process)
         "attention_measurements": _timed_choices("attention_choice"),
@@ -101,6 +103,8 @@ def format_info(report: dict[str, Any] | None = None) -> str:
     lines.append("ops: " + ", ".join(f"{op} [{'/'.join(impls)}]" for op, impls in r["ops"].items()))
     for key, why in r["auto_fallbacks"].items():
         lines.append(f"  auto skipped {key}: {why}")
+    for key, why in r.get("disqualified", {}).items():
+        lines.append(f"  disqualified {key}: {why}")
     for kind, choices in (("attention", r.get("attention_measurements", {})),
                           ("cpu gemm", r.get("cpu_gemm_choices", {}))):
         for shape, m in choices.items():

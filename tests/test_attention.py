@@ -28,13 +28,14 @@ import torch
 import depthpro_fast
 from depthpro_fast import backends
 from depthpro_fast.ops import attention
+from depthpro_fast.tolerances import ATTENTION_FLOOR
 from tests.conftest import TINY_DIR, poison_, requires_cuda, requires_triton
 
 attention_module = importlib.import_module("depthpro_fast.ops.attention")
 
 # Absolute floor of the budget per dtype (a fraction of an ulp at 1: only matters when the
 # PyTorch baseline is exact, e.g. N = 1 where the output is v itself).
-FLOOR = {torch.float32: 1e-7, torch.float16: 1e-5, torch.bfloat16: 1e-4}
+FLOOR = ATTENTION_FLOOR  # shared with kernel qualification (depthpro_fast/tolerances.py)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from depthpro_fast import ops
 from depthpro_fast.ops.split_patches import split_patches_reference
+from depthpro_fast.tolerances import SPLIT_FP32_ATOL
 from tests.conftest import HAS_CUDA, poison_, requires_triton
 
-FP32_ATOL = 2e-6
+FP32_ATOL = SPLIT_FP32_ATOL  # shared with kernel qualification
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
 

@@ -131,6 +131,13 @@ def _run_micro(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..qualification import default_mode
+
+    with default_mode("subprocess"):  # kernels qualify in a child: a crash cannot end the run
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.micro:
         return _run_micro(args)
     import torch

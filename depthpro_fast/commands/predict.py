@@ -250,6 +250,13 @@ def _resolve_fast(fast: bool | None, device: Any, dtype: str = "") -> bool | Non
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..qualification import default_mode
+
+    with default_mode("subprocess"):  # kernels qualify in a child: a crash cannot end the run
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..api import load, resolve_device
     from ..backends import require_backend

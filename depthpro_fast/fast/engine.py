@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import backends, dataflow
+from .. import backends, dataflow, qualification
 from ..config import NUM_TOKENS
 from ..fp8_format import Fp8UnavailableError, fp8_problem
 from . import attention_choice, folds, fp8, lockstep
@@ -123,6 +123,12 @@ class FastOptions:
     - ``residual_fp32`` (item 5; needs ``residual_in_gemm``): a 16-bit model's ViT residual
       stream kept in fp32 (``addmm(out_dtype=float32)`` on CUDA where PyTorch has it; else the
       GEMM in the model dtype and an fp32 add).
+    - ``qualify``: kernel qualification at the first forward of each input shape
+      (``depthpro_fast/qualification.py``, docs/qualification.md): ``"inline"``,
+      ``"subprocess"`` (a child process: a crashing kernel cannot take this one down) or
+      ``"off"``; None: ``$DEPTHPRO_FAST_QUALIFY``, else ``"inline"``.
+    - ``verify_model``: after qualification, compare the first fast forward with the
+      reference path against the dtype's accuracy budget.
 
     The last four act on the fused ViT forward (``epilogues="fused"``; ignored otherwise) and
     are refused with ``fp8`` (its GEMMs are ``_scaled_mm`` on e4m3 copies of the model's own
@@ -154,6 +160,8 @@ class FastOptions:
     fc1_gelu: str = "erf"
     residual_fp32: bool = False
     vit_lockstep: bool = False
+    qualify: str | None = None
+    verify_model: bool = False
 
     def __post_init__(self) -> None:
         if self.epilogues not in EPILOGUES:
@@ -167,6 +175,9 @@ class FastOptions:
         if self.cpu_gemm not in CPU_GEMMS:
             raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got "
                              f"{self.cpu_gemm!r}")
+        if self.qualify is not None and self.qualify not in qualification.MODES:
+            raise ValueError(f"qualify must be one of {', '.join(qualification.MODES)} or None "
+                             f"(${qualification.ENV_VAR}, else inline), got {self.qualify!r}")
         if self.fp8_scaling not in FP8_SCALINGS:
             raise ValueError(f"fp8_scaling must be one of {', '.join(FP8_SCALINGS)}, got "
                              f"{self.fp8_scaling!r}")
@@ -480,6 +491,8 @@ class FastEngine:
         self._attention: dict[tuple, Candidate] = {}
         self._attention_records: dict[str, dict[str, Any]] = {}
         self._warmed: set = set()
+        # kernel qualification per input (``depthpro_fast/qualification.py``), for status()
+        self.qualification: dict[str, dict[str, Any]] = {}
         # vit_lockstep: the ViT parameters its stacked copies derive from, listed once per
         # preparation (walking ~1000 parameters' modules on every call costs ~1 ms)
         self._derived: list[tuple[torch.nn.Module, str]] | None = None  # _derived_sources
@@ -617,6 +630,10 @@ class FastEngine:
         with self._lock:
             if key in self._warmed:
                 return
+            # every custom kernel checked at this input's shapes before it is timed or captured
+            self.qualification[f"{tuple(x.shape)} {x.dtype} {x.device} fov={compute_fov}"] = \
+                qualification.qualify_engine(self, x, compute_fov, lambda: self._forward(
+                    x, prepared, compute_fov, streams=False))
             ok, why = self._measures_attention()
             self.notes["attention_choice"] = why
             if ok:
@@ -668,6 +685,7 @@ class FastEngine:
                 "vit_epilogues": self._prepared.vit_why if self._prepared else None,
                 "vit_lockstep": self._prepared.lockstep_why if self._prepared else None,
                 "graphs": self.graphs.status(), "notes": dict(self.notes), "calls": self.calls,
+                "qualification": dict(self.qualification),
                 "attention": {k: {"choice": r["choice"], "timings_ms": r["timings_ms"],
                                   "errors": r["errors"], "skipped": r["skipped"],
                                   "source": r.get("source"),
