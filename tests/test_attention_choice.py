@@ -286,3 +286,21 @@ def test_three_loads_under_a_noisy_timer_give_bitwise_identical_outputs(monkeypa
     assert notes[1] == notes[2] and "measured earlier in this process" in notes[1]
     assert timed_choice.USED["attention_choice"].keys() == {"35x1x577x64 float32 cpu",
                                                              "1x1x577x64 float32 cpu"}
+
+
+def test_a_disqualified_kernel_is_no_candidate(monkeypatch):
+    """A kernel that failed its qualification on this device is neither timed nor chosen."""
+    from depthpro_fast import backends
+    from depthpro_fast.fast import attention_choice
+
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (True, None))
+    monkeypatch.setattr(backends, "triton_interpreting", lambda: False)
+    names = [c.name for c in attention_choice.candidates(dev)[0]]
+    assert "triton" in names and "cuda" in names
+    monkeypatch.setattr(backends, "is_disqualified",
+                        lambda op, b, d: "wrong result" if (op, b) == ("attention", "triton")
+                        else None)
+    found, skipped = attention_choice.candidates(dev)
+    assert "triton" not in [c.name for c in found] and "cuda" in [c.name for c in found]
+    assert "disqualified" in skipped["triton"] and "wrong result" in skipped["triton"]

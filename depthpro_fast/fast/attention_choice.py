@@ -101,6 +101,10 @@ def candidates(device: torch.device, shape: Sequence[int] | None = None,
             ok, why = False, "the Triton interpreter (TRITON_INTERPRET=1) is a test mode"
         if ok and device.type != "cuda":
             ok, why = False, f"{name} kernels are for CUDA devices"
+        if ok:  # failed its qualification on this device: never timed, never chosen
+            bad = backends.is_disqualified("attention", name, device)
+            if bad:
+                ok, why = False, f"disqualified on {device}: {bad}"
         if ok:
             out.append(Candidate(name, name))
         else:
