@@ -86,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--f-px", type=float, default=None,
                         help="focal length in pixels for every image (overrides EXIF and the "
                              "estimate)")
+    parser.add_argument("--intrinsics", default=None, metavar="FX,FY,CX,CY",
+                        help="the camera of every image, in pixels of the image as read: the "
+                             "depth uses FX, the point cloud all four, every output stores K "
+                             "(instead of --f-px; overrides EXIF and the estimate; "
+                             "docs/intrinsics.md)")
     parser.add_argument("--ignore-exif", action="store_true",
                         help="do not use the EXIF focal length (orientation is still applied)")
     parser.add_argument("--ply-stride", type=int, default=1,
@@ -194,6 +199,12 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = checkpoint_choice(args)
     if args.f_px is not None and not (math.isfinite(args.f_px) and args.f_px > 0):
         raise ValueError(f"--f-px must be a positive number of pixels, got {args.f_px}")
+    from ..intrinsics import parse as parse_intrinsics
+
+    intrinsics = None if args.intrinsics is None else parse_intrinsics(args.intrinsics)
+    if intrinsics is not None and args.f_px is not None:
+        raise ValueError("--f-px and --intrinsics both give the focal length: pass one "
+                         "(--intrinsics' FX is the focal length of the depth)")
     if args.ply_stride < 1:
         raise ValueError(f"--ply-stride must be >= 1, got {args.ply_stride}")
     if args.batch_size < 1:
@@ -243,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
             summary = predict_sources(
                 named, model, transform, args.outdir, formats=formats,
                 batch_size=args.batch_size, f_px=args.f_px, ignore_exif=args.ignore_exif,
+                intrinsics=intrinsics,
                 overwrite=args.overwrite, ply_stride=args.ply_stride,
                 ply_binary=not args.ply_ascii, workers=args.workers,
                 progress=not args.quiet and rank == 0, label=label,

@@ -102,6 +102,7 @@ class _Job:
     rgb: Any = None
     f_px: float | None = None
     f_source: str = "estimated"
+    intrinsics: tuple[float, float, float, float] | None = None  # given: (fx, fy, cx, cy)
 
 
 def _describe(e: BaseException) -> str:
@@ -129,14 +130,15 @@ def write_outputs(job: _Job, result: dict[str, Any], *, ply_stride: int = 1,
             raise Aborted(f"{path} not written: aborted")
         if fmt == "npz":
             outputs.write_npz(path, depth, f_px, fov, focallength_source=job.f_source,
-                              fov_deg_estimated=fov_estimated, random_weights=random_weights)
+                              fov_deg_estimated=fov_estimated, random_weights=random_weights,
+                              intrinsics=job.intrinsics)
         elif fmt == "png16":
             outputs.write_png16(path, depth)
         elif fmt == "color":
             outputs.write_color(path, depth)
         elif fmt == "ply":
             outputs.write_ply(path, depth, job.rgb, f_px, stride=ply_stride, binary=ply_binary,
-                              fov_deg=fov)
+                              fov_deg=fov, intrinsics=job.intrinsics)
         else:  # parse_save only lets known formats through
             raise ValueError(f"unknown output format {fmt!r}")
 
@@ -146,7 +148,8 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
                     batch_size: int = 1, f_px: float | None = None, ignore_exif: bool = False,
                     overwrite: bool = False, ply_stride: int = 1, ply_binary: bool = True,
                     workers: int = 2, progress: bool = True, label: str = "",
-                    random_weights: bool = False) -> Summary:
+                    random_weights: bool = False,
+                    intrinsics: tuple[float, float, float, float] | None = None) -> Summary:
     """Run the model over ``named`` (from ``assign_names``) and write the outputs.
 
     A Ctrl-C (``KeyboardInterrupt``) does not propagate: the outputs already computed are
@@ -220,7 +223,10 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
                 except Exception as e:
                     fail(job, e)
                 else:
-                    if f_px is not None:
+                    if intrinsics is not None:  # the depth's focal length is fx
+                        job.f_px, job.f_source, job.intrinsics = intrinsics[0], "given", \
+                            intrinsics
+                    elif f_px is not None:
                         job.f_px, job.f_source = f_px, "given"
                     elif f_exif is not None and not ignore_exif:
                         job.f_px, job.f_source = f_exif, "exif"
