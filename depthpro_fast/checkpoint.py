@@ -6,6 +6,8 @@ Apple's ``depth_pro.pt`` is a pickled dict of fp16 tensors. It is read with
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import pickle
 import re
@@ -22,6 +24,12 @@ from .config import DepthProConfig
 CHECKPOINT_NAME = "depth_pro.pt"
 CHECKPOINT_URL = "https://ml-site.cdn-apple.com/models/depth-pro/depth_pro.pt"
 ENV_VAR = "DEPTHPRO_CHECKPOINT"
+
+
+def no_fov_advice() -> str:
+    """How to load a checkpoint without the FOV network (the focal length is then needed)."""
+    return (option("use_fov=False", 'a JSON --config of its knobs with "use_fov": false')
+            + " and give the focal length (" + option("f_px", "--f-px") + ")")
 
 
 class CheckpointError(ValueError):
@@ -237,26 +245,63 @@ def _short(items: list[str], limit: int = 8) -> str:
 
 
 def guess_config(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """A human-readable guess of the knobs a state dict was made with (for error messages)."""
+    """A human-readable guess of the knobs a state dict was made with (for error messages).
+
+    Each knob is read from its own keys, so a file that lacks a few keys still gets a guess of
+    the others; only a dict with none of them is said not to look like DepthPro's."""
     prefix = "encoder.patch_encoder."
-    try:
-        e = state_dict[prefix + "cls_token"].shape[-1]
-        depth = len({k.split(".")[3] for k in state_dict if k.startswith(prefix + "blocks.")})
-        hidden = state_dict[prefix + "blocks.0.mlp.fc1.weight"].shape[0]
-        dims = [state_dict[f"encoder.upsample{i}.0.weight"].shape[0] for i in (0, 1, 2)]
-        d = state_dict["decoder.convs.1.weight"].shape[0]
-        dims = [state_dict["encoder.upsample_latent1.0.weight"].shape[0], *dims]
-    except (KeyError, IndexError):
+    found: list[str] = []
+
+    def shape(key: str, dim: int) -> int | None:
+        t = state_dict.get(key)
+        return int(t.shape[dim]) if isinstance(t, torch.Tensor) and t.dim() > dim else None
+
+    e = shape(prefix + "cls_token", -1)
+    if e is not None:
+        found.append(f"embed_dim={e}")
+    depth = len({k.split(".")[3] for k in state_dict
+                 if k.startswith(prefix + "blocks.") and len(k.split(".")) > 3})
+    if depth:
+        found.append(f"depth={depth}")
+    hidden = shape(prefix + "blocks.0.mlp.fc1.weight", 0)
+    if hidden is not None and e:
+        found.append(f"mlp_ratio={hidden / e:g}")
+    dims = [shape(k, 0) for k in ("encoder.upsample_latent1.0.weight",
+                                  *(f"encoder.upsample{i}.0.weight" for i in (0, 1, 2)))]
+    if all(d is not None for d in dims):
+        found.append(f"encoder_feature_dims={dims}")
+    d = shape("decoder.convs.1.weight", 0)
+    if d is not None:
+        found.append(f"decoder_features={d}")
+    if not found:
         return "it does not look like a DepthPro state dict"
     has_fov = any(k.startswith("fov.") for k in state_dict)
-    return (f"its shapes suggest embed_dim={e}, depth={depth}, mlp_ratio={hidden / e:g}, "
-            f"encoder_feature_dims={dims}, decoder_features={d}, "
+    return (f"its shapes suggest {', '.join(found)}, "
             f"FOV network {'present' if has_fov else 'absent'}")
 
 
-def check_keys(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
-               config: DepthProConfig, use_fov: bool, source: str) -> None:
-    """Raise one ``CheckpointError`` listing missing, unexpected and wrongly shaped keys."""
+@dataclasses.dataclass(frozen=True)
+class KeyDiff:
+    """How a state dict differs from a model's: keys missing, unexpected, wrongly shaped,
+    not floating point (each a list of readable entries)."""
+
+    missing: list[str]
+    unexpected: list[str]
+    wrong: list[str]
+    not_float: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong or self.not_float)
+
+    @property
+    def only_missing(self) -> bool:
+        """Every key the file has is right: it is the model's state dict, less some keys."""
+        return bool(self.missing) and not (self.unexpected or self.wrong or self.not_float)
+
+
+def diff_keys(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
+              use_fov: bool = True) -> KeyDiff:
+    """Compare a state dict with a model's, key by key and shape by shape."""
     missing = [k for k in model_state if k not in state_dict]
     unexpected = [k for k in state_dict if k not in model_state]
     if not use_fov:  # a checkpoint with an FOV branch loads into a model without one
@@ -265,19 +310,99 @@ def check_keys(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str,
              for k, v in model_state.items() if k in state_dict and state_dict[k].shape != v.shape]
     not_float = [f"{k} ({state_dict[k].dtype})" for k in model_state
                  if k in state_dict and not state_dict[k].is_floating_point()]
-    if not (missing or unexpected or wrong or not_float):
+    return KeyDiff(missing, unexpected, wrong, not_float)
+
+
+@functools.cache
+def _preset_shapes(name: str) -> dict[str, torch.Size]:
+    """Key -> shape of a preset's model with its FOV network (built on meta: no memory)."""
+    from .config import PRESETS
+    from .model import DepthPro
+
+    with torch.device("meta"):
+        model = DepthPro(PRESETS[name], use_fov=True)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def matching_preset(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, bool, list[str]] | None:
+    """The preset whose keys and shapes the state dict has: ``(name, with FOV network, missing
+    keys)``; ``missing`` is empty for a complete file, else the keys an incomplete file lacks
+    (every key it has being that preset's, in shape too). None when no preset fits."""
+    from .config import PRESETS
+
+    shapes = {k: v.shape for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    best = None
+    for name in PRESETS:
+        full = _preset_shapes(name)
+        if any(k not in full or full[k] != v for k, v in shapes.items()):
+            continue
+        has_fov = any(k.startswith("fov.") for k in shapes)
+        wanted = {k for k in full if has_fov or not k.startswith("fov.")}
+        missing = [k for k in full if k in wanted and k not in shapes]
+        # a file that has only some keys can fit several presets by name alone: the one it
+        # fills most is meant (shapes decide almost always: embed_dim differs)
+        if best is None or len(missing) < len(best[2]):
+            best = (name, has_fov, missing)
+    return best
+
+
+def _preset_advice(found: tuple[str, bool, list[str]], config: DepthProConfig,
+                   use_fov: bool) -> str | None:
+    """One line naming the preset a mismatching file was made for, or None (it is this one)."""
+    from .config import PRESETS
+
+    name, has_fov, missing = found
+    if dataclasses.replace(config, use_fov=True) == PRESETS[name]:
+        return None  # the config is right; the caller reports what the file lacks
+    fov = "" if has_fov or not use_fov else f", without a FOV network ({no_fov_advice()})"
+    if missing:
+        return (f"  its keys and shapes are those of the preset {name!r}{fov}, but it lacks "
+                f"{len(missing)} of them ({_short(missing, 3)}): pass "
+                f"{option(f'config={name!r}', f'--config {name}')} and a complete file")
+    return (f"  these are the weights of the preset {name!r}{fov} (all its keys, every shape "
+            f"matches): pass {option(f'config={name!r}', f'--config {name}')}")
+
+
+def check_keys(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
+               config: DepthProConfig, use_fov: bool, source: str) -> None:
+    """Raise one ``CheckpointError`` that says what is wrong: the preset the file's shapes
+    match (the config is then the mistake), the keys an incomplete file lacks (the config is
+    right, the file is not), or missing, unexpected and wrongly shaped keys with a guess of
+    the file's knobs."""
+    diff = diff_keys(model_state, state_dict, use_fov)
+    if not diff:
         return
+    with_fov = option(f"(use_fov={use_fov})", "(with its FOV network)" if use_fov
+                      else "(without a FOV network)")
+    if diff.only_missing:
+        if use_fov and all(k.startswith("fov.") for k in diff.missing) \
+                and not any(k.startswith("fov.") for k in state_dict):
+            raise CheckpointError(
+                f"checkpoint {source} has no FOV network (no fov.* keys; the rest matches "
+                f"the model config): load it with {no_fov_advice()}")
+        n = len(model_state)
+        raise CheckpointError(
+            f"checkpoint {source} is incomplete: it lacks {len(diff.missing)} of the {n} keys "
+            f"of the model config {with_fov}: {_short(diff.missing)}. Every key it has matches "
+            "that config in name and shape, so the config is right and the file is cut short "
+            "(an interrupted save, copy or conversion?); get the complete file "
+            "(`depthpro-fast download` fetches and checks Apple's).")
     parts = [f"checkpoint {source} does not match the model config {config.to_dict()} "
              + option(f"(use_fov={use_fov}):", "(with its FOV network):" if use_fov
                       else "(without a FOV network):")]
-    if missing:
-        parts.append(f"  {len(missing)} missing keys: {_short(missing)}")
-    if unexpected:
-        parts.append(f"  {len(unexpected)} unexpected keys: {_short(unexpected)}")
-    if wrong:
-        parts.append(f"  {len(wrong)} keys with wrong shapes: {_short(wrong, 5)}")
-    if not_float:
-        parts.append(f"  {len(not_float)} non-float tensors: {_short(not_float, 5)}")
-    parts.append(f"  ({guess_config(state_dict)}; pass the matching "
-                 f"{option('config=', '--config')})")
+    found = matching_preset(state_dict)
+    advice = None if found is None else _preset_advice(found, config, use_fov)
+    if advice:
+        parts.append(advice)
+    if diff.missing:
+        parts.append(f"  {len(diff.missing)} missing keys: {_short(diff.missing)}")
+    if diff.unexpected:
+        parts.append(f"  {len(diff.unexpected)} unexpected keys: {_short(diff.unexpected)}")
+    if diff.wrong:
+        parts.append(f"  {len(diff.wrong)} keys with wrong shapes: {_short(diff.wrong, 5)}")
+    if diff.not_float:
+        parts.append(f"  {len(diff.not_float)} non-float tensors: {_short(diff.not_float, 5)}")
+    if not advice:
+        parts.append(f"  ({guess_config(state_dict)}; pass the matching "
+                     f"{option('config=', '--config')})")
     raise CheckpointError("\n".join(parts))

@@ -61,6 +61,16 @@ def _plain_warnings(command: str) -> Iterator[None]:
         yield
 
 
+def check_config_early(args: argparse.Namespace) -> None:
+    """A ``--config`` that names no preset and no file is refused before the command says
+    anything else (notes about random weights, progress), not after it."""
+    config = getattr(args, "config", None)
+    if isinstance(config, str):
+        from .config import resolve_config
+
+        resolve_config(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ._spelling import cli_spelling
 
@@ -73,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     # errors and warnings name command-line options (--config), not Python ones (config=)
     with cli_spelling(), _plain_warnings(args.command):
         try:
+            check_config_early(args)
             return int(module.run(args) or 0)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

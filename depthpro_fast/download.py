@@ -111,7 +111,7 @@ def download(url: str = OFFICIAL_URL, dest: str | os.PathLike | None = None, *,
         filename = os.path.basename(urllib.parse.urlparse(url).path) or CHECKPOINT_NAME
     if filename in (".", "..") or "/" in filename or os.sep in filename:
         raise ValueError(f"filename must be a plain file name, got {filename!r}")
-    dest.mkdir(parents=True, exist_ok=True)
+    created = make_folders(dest)
     final = dest / filename
     part = dest / (filename + ".part")
 
@@ -123,14 +123,41 @@ def download(url: str = OFFICIAL_URL, dest: str | os.PathLike | None = None, *,
     if expected_size is not None and offset > expected_size:
         part.unlink()  # longer than the real file: cannot be a prefix of it
         offset = 0
-    _fetch(url, part, offset, expected_size, progress, timeout)
     try:
-        _verify(part, expected_size, expected_sha256)
-    except ChecksumError as e:
-        part.unlink()
-        raise ChecksumError(f"{e}; the download was deleted, run again to start over") from None
+        _fetch(url, part, offset, expected_size, progress, timeout)
+        try:
+            _verify(part, expected_size, expected_sha256)
+        except ChecksumError as e:
+            part.unlink()
+            raise ChecksumError(f"{e}; the download was deleted, run again to start "
+                                "over") from None
+    except BaseException:
+        # nothing arrived (no network, HTTP error): leave no empty folder behind; a .part
+        # with data stays, with its folder, for the next run to resume
+        remove_empty_folders(created)
+        raise
     os.replace(part, final)
     return final
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, deepest first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are still empty."""
+    for p in folders:
+        try:
+            p.rmdir()  # fails, and keeps it, when anything is inside
+        except OSError:
+            return
 
 
 def _fetch(url: str, part: Path, offset: int, expected_size: int | None, progress: bool,

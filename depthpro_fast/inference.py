@@ -12,9 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import intrinsics as camera
 from ._spelling import option
 from .config import IMG_SIZE
 from .cpu import proc_kib_field
+from .io import numpy_to_rgb, tensor_to_rgb
 
 if TYPE_CHECKING:
     from .model import DepthPro
@@ -36,7 +38,8 @@ def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtyp
 
 
 def image_to_chw_float(image: Any) -> torch.Tensor:
-    """PIL image, HWC numpy array or CHW tensor -> CHW float32 tensor in [0, 1] (ToTensor).
+    """PIL image, HW / HWC numpy array or CHW tensor -> CHW float32 RGB tensor in [0, 1]
+    (ToTensor); gray is repeated into three channels and alpha dropped, as for a file.
 
     The result never shares memory with ``image`` (callers may modify it in place)."""
     try:
@@ -50,9 +53,7 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
         # (a plain convert("RGB") clips I;16 to white and ignores the orientation)
         image = pil_to_rgb(image)
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError("numpy images must be HWC with 3 channels (RGB), got shape "
-                             f"{image.shape}")
+        image = numpy_to_rgb(image)
         if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable
             image = image.copy()
         if image.dtype == np.uint8:
@@ -65,9 +66,7 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
         raise TypeError(f"numpy image dtype {image.dtype} not accepted; uint8 (0..255) or "
                         "float (0..1)")
     if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError("tensor images must be CHW with 3 channels (RGB), got shape "
-                             f"{tuple(image.shape)}")
+        image = tensor_to_rgb(image)
         if image.dtype == torch.uint8:
             return image.to(torch.float32) / 255.0
         if image.dtype.is_floating_point:
@@ -76,7 +75,7 @@ def image_to_chw_float(image: Any) -> torch.Tensor:
                         "float (0..1)")
     hint = ("; for a file use depthpro_fast.load_image(path), which returns (rgb, f_px)"
             if isinstance(image, (str, os.PathLike)) else "")
-    raise TypeError("image must be a PIL image, an HWC numpy array or a CHW tensor, got "
+    raise TypeError("image must be a PIL image, an HW or HWC numpy array or a CHW tensor, got "
                     f"{type(image).__name__}{hint}")
 
 
@@ -144,6 +143,11 @@ def _check_image_batch(x: Any) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"infer expects (3, H, W) or (B, 3, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != 3:
+        if x.shape[-1] == 3:  # an HWC image (or BHWC batch): the usual mix-up
+            raise ValueError(f"infer expects channels first, (3, H, W) or (B, 3, H, W), got "
+                             f"shape {tuple(x.shape)}, which looks channels-last (HWC): pass "
+                             "the image through the transform returned by load() (it takes "
+                             "HWC numpy arrays and PIL images), or permute a tensor to CHW")
         raise ValueError(f"infer expects 3 (RGB) channels, got {x.shape[1]} in shape "
                          f"{tuple(x.shape)}")
     if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
@@ -242,6 +246,15 @@ def fov_from_focal(f_px: torch.Tensor, width: int) -> torch.Tensor:
     return torch.rad2deg(2 * torch.atan(0.5 * width / f_px.to(torch.float32)))
 
 
+def centred_intrinsics(f: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B,) focal lengths -> (B, 3, 3) float32 K with fx = fy = f and the principal point at
+    the image centre ((W - 1) / 2, (H - 1) / 2: OpenCV's pixel-centre convention)."""
+    k = torch.zeros(f.shape[0], 3, 3, dtype=torch.float32, device=f.device)
+    k[:, 0, 0] = k[:, 1, 1] = f.to(torch.float32)
+    k[:, 0, 2], k[:, 1, 2], k[:, 2, 2] = (width - 1) / 2.0, (height - 1) / 2.0, 1.0
+    return k
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     align = False if mode in ("bilinear", "bicubic") else None
     return F.interpolate(x, size=size, mode=mode, align_corners=align)
@@ -280,11 +293,14 @@ def check_output_memory(batch: int, height: int, width: int, device: torch.devic
 
 def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
           interpolation_mode: str = "bilinear", *, return_inverse_depth: bool = False,
-          ) -> dict[str, torch.Tensor]:
+          intrinsics: Any = None) -> dict[str, torch.Tensor]:
     """See ``DepthPro.infer``."""
     if interpolation_mode not in _INTERPOLATION_MODES:
         raise ValueError(f"interpolation_mode {interpolation_mode!r} not accepted; one of "
                          f"{', '.join(_INTERPOLATION_MODES)}")
+    if intrinsics is not None and f_px is not None:
+        raise ValueError("pass f_px or intrinsics, not both: the focal length of the depth is "
+                         "the intrinsics' fx")
     x = _check_image_batch(x)
     device, dtype = model_device_dtype(model)
     batch, _, height, width = x.shape
@@ -296,6 +312,9 @@ def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
     if low < -1.01 or high > 1.01:
         raise ValueError(f"infer expects a normalised image with values in [-1, 1] (the output "
                          f"of the transform returned by load()), got [{low:.4g}, {high:.4g}]")
+    k = None if intrinsics is None else camera.as_tensor(intrinsics, batch, device)
+    if k is not None:  # the depth's focal length is fx (see depthpro_fast.intrinsics)
+        f_px = k[:, 0, 0]
     f_given = None if f_px is None else focal_length_tensor(f_px, batch, device)
     x = x.to(device=device, dtype=dtype)
     if (height, width) != (IMG_SIZE, IMG_SIZE):
@@ -305,14 +324,19 @@ def infer(model: DepthPro, x: torch.Tensor, f_px: Any = None,
     need_fov = f_given is None or bool(torch.isnan(f_given).any())
     canonical_inverse_depth, fov_deg = model(x, need_fov=need_fov)
     return postprocess(canonical_inverse_depth, fov_deg, f_given, height, width,
-                       interpolation_mode, return_inverse_depth=return_inverse_depth)
+                       interpolation_mode, return_inverse_depth=return_inverse_depth,
+                       intrinsics=k)
 
 
 def postprocess(canonical_inverse_depth: torch.Tensor, fov_deg: torch.Tensor | None,
                 f_given: torch.Tensor | None, height: int, width: int,
                 interpolation_mode: str = "bilinear", *, return_inverse_depth: bool = False,
-                ) -> dict[str, torch.Tensor]:
+                intrinsics: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Network outputs (B, 1, 1536, 1536) and (B, 1, 1, 1) -> infer's result at (height, width).
+
+    ``intrinsics``: the (B, 3, 3) K given to ``infer`` (its fx is then ``f_given``), returned
+    as ``intrinsics``; without it the result's K is the focal length used on both axes with
+    the principal point at the image centre (``depthpro_fast.intrinsics.centred``).
 
     ``f_given``: the user's focal lengths as from :func:`focal_length_tensor`, or None to use
     the FOV estimate (spec §7 steps 4-9). ``fov_deg``: the network's estimate, or None when the
@@ -356,8 +380,11 @@ def postprocess(canonical_inverse_depth: torch.Tensor, fov_deg: torch.Tensor | N
         t = t[:, 0] if is_map else t.reshape(batch)
         return t[0] if batch == 1 else t
 
+    if intrinsics is None:
+        intrinsics = centred_intrinsics(f.reshape(batch), height, width)
+    k = intrinsics if batch > 1 else intrinsics[0]
     out = {"depth": per_image(depth, True), "focallength_px": per_image(f, False),
-           "fov_deg": per_image(fov_used, False)}
+           "fov_deg": per_image(fov_used, False), "intrinsics": k}
     if estimated is not None:
         out["fov_deg_estimated"] = per_image(estimated, False)
     if return_inverse_depth:

@@ -24,6 +24,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,6 +121,41 @@ def _to_rgb_uint8(img) -> np.ndarray:
 
 def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+# channels of an image array -> what they hold; the colour channels are the first 1 or 3
+_CHANNELS = {1: "gray", 2: "gray + alpha", 3: "RGB", 4: "RGBA"}
+
+
+def numpy_to_rgb(image: np.ndarray) -> np.ndarray:
+    """An HW (gray) or HWC array with 1-4 channels -> HWC RGB, as ``load_image`` reads the
+    same picture from a file: gray repeated into R, G and B, alpha dropped (not composited)."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in _CHANNELS:
+        hint = ""
+        if image.ndim == 3 and image.shape[0] in _CHANNELS and image.shape[2] > 4:
+            hint = "; it looks channels-first (CHW): pass image.transpose(1, 2, 0)"
+        raise ValueError("numpy images must be HW (gray) or HWC with 1 (gray), 2 (gray + "
+                         f"alpha), 3 (RGB) or 4 (RGBA) channels, got shape {image.shape}{hint}")
+    colour = image[:, :, :1] if image.shape[2] <= 2 else image[:, :, :3]
+    return np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
+
+
+def tensor_to_rgb(image: Any) -> Any:
+    """A CHW (or HW: gray) tensor with 1-4 channels -> CHW RGB, by the rules of
+    :func:`numpy_to_rgb`."""
+    if image.dim() == 2:
+        image = image.unsqueeze(0)
+    if image.dim() != 3 or image.shape[0] not in _CHANNELS:
+        hint = ""
+        if image.dim() == 3 and image.shape[2] in _CHANNELS and image.shape[0] > 4:
+            hint = "; it looks channels-last (HWC): pass image.permute(2, 0, 1)"
+        raise ValueError("tensor images must be HW (gray) or CHW with 1 (gray), 2 (gray + "
+                         f"alpha), 3 (RGB) or 4 (RGBA) channels, got shape "
+                         f"{tuple(image.shape)}{hint}")
+    colour = image[:1] if image.shape[0] <= 2 else image[:3]
+    return colour.repeat(3, 1, 1) if colour.shape[0] == 1 else colour
 
 
 # Pillow signals corrupt data with all of these, depending on the plugin

@@ -11,6 +11,7 @@ the fast engine reimplements.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -360,17 +361,24 @@ class DepthPro(nn.Module):
     @torch.no_grad()
     def infer(self, x: torch.Tensor, f_px: float | torch.Tensor | None = None,
               interpolation_mode: str = "bilinear", *, return_inverse_depth: bool = False,
-              ) -> dict[str, torch.Tensor]:
+              intrinsics: Any = None) -> dict[str, torch.Tensor]:
         """Metric depth of a normalised (3, H, W) image or (B, 3, H, W) batch (spec §7).
 
-        Returns ``{"depth", "focallength_px", "fov_deg"}``, plus ``"fov_deg_estimated"`` when
-        the FOV network ran and ``"inverse_depth"`` on request; for one image ``depth`` is
-        (H, W) and the scalars are 0-dim tensors. ``fov_deg`` is the FOV of the focal length
-        used; ``fov_deg_estimated`` the network's estimate (see ``inference.postprocess``).
+        Returns ``{"depth", "focallength_px", "fov_deg", "intrinsics"}``, plus
+        ``"fov_deg_estimated"`` when the FOV network ran and ``"inverse_depth"`` on request;
+        for one image ``depth`` is (H, W), ``intrinsics`` (3, 3) and the scalars are 0-dim
+        tensors. ``fov_deg`` is the FOV of the focal length used; ``fov_deg_estimated`` the
+        network's estimate (see ``inference.postprocess``).
+
+        ``intrinsics`` (instead of ``f_px``): the camera, (fx, fy, cx, cy) or a 3x3 K in pixels
+        of the image (or one per image); the depth uses fx, and the returned K is this one
+        (``depthpro_fast.intrinsics``, docs/intrinsics.md). Without it the returned K is the
+        focal length used on both axes, principal point at the image centre.
         """
         from .inference import infer
 
-        return infer(self, x, f_px, interpolation_mode, return_inverse_depth=return_inverse_depth)
+        return infer(self, x, f_px, interpolation_mode, return_inverse_depth=return_inverse_depth,
+                     intrinsics=intrinsics)
 
 
 def count_parameters(model: nn.Module) -> int:

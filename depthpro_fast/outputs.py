@@ -12,7 +12,9 @@ Formats (``FORMATS`` gives the file suffix of each):
 * ``npz``: ``depth`` (H, W) float32 metres, ``focallength_px`` and ``fov_deg`` (float32
   scalars; ``fov_deg`` is the FOV of ``focallength_px``, whatever its source); when the FOV
   network ran, ``fov_deg_estimated`` (its estimate: equal to ``fov_deg`` unless the focal
-  length was given or read from EXIF); ``image_size`` [H, W]; when known,
+  length was given or read from EXIF); ``intrinsics``, the 3x3 float32 camera matrix K (the
+  given one, else ``focallength_px`` on both axes and the image centre); ``image_size`` [H, W];
+  when known,
   ``focallength_source`` (``"estimated"``, ``"exif"`` or ``"given"``); ``random_weights``
   (True) when the network had random weights (``predict --random-weights``: the depth is
   meaningless); ``provenance``: the record of what made it (a JSON string, see below).
@@ -25,12 +27,14 @@ Formats (``FORMATS`` gives the file suffix of each):
   colormap (near = red, far = blue). The inverse depth is normalised between its own minimum and
   maximum within [1/250, 1/0.1] 1/m, i.e. depths outside 0.1 .. 250 m saturate the colours.
 * ``ply``: coloured point cloud (``x y z`` float32 metres, ``red green blue`` uint8), binary
-  little-endian by default or ASCII. Pinhole unprojection with the focal length ``f`` (pixels)
-  and the principal point at the image centre: pixel (row v, column u) has its centre at
-  (u + 0.5, v + 0.5), and ``x = (u + 0.5 - W / 2) * z / f``, ``y = (v + 0.5 - H / 2) * z / f``,
-  ``z = depth`` (OpenCV camera axes: x right, y down, z forward). ``stride`` keeps every
-  stride-th row and column: ``ceil(H / stride) * ceil(W / stride)`` points;
-  :func:`choose_ply_stride` picks the smallest stride that keeps at most ``PLY_MAX_POINTS``.
+  little-endian by default or ASCII. Pinhole unprojection with the camera matrix K (the given
+  intrinsics, else the focal length ``f`` on both axes and the principal point at the image
+  centre, ``cx = (W - 1) / 2``, ``cy = (H - 1) / 2``; OpenCV's convention, pixel (column u,
+  row v) centred at (u, v)): ``x = (u - cx) * z / fx``, ``y = (v - cy) * z / fy``,
+  ``z = depth`` (OpenCV camera axes: x right, y down, z forward); K is in a header comment
+  (``comment K`` and its nine values, row by row). ``stride`` keeps every stride-th row and
+  column: ``ceil(H / stride) * ceil(W / stride)`` points; :func:`choose_ply_stride` picks the
+  smallest stride that keeps at most ``PLY_MAX_POINTS``.
 
 Provenance: every writer takes ``provenance``, a JSON-able mapping (``depthpro_fast.provenance``
 builds it) stored in the file itself: the npz member ``provenance``, the PNG text chunk
@@ -56,6 +60,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from . import intrinsics as camera
 
 FORMATS = {"npz": ".npz", "png16": ".depth_mm.png", "color": ".color.png", "ply": ".ply"}
 PNG16_MAX_MM = 65535
@@ -302,29 +308,41 @@ def colorize_inverse_depth(depth: Any) -> np.ndarray:
     return out
 
 
-def point_cloud(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1,
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Unproject a depth map: -> (points (N, 3) float32 metres, colours (N, 3) uint8)."""
-    parts = list(point_cloud_bands(depth, rgb, f_px, stride))
+def camera_of(f_px: float, shape: tuple[int, int], intrinsics: Any = None) -> np.ndarray:
+    """The 3x3 K of an output: ``intrinsics`` ((fx, fy, cx, cy) or K) when given, else
+    ``f_px`` on both axes with the principal point at the image centre."""
+    if intrinsics is not None:
+        return camera.as_matrix(intrinsics)
+    return camera.centred(_positive_float(f_px, "f_px"), *shape)
+
+
+def point_cloud(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1, *,
+                intrinsics: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Unproject a depth map: -> (points (N, 3) float32 metres, colours (N, 3) uint8).
+
+    ``intrinsics``: (fx, fy, cx, cy) or a 3x3 K (pixels, OpenCV convention); without it
+    ``f_px`` on both axes and the image centre. Pixel (column u, row v) goes to
+    ``x = (u - cx) z / fx``, ``y = (v - cy) z / fy``, ``z = depth``."""
+    parts = list(point_cloud_bands(depth, rgb, f_px, stride, intrinsics=intrinsics))
     return (np.concatenate([p for p, _ in parts]).reshape(-1, 3),
             np.concatenate([c for _, c in parts]).reshape(-1, 3))
 
 
-def point_cloud_bands(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1,
-                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def point_cloud_bands(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1, *,
+                      intrinsics: Any = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """:func:`point_cloud` in bands of rows, in order (bounded temporaries)."""
     d = as_depth_array(depth)
     rgb = _as_rgb(rgb, d.shape)
-    f = _positive_float(f_px, "f_px")
+    k = camera_of(f_px, d.shape, intrinsics)
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
     height, width = d.shape
-    u = np.arange(0, width, stride, dtype=np.float64)[None, :] + 0.5
+    u = np.arange(0, width, stride, dtype=np.float64)[None, :]
     for a, b in row_bands(height, width, stride, BAND_PIXELS * stride):
         z = d[a:b:stride, ::stride].astype(np.float64)
-        v = np.arange(a, b, stride, dtype=np.float64)[:, None] + 0.5
-        x = (u - width / 2.0) * z / f
-        y = (v - height / 2.0) * z / f
+        v = np.arange(a, b, stride, dtype=np.float64)[:, None]
+        x = (u - k[0, 2]) * z / k[0, 0]
+        y = (v - k[1, 2]) * z / k[1, 1]
         points = np.stack([x, y, z], axis=-1).reshape(-1, 3).astype(np.float32)
         yield points, np.ascontiguousarray(rgb[a:b:stride, ::stride].reshape(-1, 3))
 
@@ -337,8 +355,10 @@ def point_cloud_bands(depth: Any, rgb: np.ndarray, f_px: float, stride: int = 1,
 def write_npz(path: str | os.PathLike, depth: Any, focallength_px: float, fov_deg: float,
               focallength_source: str | None = None, *, fov_deg_estimated: float | None = None,
               random_weights: bool = False, provenance: Mapping[str, Any] | None = None,
-              compress: bool = False) -> None:
-    """Depth (float32 metres), focal length (px), FOV (degrees) and image size, atomically.
+              compress: bool = False, intrinsics: Any = None) -> None:
+    """Depth (float32 metres), focal length (px), FOV (degrees), camera matrix ``intrinsics``
+    (3x3 float32: the given one, else ``focallength_px`` on both axes and the image centre)
+    and image size, atomically.
 
     ``fov_deg`` is the FOV of ``focallength_px``; ``fov_deg_estimated`` the network's estimate
     (stored when given, i.e. when the FOV network ran; see ``inference.postprocess``).
@@ -351,7 +371,8 @@ def write_npz(path: str | os.PathLike, depth: Any, focallength_px: float, fov_de
     arrays = {"depth": d,
               "focallength_px": np.float32(_positive_float(focallength_px, "focallength_px")),
               "fov_deg": np.float32(_positive_float(fov_deg, "fov_deg")),
-              "image_size": np.array(d.shape, dtype=np.int32)}
+              "image_size": np.array(d.shape, dtype=np.int32),
+              "intrinsics": camera_of(focallength_px, d.shape, intrinsics).astype(np.float32)}
     if fov_deg_estimated is not None:
         arrays["fov_deg_estimated"] = np.float32(_positive_float(fov_deg_estimated,
                                                                  "fov_deg_estimated"))
@@ -394,14 +415,17 @@ def write_color(path: str | os.PathLike, depth: Any,
 
 def write_ply(path: str | os.PathLike, depth: Any, rgb: np.ndarray, f_px: float,
               stride: int = 1, binary: bool = True, fov_deg: float | None = None,
-              provenance: Mapping[str, Any] | None = None) -> int:
+              provenance: Mapping[str, Any] | None = None, *, intrinsics: Any = None) -> int:
     """Coloured point cloud (see the module docstring); returns the number of points.
 
     ``fov_deg`` (the FOV of ``f_px``) goes into a header comment when given, ``provenance``
-    into a ``comment depthpro_fast {...}`` line. Written in bands of rows."""
+    into a ``comment depthpro_fast {...}`` line; the camera matrix K (``intrinsics``, else
+    ``f_px`` and the image centre) always goes into a ``comment K`` line. Written in bands of
+    rows."""
     d = as_depth_array(depth)
-    bands = point_cloud_bands(d, rgb, f_px, stride)  # checks the arguments
+    bands = point_cloud_bands(d, rgb, f_px, stride, intrinsics=intrinsics)  # checks arguments
     first = next(bands)
+    k = camera_of(f_px, d.shape, intrinsics)
     height, width = d.shape
     n = math.ceil(height / stride) * math.ceil(width / stride)
     fov = "" if fov_deg is None else f" fov_deg {_positive_float(fov_deg, 'fov_deg'):.6f}"
@@ -409,9 +433,10 @@ def write_ply(path: str | os.PathLike, depth: Any, rgb: np.ndarray, f_px: float,
     record = "" if text is None else f"comment {PROVENANCE_KEY} {text}\n"
     header = ("ply\n"
               f"format {'binary_little_endian' if binary else 'ascii'} 1.0\n"
-              "comment depthpro_fast: pinhole unprojection, principal point at the image centre,"
+              "comment depthpro_fast: pinhole unprojection with K (pixels, OpenCV convention),"
               " OpenCV axes (x right, y down, z forward), metres\n"
               f"comment focal_length_px {float(f_px):.6f}{fov} stride {stride}\n"
+              f"comment K {' '.join(f'{v:.6f}' for v in k.ravel())}\n"
               f"{record}"
               f"element vertex {n}\n"
               "property float x\nproperty float y\nproperty float z\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -38,9 +39,10 @@ def test_transform_float_input_and_dtype():
 
 
 @pytest.mark.parametrize("bad, error", [
-    (np.zeros((4, 4), np.uint8), ValueError),
-    (np.zeros((4, 4, 4), np.uint8), ValueError),
-    (torch.zeros(1, 4, 4, dtype=torch.uint8), ValueError),
+    (np.zeros((4, 4, 5), np.uint8), ValueError),
+    (np.zeros((4, 4, 3, 1), np.uint8), ValueError),
+    (np.zeros(4, np.uint8), ValueError),
+    (torch.zeros(5, 4, 4, dtype=torch.uint8), ValueError),
     (np.zeros((4, 4, 3), np.int32), TypeError),
     ("image.jpg", TypeError),
     (np.full((4, 4, 3), 255.0, np.float32), ValueError),  # 0..255 floats
@@ -51,6 +53,38 @@ def test_transform_rejects_bad_input(tiny_model, bad, error):
     _, transform = tiny_model
     with pytest.raises(error):
         transform(bad)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA"])
+def test_transform_takes_gray_and_alpha_arrays_as_a_file_reads_them(tiny_model, tmp_path, mode):
+    from depthpro_fast.io import load_image
+
+    _, transform = tiny_model
+    g = np.random.default_rng(0)
+    channels = {"L": 1, "LA": 2, "RGBA": 4}[mode]
+    array = g.integers(0, 256, (6, 7, channels), dtype=np.uint8)
+    pil = Image.fromarray(array[:, :, 0] if channels == 1 else array)
+    assert pil.mode == mode
+    pil.save(tmp_path / "x.png")
+    from_file = transform(load_image(tmp_path / "x.png")[0])  # what the command line does
+    assert torch.equal(transform(array), from_file)
+    assert torch.equal(transform(pil), from_file)
+    assert torch.equal(transform(torch.from_numpy(array).permute(2, 0, 1)), from_file)
+    if channels == 1:  # HW without a channel axis, numpy and tensor
+        assert torch.equal(transform(array[:, :, 0]), from_file)
+        assert torch.equal(transform(torch.from_numpy(array[:, :, 0])), from_file)
+
+
+def test_channels_first_numpy_and_channels_last_tensors_are_spotted(tiny_model):
+    model, transform = tiny_model
+    with pytest.raises(ValueError, match=r"looks channels-first \(CHW\)"):
+        transform(np.zeros((3, 40, 60), np.uint8))
+    with pytest.raises(ValueError, match=r"looks channels-last \(HWC\)"):
+        transform(torch.zeros(40, 60, 3, dtype=torch.uint8))
+    for hwc in (torch.zeros(400, 600, 3), torch.zeros(2, 400, 600, 3)):
+        with pytest.raises(ValueError, match="looks channels-last") as err:
+            model.infer(hwc)
+        assert "got 400 channels" not in str(err.value)
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +221,6 @@ def test_unavailable_backend_refused_at_load_with_the_reason(backend, monkeypatc
 
 
 def test_set_backend_refuses_and_keeps_the_old_one(tiny_model, monkeypatch):
-    import copy
-
     from depthpro_fast import backends
 
     model = copy.deepcopy(tiny_model[0])
@@ -347,8 +379,6 @@ def test_f_px_list_with_none_estimates_those_images(pair):
 
 
 def test_f_px_list_with_none_runs_the_fov_network_on_the_fast_path(micro_model, tiny_image):
-    import copy
-
     model, transform = micro_model
     fast = copy.deepcopy(model).prepare_fast(True)
     x = torch.stack([transform(tiny_image)] * 2)
@@ -381,3 +411,70 @@ def test_no_fov_network_needs_every_focal_length():
     with pytest.raises(ValueError, match="pass f_px for every image"):
         model.infer(x, f_px=[None, 600.0])
     assert model.infer(x, f_px=[300.0, 600.0])["fov_deg"].shape == (2,)
+
+
+# ----------------------------------------------------------------------------------------------
+# load()'s default path: the fast engine on a CPU (exact up to fp32 rounding), reference on CUDA
+# ----------------------------------------------------------------------------------------------
+
+
+def test_load_defaults_to_the_fast_path_on_a_cpu_and_keeps_the_reference_when_asked():
+    from tests.test_fast_path import MICRO
+
+    torch.manual_seed(3)
+    default, transform = depthpro_fast.load(None, config=MICRO, device="cpu")
+    assert default.fast_engine is not None and transform.dtype == torch.float32
+    reference = copy.deepcopy(default).prepare_fast(False)
+    off, _ = depthpro_fast.load(default.state_dict(), config=MICRO, device="cpu", fast=False)
+    asked, _ = depthpro_fast.load(default.state_dict(), config=MICRO, device="cpu",
+                                  backend="reference")
+    assert off.fast_engine is None and asked.fast_engine is None
+    assert asked.backend == "reference"
+    x = transform(torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8,
+                                generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        fast_out, ref_out = default.infer(x), reference.infer(x)
+    # the drop-in promise: the default's depth is the reference's up to float32 rounding
+    rel = (fast_out["depth"] - ref_out["depth"]).abs() / ref_out["depth"].abs()
+    assert float(rel.max()) < 1e-5
+    assert torch.allclose(fast_out["focallength_px"], ref_out["focallength_px"], rtol=1e-5)
+
+
+def test_default_fast_per_device_backend_and_fp8():
+    from depthpro_fast.api import default_fast
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert default_fast(None, cpu) is True
+    assert default_fast(None, cpu, backend="reference") is False
+    assert default_fast(None, cuda) is False  # CUDA stays on the reference modules
+    assert default_fast(None, cpu, fp8=True) is None  # fp8 turns it on itself
+    for given in (True, False, {"streams": False}):
+        assert default_fast(given, cpu) is given and default_fast(given, cuda) is given
+
+
+def test_auto_dtype_is_predicts_choice(monkeypatch):
+    from depthpro_fast import api, cpu
+
+    assert api.auto_dtype(torch.device("cuda", 0)) == torch.float16
+    for fastest in (torch.bfloat16, torch.float32):
+        monkeypatch.setattr(cpu, "fastest_cpu_dtype", lambda fastest=fastest: fastest)
+        assert api.auto_dtype(torch.device("cpu")) == fastest
+    from tests.test_fast_path import MICRO
+
+    model, transform = depthpro_fast.load(None, config=MICRO, device="cpu", dtype="auto")
+    assert transform.dtype == torch.float32 and model.fast_engine is not None
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_fp8_on_cpu_warning_recommends_the_faster_dtype_of_this_cpu(monkeypatch, bf16):
+    from depthpro_fast import api
+
+    monkeypatch.setattr(api, "cpu_has_native", lambda dtype: bf16)
+    with pytest.warns(RuntimeWarning) as caught:
+        api.warn_fp8_cpu(torch.device("cpu"))
+    msg = str(caught[0].message)
+    if bf16:
+        assert "Use torch.bfloat16 (this CPU has bf16 arithmetic" in msg
+        assert "Use torch.float32" not in msg
+    else:
+        assert "Use torch.float32 on a CPU" in msg and "also emulates" in msg

@@ -40,7 +40,7 @@ def run_cli(argv, capsys) -> str:
                                 "depthpro-fast download"]),
     (["predict", "--config", "huge", "photo.jpg"], ["--config 'huge' is neither a preset"]),
     (["predict", "--checkpoint", str(TINY_DIR / "state_dict_fp16.pt"), "photo.jpg"],
-     ["pass the matching --config"]),
+     ["preset 'tiny'", "pass --config tiny"]),
     (["predict", "--device", "cuda:7", "--random-weights", "--config", "tiny", "photo.jpg"],
      ["--device 'cuda:7'"]),
     (["predict", "--device", "gpu", "--random-weights", "--config", "tiny", "photo.jpg"],
@@ -68,7 +68,7 @@ def test_python_errors_keep_python_spellings(no_checkpoint):
     assert "--" not in str(e.value).replace("depthpro-fast download", "")
     with pytest.raises(ValueError, match="config 'huge'"):
         depthpro_fast.load(None, config="huge")
-    with pytest.raises(ValueError, match="matching config="):
+    with pytest.raises(ValueError, match="pass config='tiny'"):
         depthpro_fast.load(TINY_DIR / "state_dict_fp16.pt", device="cpu")
     with pytest.raises(ValueError, match="^expected_sha256 must be 64 hex digits"):
         download(dest=no_checkpoint / "d", expected_sha256="abc")

@@ -164,3 +164,23 @@ def test_cli_download_into_user_cache_found_by_auto(server, tmp_path, monkeypatc
     assert cli.main(["download", "--url", server.url, "--dest", str(tmp_path / "other"),
                      "--sha256", "f" * 64, "--quiet"]) == 1
     assert "SHA-256" in capsys.readouterr().err
+
+
+def test_failed_download_leaves_no_empty_folder(server, tmp_path):
+    server.close()  # no network: nothing can arrive
+    dest = tmp_path / "new" / "nested"
+    with pytest.raises(DownloadError, match="cannot reach"):
+        download(server.url, dest, progress=False, timeout=5)
+    assert not (tmp_path / "new").exists()  # both folders it made are gone
+    (tmp_path / "mine").mkdir()  # a folder that existed before is kept
+    with pytest.raises(DownloadError):
+        download(server.url, tmp_path / "mine", progress=False, timeout=5)
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_interrupted_download_keeps_its_folder_for_resuming(server, tmp_path):
+    server.cut_after = 1000
+    dest = tmp_path / "new"
+    with pytest.raises(DownloadError, match="run again to resume"):
+        download(server.url, dest, expected_sha256=SHA, progress=False, timeout=10)
+    assert (dest / "depth_pro.pt.part").stat().st_size == 1000

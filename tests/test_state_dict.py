@@ -63,17 +63,72 @@ def test_in_memory_state_dict_and_no_fov(tiny_state_dict):
     assert model.fov is None  # the fov.* keys of the checkpoint are accepted and unused
 
 
-def test_wrong_config_lists_keys_and_expected_config(tiny_state_dict, tmp_path):
+def test_wrong_config_names_the_preset_the_shapes_match(tiny_state_dict):
     with pytest.raises(CheckpointError) as err:
         depthpro_fast.load(tiny_state_dict, config=TINY.__class__(
             **{**TINY.to_dict(), "depth": 3}), device="cpu")
     msg = str(err.value)
     assert "unexpected keys" in msg and "blocks.3" in msg and "'depth': 3" in msg
-    assert "depth=4" in msg  # the guess of the checkpoint's own knobs
+    assert "these are the weights of the preset 'tiny'" in msg and "config='tiny'" in msg
     with pytest.raises(CheckpointError) as err:
         depthpro_fast.load(TINY_DIR / "state_dict_fp16.pt", device="cpu")  # official config
     msg = str(err.value)
-    assert "wrong shapes" in msg and "embed_dim=128" in msg and "more)" in msg
+    assert "wrong shapes" in msg and "more)" in msg
+    assert "preset 'tiny'" in msg and "pass config='tiny'" in msg
+    assert "does not look like" not in msg
+
+
+def test_wrong_config_names_the_preset_on_the_command_line(tiny_state_dict):
+    from depthpro_fast._spelling import cli_spelling
+
+    sd = {k: v for k, v in tiny_state_dict.items() if not k.startswith("fov.")}
+    with cli_spelling(), pytest.raises(CheckpointError) as err:
+        depthpro_fast.load(sd, device="cpu")  # official config, with a FOV network
+    msg = str(err.value)
+    assert "preset 'tiny', without a FOV network" in msg and "pass --config tiny" in msg
+    assert '"use_fov": false' in msg and "config=" not in msg
+
+
+def test_incomplete_file_names_its_missing_key_not_the_config(tiny_state_dict):
+    sd = dict(tiny_state_dict)
+    del sd["encoder.patch_encoder.cls_token"]  # a key the guess of the knobs used to need
+    with pytest.raises(CheckpointError) as err:
+        depthpro_fast.load(sd, config=TINY, device="cpu")
+    msg = str(err.value)
+    assert "is incomplete: it lacks 1 of the 279 keys" in msg
+    assert "encoder.patch_encoder.cls_token" in msg and "the config is right" in msg
+    assert "does not look like" not in msg and "pass the matching" not in msg
+    # a tiny file lacking a key, under the official config: the preset and the lack, both
+    with pytest.raises(CheckpointError) as err:
+        depthpro_fast.load(sd, device="cpu")
+    msg = str(err.value)
+    assert "preset 'tiny'" in msg and "lacks 1 of them (encoder.patch_encoder.cls_token)" in msg
+
+
+def test_checkpoint_without_fov_network_says_how_to_load_it(tiny_state_dict):
+    sd = {k: v for k, v in tiny_state_dict.items() if not k.startswith("fov.")}
+    with pytest.raises(CheckpointError, match="has no FOV network .*use_fov=False"):
+        depthpro_fast.load(sd, config=TINY, device="cpu")
+    model, _ = depthpro_fast.load(sd, config={**TINY.to_dict(), "use_fov": False}, device="cpu",
+                                  fast=False)  # the config's use_fov is load's default
+    assert model.fov is None
+
+
+def test_unknown_knobs_are_guessed_key_by_key(tiny_state_dict):
+    from depthpro_fast.checkpoint import guess_config
+    from tests.test_fast_path import MICRO
+
+    micro = build_model(MICRO, device="meta").state_dict()
+    with pytest.raises(CheckpointError) as err:
+        depthpro_fast.load({k: torch.zeros(v.shape) for k, v in micro.items()}, config=TINY,
+                           device="cpu")
+    msg = str(err.value)
+    assert "preset" not in msg and "embed_dim=64, depth=2" in msg and "pass the matching" in msg
+    sd = dict(tiny_state_dict)
+    del sd["encoder.patch_encoder.cls_token"], sd["decoder.convs.1.weight"]
+    guess = guess_config(sd)
+    assert "embed_dim" not in guess and "depth=4" in guess and "encoder_feature_dims" in guess
+    assert guess_config({"x": torch.zeros(1)}) == "it does not look like a DepthPro state dict"
 
 
 def test_missing_and_wrongly_shaped_keys(tiny_state_dict):

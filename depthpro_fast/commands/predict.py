@@ -95,6 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--f-px", type=float, default=None,
                         help="focal length in pixels for every image (overrides EXIF and the "
                              "estimate)")
+    parser.add_argument("--intrinsics", default=None, metavar="FX,FY,CX,CY",
+                        help="the camera of every image, in pixels of the image as read: the "
+                             "depth uses FX, the point cloud all four, every output stores K "
+                             "(instead of --f-px; overrides EXIF and the estimate; "
+                             "docs/intrinsics.md)")
     parser.add_argument("--ignore-exif", action="store_true",
                         help="do not use the EXIF focal length (orientation is still applied)")
     parser.add_argument("--ply-stride", default="auto",
@@ -274,6 +279,12 @@ def _run(args: argparse.Namespace) -> int:
     seed = (0 if args.seed is None else args.seed) if checkpoint is None else None
     if args.f_px is not None and not (math.isfinite(args.f_px) and args.f_px > 0):
         raise ValueError(f"--f-px must be a positive number of pixels, got {args.f_px}")
+    from ..intrinsics import parse as parse_intrinsics
+
+    intrinsics = None if args.intrinsics is None else parse_intrinsics(args.intrinsics)
+    if intrinsics is not None and args.f_px is not None:
+        raise ValueError("--f-px and --intrinsics both give the focal length: pass one "
+                         "(--intrinsics' FX is the focal length of the depth)")
     if args.ply_max_points < 1:
         raise ValueError(f"--ply-max-points must be >= 1, got {args.ply_max_points}")
     ply = PlyOptions(parse_ply_stride(args.ply_stride), args.ply_max_points,
@@ -316,7 +327,7 @@ def _run(args: argparse.Namespace) -> int:
         recipe = make_recipe(checkpoint, config=args.config, dtype=dtype,
                              fast=fast is not False, f_px=args.f_px,
                              ignore_exif=args.ignore_exif, seed=seed, backend=args.backend,
-                             device=device)
+                             device=device, intrinsics=intrinsics)
         plan = plan_work(named, args.outdir, formats, recipe, ply=ply, overwrite=args.overwrite)
         if rank == 0:
             for line in recomputed_lines(plan.recomputed):  # why work that looked done is redone
@@ -344,9 +355,9 @@ def _run(args: argparse.Namespace) -> int:
             summary = predict_sources(
                 named, model, transform, args.outdir, formats=formats, recipe=recipe,
                 plan=plan, batch_size=args.batch_size, f_px=args.f_px,
-                ignore_exif=args.ignore_exif, overwrite=args.overwrite, ply=ply,
-                npz_compress=args.npz_compress, workers=args.workers, progress=progress,
-                label=label, random_weights=checkpoint is None)
+                ignore_exif=args.ignore_exif, intrinsics=intrinsics, overwrite=args.overwrite,
+                ply=ply, npz_compress=args.npz_compress, workers=args.workers,
+                progress=progress, label=label, random_weights=checkpoint is None)
             weights = f"random weights of seed {seed}, " if checkpoint is None else ""
             path = ("fast path" if getattr(model, "fast_engine", None) is not None
                     else "reference path")

@@ -22,8 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+# every format load_image reads (a GIF gives its first frame), so that a folder yields what the
+# same files named one by one would
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".webp",
-                            ".bmp", ".heic", ".heif", ".hif", ".avif"})
+                            ".gif", ".bmp", ".heic", ".heif", ".hif", ".avif"})
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class _Job:
     f_source: str = "estimated"
     input_id: dict[str, Any] | None = None
     ply_stride: int = 1
+    intrinsics: tuple[float, float, float, float] | None = None  # given: (fx, fy, cx, cy)
 
 
 def read_input(path: Path) -> tuple[Any, float | None, dict[str, Any]]:
@@ -123,14 +124,16 @@ def write_outputs(job: _Job, result: dict[str, Any], *, recipe: Recipe | None = 
         if fmt == "npz":
             outputs.write_npz(path, depth, f_px, fov, focallength_source=job.f_source,
                               fov_deg_estimated=fov_estimated, random_weights=random_weights,
-                              provenance=record, compress=npz_compress)
+                              provenance=record, compress=npz_compress,
+                              intrinsics=job.intrinsics)
         elif fmt == "png16":
             outputs.write_png16(path, depth, provenance=record)
         elif fmt == "color":
             outputs.write_color(path, depth, provenance=record)
         elif fmt == "ply":
             outputs.write_ply(path, depth, job.rgb, f_px, stride=job.ply_stride,
-                              binary=ply.binary, fov_deg=fov, provenance=record)
+                              binary=ply.binary, fov_deg=fov, provenance=record,
+                              intrinsics=job.intrinsics)
         else:  # parse_save only lets known formats through
             raise ValueError(f"unknown output format {fmt!r}")
 
@@ -142,7 +145,8 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
                     overwrite: bool = False, ply: PlyOptions | None = None,
                     npz_compress: bool = False, workers: int = 2,
                     progress: bool | Progress = True, label: str = "",
-                    random_weights: bool = False) -> Summary:
+                    random_weights: bool = False,
+                    intrinsics: tuple[float, float, float, float] | None = None) -> Summary:
     """Run the model over ``named`` (from ``assign_names``) and write the outputs.
 
     ``recipe``: how this run makes its outputs (``provenance.make_recipe``): recorded in every
@@ -235,7 +239,10 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
                 except Exception as e:
                     fail(job, e)
                 else:
-                    if f_px is not None:
+                    if intrinsics is not None:  # the depth's focal length is fx
+                        job.f_px, job.f_source, job.intrinsics = intrinsics[0], "given", \
+                            intrinsics
+                    elif f_px is not None:
                         job.f_px, job.f_source = f_px, "given"
                     elif f_exif is not None and not ignore_exif:
                         job.f_px, job.f_source = f_exif, "exif"

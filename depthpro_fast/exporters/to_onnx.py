@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,27 @@ from .network import NetworkForward, dynamic_batch, example_input, traced_as
 from .staging import staged
 
 BATCH_DIM = "batch"
+#: The logger of torch's ONNX op registry, which says "torchvision is not installed. Skipping
+#: torchvision::nms" (and three more) on every export without torchvision: DepthPro uses no
+#: torchvision op, so the lines only alarm.
+REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+class _NoTorchvisionNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def quiet_torchvision_notes() -> Iterator[None]:
+    """Within the block, drop the registry's torchvision lines (and only those)."""
+    logger = logging.getLogger(REGISTRY_LOGGER)
+    quiet = _NoTorchvisionNotes()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _name_batch_dim(onnx_program: Any) -> None:
@@ -44,7 +68,7 @@ def export_onnx(model: Any, plan: ExportPlan, *, optimize: bool = True,
                      "on their own)")
     x = example_input(plan.device, plan.dtype)
     with traced_as(model, reference=True, include_fov=plan.include_fov), torch.no_grad(), \
-            warnings.catch_warnings():
+            warnings.catch_warnings(), quiet_torchvision_notes():
         # the exporter's own chatter (deprecated pytree names, torchvision ops not installed)
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.export.export(NetworkForward(model, plan.include_fov), (x,),
