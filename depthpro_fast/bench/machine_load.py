@@ -17,6 +17,10 @@ of them into a :class:`Load`:
 - the 1-minute load average before and after (``/proc/loadavg``; includes this process's own
   threads once it runs).
 
+``/proc/stat`` counts every core the kernel shows (in a container, possibly the host's, of
+which the container may use only some), and the busy time of this process's children that it
+has not yet waited for counts as "others".
+
 The machine counts as **shared** during a span when other processes used more than
 ``OTHERS_SHARE`` (10 %) of the cores or steal exceeded ``STEAL_PCT`` (2 %); spans shorter than
 ``MIN_SPAN_S`` are not judged (the jiffy counters tick every 10 ms). Everything is read through a
