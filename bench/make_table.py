@@ -6,8 +6,11 @@
     python bench/make_table.py a.json b.json --all  # chosen files, skipped rows too
 
 Each results file (written by ``depthpro-fast bench --json``) becomes one block: a line naming
-the device, the date, the commit and the versions it was measured with, then its rows. In the
-README the table sits between ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->``.
+the device (on a GPU its host CPU too), the date, the commit, the versions it was measured with
+and the machine's state during the timed rows (idle or shared, other processes' CPU use, load
+average: ``machine_load`` in the file), then its rows, with the "CPU got" column where the file
+has it. In the README the table sits between ``<!-- bench-table:start -->`` and
+``<!-- bench-table:end -->``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def describe(data: dict[str, Any]) -> str:
         if env.get("driver"):
             bits.append(f"driver {env['driver']}")
         device = f"{device} ({', '.join(bits)})"
+        if env.get("cpu"):
+            device += f" on CPU {env['cpu']} ({env.get('cpu_threads', '?')} threads)"
     else:
         device = f"CPU {device} ({env.get('cpu_threads', '?')} threads)"
     commit = (env.get("commit") or "unknown")[:10] + (" (modified)" if env.get("dirty") else "")
@@ -60,23 +65,59 @@ def describe(data: dict[str, Any]) -> str:
     if settings:
         line += (f"; {settings.get('warmup', '?')} warm-up + {settings.get('runs', '?')} runs, "
                  f"median ({settings.get('timer', '?')})")
-    return line
+    return line + "; " + machine_state(data.get("machine_load"))
+
+
+def machine_state(load: dict[str, Any] | None) -> str:
+    """The caption's words on the machine during the timed rows: idle or shared (bold, with
+    a warning), other processes' CPU use, steal and the load average; or "not recorded"."""
+    if not load:
+        return "machine state not recorded"
+    span = load.get("rows") if load.get("judged_on") == "these rows" else load.get("run")
+    span = span or {}
+    bits = []
+    if span.get("others_cores") is not None and span.get("cores"):
+        bits.append(f"others used {span['others_cores']:.2f} of {span['cores']} cores")
+    if span.get("steal_pct"):
+        bits.append(f"steal {span['steal_pct']:.1f} %")
+    if span.get("load_before") is not None and span.get("load_after") is not None:
+        bits.append(f"load average {span['load_before']:.1f} -> {span['load_after']:.1f}")
+    where = "the timed rows" if load.get("judged_on") == "these rows" else "the run"
+    detail = f" ({', '.join(bits)})" if bits else ""
+    state = load.get("state", "unknown")
+    if state == "shared":
+        return (f"**machine shared** during {where}{detail}: timings not comparable with an "
+                "idle machine's")
+    return f"machine {state} during {where}{detail}"
+
+
+def _cpu_got(row: dict[str, Any]) -> float | None:
+    return (row.get("machine_load") or {}).get("cpu_got")
 
 
 def table(data: dict[str, Any], include_all: bool = False) -> str:
-    header = ("variant", "dtype", "batch", "median ms", "min–max ms", "img/s", "speed-up",
-              "% of FLOP floor", "peak mem", "MARE vs fp32 ref", "FOV err °")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 8) + "|"]
-    for r in data.get("rows", []):
+    rows = data.get("rows", [])
+    # "CPU got": the share of its threads' time the process got during the row (CPU rows of
+    # files that record it)
+    got = any(r.get("status") == "ok" and _cpu_got(r) is not None for r in rows)
+    header = ("variant", "dtype", "batch", "median ms", "min–max ms",
+              *(("CPU got",) if got else ()), "img/s", "speed-up", "% of FLOP floor",
+              "peak mem", "MARE vs fp32 ref", "FOV err °")
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    for r in rows:
         if r.get("status") != "ok":
             if include_all:
                 lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | "
-                             f"{r['status']}: {r.get('reason') or ''} |" + " |" * 7)
+                             f"{r['status']}: {r.get('reason') or ''} |"
+                             + " |" * (len(header) - 4))
             continue
         mem = r.get("peak_mem_bytes")
+        share = _cpu_got(r)
         lines.append("| " + " | ".join([
             r["name"], r["dtype"], str(r["batch"]), _num(r.get("median_ms"), ".1f"),
             f"{_num(r.get('min_ms'), '.1f')}–{_num(r.get('max_ms'), '.1f')}",
+            *((_num(share and 100 * share, ".0f", " %"),) if got else ()),
             _num(r.get("images_per_s"), ".2f"), _num(r.get("speedup"), ".2f", "x"),
             _num(r.get("pct_floor"), ".1f", "%"),
             "–" if mem is None else f"{mem / 2**30:.1f} GiB",

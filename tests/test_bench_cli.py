@@ -64,6 +64,12 @@ def test_cli_prints_the_table(bench_run):
     assert "1st call c/w" in text and "1st call cold/warm: time to first depth map" in text
     engine_line = next(line for line in text.splitlines() if line.startswith("fast engine "))
     assert re.search(r"\d+\.\d\d/\d+\.\d\d s", engine_line), engine_line
+    # how much CPU each row got, and the machine's state under the table (this machine may be
+    # idle or shared: either line, never none)
+    assert "CPU got" in text.splitlines()[text.splitlines().index(ref_line) - 2]
+    assert re.search(r"\d+ %", ref_line), ref_line
+    assert ("WARNING: the machine was shared: others used" in text
+            or re.search(r"machine: idle \(others \d\.\d\d of \d+ cores", text)), text
 
 
 def test_cli_json_fields(bench_run):
@@ -107,6 +113,15 @@ def test_cli_json_fields(bench_run):
     first = data["settings"]["first_call"]
     assert first["rows"] == "default" and first["disk_caches"] == "as found"
     assert "new process" in first["meaning"]
+    # what the machine gave: per row and for the run
+    load = ref["machine_load"]
+    assert load["threads"] == torch.get_num_threads() and load["wall_s"] > 0
+    assert 0 < load["cpu_got"] and load["others_cores"] >= 0 and load["state"] in (
+        "idle", "shared", "unknown")
+    run = data["machine_load"]
+    assert run["state"] in ("idle", "shared") and run["thresholds"]["steal_pct"] == 2.0
+    assert run["before"]["wall_s"] >= 0.9 and run["run"]["wall_s"] > run["rows"]["wall_s"]
+    assert (run["warning"] is None) == (run["state"] == "idle")
 
 
 def test_make_table(bench_run, tmp_path):
@@ -118,6 +133,10 @@ def test_make_table(bench_run, tmp_path):
                          text=True, check=True).stdout
     assert "| reference eager | fp32 | 1 |" in out
     assert "CPU" in out and "commit" in out  # which device and when
+    # the machine and its state during the timed rows (idle or shared, whichever it was)
+    assert re.search(r"; (machine idle|\*\*machine shared\*\*) during the timed rows \("
+                     r"others used \d\.\d\d of \d+ cores", out), out
+    assert "| CPU got |" in out
     subprocess.run([sys.executable, str(script), str(path), "--readme", str(readme)],
                    check=True, capture_output=True)
     text = readme.read_text()

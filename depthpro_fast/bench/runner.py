@@ -20,6 +20,7 @@ from ..accuracy import max_abs_error, mean_abs_rel_error
 from ..config import IMG_SIZE, DepthProConfig
 from ..cpu import half_precision_warning
 from .journal import cuda_context_usable
+from .machine_load import Load, ProcReader, Span, format_pct
 from .results import json_safe
 from .stages import time_stages
 from .timing import (
@@ -58,6 +59,9 @@ class RowResult:
     mare: float | None = None
     fov_err_deg: float | None = None
     engine: dict[str, Any] | None = None  # FastEngine.status() of engine rows
+    # what the machine gave during the timed runs (machine_load.py): this process's share of
+    # its threads' time, other processes' CPU use, steal, load average
+    load: Load | None = None
     # filled in by the runner once the baseline and the floor are known
     speedup: float | None = None
     pct_floor: float | None = None
@@ -85,6 +89,8 @@ class RowResult:
         if self.device is not None:
             d.update(self.device.to_dict())
             d["host_median_ms"] = self.host.median if self.host else None
+        if self.load is not None:
+            d["machine_load"] = self.load.to_dict()
         if self.stages is not None:
             d["stages"] = {s: st.to_dict() for s, st in self.stages.items()}
         return d
@@ -98,7 +104,8 @@ class Runner:
                  seed: int = 0, log: Callable[[str], None] | None = None,
                  skip_same_as_reference: bool = True, allow_interpreter: bool = False,
                  cpu_opt_in: Iterable[str] = (), accuracy: bool = True,
-                 cpu_engine_rows_only: bool = False, engine_first: bool = False):
+                 cpu_engine_rows_only: bool = False, engine_first: bool = False,
+                 machine: ProcReader | None = None):
         self.config = config
         self.device = device
         self.batches = list(batches)
@@ -122,6 +129,8 @@ class Runner:
         self.accuracy = accuracy
         # the fast engine's rows before the others (a run cut by a time limit keeps them)
         self.engine_first = engine_first
+        # reads /proc around each row's timed runs (replaceable: tests inject its contents)
+        self.machine = machine or ProcReader()
         self.interrupted = False
         # the failed row after which the CUDA context was unusable (the rest were not run)
         self.poisoned_by: RowResult | None = None
@@ -338,8 +347,13 @@ class Runner:
                     self._check_accuracy(row, first_out)
                 del first_out
                 warmup = max(warmup - 1, 0)
-            row.device, row.host = time_callable(fn, inputs, warmup=warmup, runs=self.runs,
-                                                 device=self.device)
+            # on a CPU "CPU got" is judged against the threads torch computes with; on a GPU
+            # the host mostly waits, so only other processes' use and steal are judged
+            threads = torch.get_num_threads() if not cuda else None
+            with Span(self.machine, threads) as span:
+                row.device, row.host = time_callable(fn, inputs, warmup=warmup,
+                                                     runs=self.runs, device=self.device)
+            row.load = span.load
             if row.first_call_ms is None and self.accuracy and v.path != "hf":
                 self._check_accuracy(row, fn(inputs[0]))
             if cuda:
@@ -448,7 +462,12 @@ class Runner:
                 if row.status != "ok":
                     self.log(f"    {row.status}: {row.reason}")
                 else:
-                    self.log(f"    median {row.device.median:.1f} ms")
+                    line = f"    median {row.device.median:.1f} ms"
+                    if row.load is not None and row.load.cpu_got is not None:
+                        line += f", CPU got {format_pct(row.load.cpu_got)}"
+                    if row.load is not None and row.load.state == "shared":
+                        line += f" (machine shared: {'; '.join(row.load.reasons)})"
+                    self.log(line)
                 results[(v, b)] = row
                 if on_row is not None:
                     on_row(in_order())

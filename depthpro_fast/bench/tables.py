@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .machine_load import format_pct
 from .runner import RowResult
 from .stages import STAGE_NAMES
 
@@ -51,12 +52,18 @@ def _first_call(r: RowResult) -> str:
 
 
 def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
-    """The side-by-side table; rows that did not run show their reason in the last column."""
-    header = ("variant", "dtype", "batch", "median ms", "min-max ms", "img/s", "speed-up",
-              "% floor", "peak mem", "MARE", "FOV err", "1st call c/w", "note")
+    """The side-by-side table; rows that did not run show their reason in the last column.
+
+    Where rows carry a CPU share (``RowResult.load.cpu_got``, the CPU rows), a "CPU got"
+    column after min-max says how much of its threads' time the process got during the row."""
+    cpu_got = any(r.load is not None and r.load.cpu_got is not None for r in rows)
+    header = ("variant", "dtype", "batch", "median ms", "min-max ms",
+              *(("CPU got",) if cpu_got else ()), "img/s", "speed-up", "% floor", "peak mem",
+              "MARE", "FOV err", "1st call c/w", "note")
     lines = []
     for r in rows:
         v = r.variant
+        got = ((format_pct(r.load.cpu_got if r.load else None),) if cpu_got else ())
         if r.status == "ok":
             d = r.device
             note = ""
@@ -69,9 +76,11 @@ def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
             failures = ((r.engine or {}).get("graphs") or {}).get("failures")
             if failures:
                 note = (note + "; " if note else "") + f"graph capture failed (eager): {failures}"
+            if r.load is not None and r.load.state == "shared":
+                note = (note + "; " if note else "") + "machine shared"
             is_ref = v.is_fp32_reference and r.mare == 0.0
             cells = (v.name, v.dtype_label, str(r.batch), f"{d.median:.1f}",
-                     f"{d.min:.1f}-{d.max:.1f}", _fmt(r.images_per_s, ".2f"),
+                     f"{d.min:.1f}-{d.max:.1f}", *got, _fmt(r.images_per_s, ".2f"),
                      _fmt(r.speedup, ".2f", "-") + ("x" if r.speedup else ""),
                      _fmt(r.pct_floor, ".1f") + ("%" if r.pct_floor is not None else ""),
                      _gib(r.peak_mem_bytes), "ref" if is_ref else _fmt(r.mare, ".1e"),
@@ -80,12 +89,12 @@ def format_table(rows: Sequence[RowResult], note_width: int = 60) -> str:
             reason = (r.reason or "").replace("\n", " ")
             if len(reason) > note_width:
                 reason = reason[:note_width - 3] + "..."
-            cells = (v.name, v.dtype_label, str(r.batch), "-", "-", "-", "-", "-", "-",
+            cells = (v.name, v.dtype_label, str(r.batch), "-", "-", *got, "-", "-", "-", "-",
                      "-", "-", "-", f"{r.status}: {reason}")
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
               for i, h in enumerate(header)]
-    right = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11}
+    right = set(range(2, len(header) - 1))  # every column between dtype and note
 
     def fmt_row(cells: Sequence[str]) -> str:
         out = [c.rjust(w) if i in right else c.ljust(w)

@@ -9,8 +9,16 @@ official model) at that rate over the measured time.
 On a CPU-only machine the default is bounded: the tiny config (the fixtures' model, same structure,
 ~16 s in all on 2 cores), 1 warm-up + 3 runs. ``--config official`` on a CPU times the reference
 and the fast engine in fp32 and the fast engine in bf16 (skipped, saying why, where the CPU has
-no bf16 arithmetic), one warm-up (which gives the accuracy columns) and one timed run per row,
-with the peak resident memory; the run prints its expected length first. GPU numbers need a GPU.
+no bf16 arithmetic), one warm-up (which gives the accuracy columns) and two timed runs per row
+(their min-max is the spread), with the peak resident memory; the run prints its expected
+length first. GPU numbers need a GPU.
+
+Timings on a shared machine are not comparable (on a busy 2-core machine the same forward took
+1.5-7x longer), so the run samples the machine (``depthpro_fast/bench/machine_load.py``): one
+second before it starts (a warning when others are busy), and around each row's timed runs:
+the "CPU got" column (this process's CPU time over the wall time x its threads), other
+processes' CPU use and steal; a warning under the table when the machine was shared, and the
+numbers in the JSON's ``machine_load`` (per row and for the run).
 
 The fp32 reference rows (the accuracy reference) run with TF32 off in cuBLAS and cuDNN (torch's
 cuDNN default is TF32); the table's note and the JSON's ``tf32`` field say so. The "1st call
@@ -30,8 +38,21 @@ from ..install_hints import EXPORT_HINT
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16", "half": "float16", "fp8": "fp8"}
 _FAST_BACKENDS = ("auto", "triton", "cuda")
-# On a CPU, configs above this many FLOPs per image get 1 run and no warm-up by default.
-_CPU_BIG_MODEL_FLOPS = 1e12
+# On a CPU, configs above this many FLOPs per image get 2 timed runs by default (not 3).
+CPU_BIG_MODEL_FLOPS = 1e12
+
+
+def default_runs_warmup(gpu: bool, big: bool) -> tuple[int, int]:
+    """(timed runs, warm-up runs) per row when ``--runs`` / ``--warmup`` are not given.
+
+    A GPU: 20 and 5. A CPU: 3 and 1; a model above 1 TFLOP per image (the official one, minutes
+    per forward): 2 and 1, the warm-up being its first call (which also gives the accuracy
+    columns). Two timed runs, not one, so that the min-max column shows how much a timing
+    moved (one run on a machine others share can be off by several times, unseen).
+    """
+    if gpu:
+        return 20, 5
+    return (2 if big else 3), 1
 
 
 def _int_at_least(minimum: int):
@@ -60,11 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=_positive_int, nargs="+", default=[1], metavar="N",
                         help="batch size(s) (default: 1)")
     parser.add_argument("--runs", type=_positive_int, default=None,
-                        help="timed runs per row (default: 20 on a GPU; on a CPU 3, or 1 for "
-                             "models above 1 TFLOP per image such as the official one)")
+                        help="timed runs per row (default: 20 on a GPU; on a CPU 3, or 2 for "
+                             "models above 1 TFLOP per image such as the official one: their "
+                             "min-max is the spread)")
     parser.add_argument("--warmup", type=_non_negative_int, default=None,
-                        help="untimed warm-up runs per row (default: 5 on a GPU; on a CPU 1, "
-                             "or 0 for models above 1 TFLOP per image)")
+                        help="untimed warm-up runs per row (default: 5 on a GPU, 1 on a CPU; "
+                             "the first call counts as one)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(_DTYPES), default=None,
                         help="time every row in these dtypes (default: GPU reference in fp32, "
                              "bf16 and fp16, the other rows in bf16, and the fast engine in fp8 "
@@ -144,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from ..accuracy import FOV_BUDGET_DEG, FP8_FOV_BUDGET_DEG, FP8_MARE_BUDGET, MARE_BUDGET
     from ..api import resolve_device, resolve_dtype
-    from ..bench import first_call
+    from ..bench import first_call, machine_load
     from ..bench.environment import default_results_name, environment
     from ..bench.results import results_dict, write_json
     from ..bench.runner import Runner
@@ -158,6 +180,20 @@ def _run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr,
                                                                    flush=True))
+    # how busy the machine is before anything runs (one second of this process sleeping)
+    reader = machine_load.ProcReader()
+    before = machine_load.probe(reader)
+    if before.state == "shared":
+        log(f"WARNING: the machine is busy ({'; '.join(before.reasons)} over the last second, "
+            f"load average {before.load_after or 0:.1f}): the timings will not be comparable "
+            "with an idle machine's; the table says how much CPU each row got")
+    run_start = reader.snapshot()
+
+    def machine_report(rows: list) -> dict:
+        run_load = machine_load.measure(run_start, reader.snapshot(),
+                                        threads=torch.get_num_threads(),
+                                        ticks_per_s=reader.ticks_per_s)
+        return machine_load.report([r.load for r in rows], run_load, before)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     config_arg = args.config or ("official" if gpu else "tiny")
@@ -172,11 +208,10 @@ def _run(args: argparse.Namespace) -> int:
 
     flop_report = count_flops(cfg)
     flops_per_image = flop_report.per_image
-    big = flops_per_image > _CPU_BIG_MODEL_FLOPS
-    runs = args.runs or (20 if gpu else (1 if big else 3))
-    # on a CPU the big model gets one warm-up (its first call, whose output also gives the
-    # accuracy columns) and one timed run per row: two forwards of minutes each
-    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    big = flops_per_image > CPU_BIG_MODEL_FLOPS
+    default_runs, default_warmup = default_runs_warmup(gpu, big)
+    runs = args.runs or default_runs
+    warmup = args.warmup if args.warmup is not None else default_warmup
 
     variants = default_variants(device, dtypes=dtypes,
                                    fast_backends=tuple(args.backends or _FAST_BACKENDS),
@@ -202,13 +237,15 @@ def _run(args: argparse.Namespace) -> int:
                        # minutes (the official model on a CPU without warm-up)
                        accuracy=gpu or not big,
                        cpu_engine_rows_only=not gpu and big and args.backends is None,
-                       engine_first=args.engine_first)
+                       engine_first=args.engine_first, machine=reader)
     if not gpu and big:
         per_forward = flops_per_image / (fp32_peak["tflops"] * 1e12) / 0.7 * max(args.batch)
-        log(f"a CPU at this size: each row that runs takes {warmup + runs} forwards of about "
-            f"{per_forward:.0f} s (estimated from the matmul rate just measured); by default "
-            "the reference and the fast engine in fp32, and the fast engine in bf16 where the "
-            "CPU has bf16 arithmetic; the other rows are skipped at once")
+        log(f"a CPU at this size: each row that runs takes {warmup + runs} forwards "
+            f"of about {per_forward:.0f} s (estimated from the matmul rate just measured; "
+            f"{warmup} warm-up + {runs} timed, whose min-max is the spread; --runs 1 for "
+            "fewer); by default the reference and the fast engine in fp32, and the fast "
+            "engine in bf16 where the CPU has bf16 arithmetic; the other rows are skipped at "
+            "once")
     timer = "CUDA events, each run from an idle device" if gpu else "perf_counter"
     json_path = None
     if args.json:
@@ -239,6 +276,7 @@ def _run(args: argparse.Namespace) -> int:
                                flops_by_stage=flop_report.by_stage(), peak=peak,
                                settings=settings, rows=rows, notes=notes)
         data["auto_fallbacks"] = _auto_fallbacks()
+        data["machine_load"] = machine_report(rows)
         write_json(json_path, data)
 
     def save_partial(rows: list) -> None:
@@ -270,12 +308,12 @@ def _run(args: argparse.Namespace) -> int:
                      "machine, or bench/gpu_check.sh.")
         if args.config is None:
             notes.append("CPU default: the tiny config (the official model takes minutes per "
-                         "forward on a CPU; `--config official` times it: one warm-up and one "
-                         "timed run per row).")
+                         "forward on a CPU; `--config official` times it: one warm-up and two "
+                         "timed runs per row).")
         if big and args.runs is None:
-            notes.append(f"CPU default for this config: {runs} timed run, {warmup} warm-up "
-                         "(one forward takes minutes here); --config tiny is quick, --runs N "
-                         "for more.")
+            notes.append(f"CPU default for this config: {runs} timed runs, {warmup} warm-up "
+                         "(one forward takes minutes here; the min-max column is the spread "
+                         "of the timed runs); --config tiny is quick, --runs N for more.")
     if runner.interrupted:
         notes.append("Interrupted: the rows marked 'interrupted' were not timed.")
     print(f"depthpro-fast bench: config {config_name} ({params:,} parameters, "
@@ -291,6 +329,15 @@ def _run(args: argparse.Namespace) -> int:
           f"{runner.n_inputs} rotating random input(s)")
     print()
     print(format_table(rows))
+    # the machine's state during the timed runs: a warning when others shared it
+    load_report = machine_report(rows)
+    rows_load = machine_load.combine([r.load for r in rows if r.load is not None])
+    print(load_report["warning"] or f"machine: {machine_load.summary(rows_load)} during the "
+          "timed runs")
+    if any(r.load is not None and r.load.cpu_got is not None for r in rows):
+        print("CPU got: this process's CPU time over the wall time x its "
+              f"{torch.get_num_threads()} threads during the row's timed runs (about 100 % "
+              "when no other process competes for the cores)")
     if baseline is not None:
         print(f"speed-up: per batch, over {baseline.variant.name} "
               f"{dtype_name(baseline.variant.dtype)}; % floor: the FLOP floor at the "
