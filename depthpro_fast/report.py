@@ -59,6 +59,8 @@ def info() -> dict[str, Any]:
         "backends": backend_report,
         "ops": backends.registered_ops(),
         "auto_fallbacks": backends.fallback_log(),
+        # one tiny Triton launch per CUDA device used (a C compiler is needed at the first)
+        "triton_probes": backends.triton_probe_log(),
         # attention implementations timed by fast engines in this process (and the choice)
         "attention_measurements": _attention_measurements(),
         "checkpoint_search": [
@@ -97,7 +99,10 @@ def format_info(report: dict[str, Any] | None = None) -> str:
         lines.append(f"  {name:<9} {state}{extra}")
     lines.append("ops: " + ", ".join(f"{op} [{'/'.join(impls)}]" for op, impls in r["ops"].items()))
     for key, why in r["auto_fallbacks"].items():
-        lines.append(f"  auto skipped {key}: {why}")
+        lines.append(f"  skipped {key}: {why}")
+    for device, probe in r.get("triton_probes", {}).items():
+        lines.append(f"  triton launch probe on {device}: "
+                     + ("ok" if probe["ok"] else f"failed: {probe['why_not']}"))
     for shape, m in r.get("attention_measurements", {}).items():
         times = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} failed"
                           for k, v in m["timings_ms"].items())

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .epilogue_backends import EpilogueBackends, op_backend
 
 CPU_GEMMS = ("auto", "aten", "onednn")
 # oneDNN must beat the default by this much to be chosen (timings on a shared CPU are noisy).
@@ -96,7 +97,7 @@ class CpuGemm:
     #: the options of ``FastOptions.residual_in_gemm`` / ``fc1_gelu="tanh"`` (not the fp8 mode)
     supports_vit_epilogues = True
 
-    def __init__(self, name: str, epilogue_backend: str | None = None):
+    def __init__(self, name: str, epilogue_backend: str | None | EpilogueBackends = None):
         if name not in ("aten", "onednn"):
             raise ValueError(f"cpu_gemm must be 'aten' or 'onednn' here, got {name!r}")
         self.name = name
@@ -122,9 +123,10 @@ class CpuGemm:
             raise ValueError(f"approximate must be one of {GELUS}, got {approximate!r}")
         if approximate == "tanh":
             return self._linear_bias_gelu_tanh(x, weight, bias)
-        if x.device.type != "cpu" or self.epilogue_backend in ("triton", "cuda"):
+        backend = op_backend(self.epilogue_backend, "bias_gelu")
+        if x.device.type != "cpu" or backend in ("triton", "cuda"):
             # a GPU, or kernels asked for by name (Triton's interpreter on a CPU): the op
-            return ops.bias_gelu(F.linear(x, weight), bias, backend=self.epilogue_backend)
+            return ops.bias_gelu(F.linear(x, weight), bias, backend=backend)
         if self.name == "onednn":
             return _onednn(x, weight, bias, "gelu")
         # the bias in the GEMM (addmm writes it, then accumulates onto it) and GELU in place:
@@ -167,13 +169,15 @@ class CpuGemm:
                    feeds_gemm: bool, shift: torch.Tensor | None = None,
                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
         return ops.layer_norm(h, norm.weight, norm.bias, norm.eps, shift=shift,
-                              out_dtype=out_dtype, backend=self.epilogue_backend)
+                              out_dtype=out_dtype,
+                              backend=op_backend(self.epilogue_backend, "layer_norm"))
 
     def add_layer_norm(self, h: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None,
                        gamma: torch.Tensor | None, norm: torch.nn.LayerNorm, *,
                        feeds_gemm: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps, delta_bias=bias,
-                                  gamma=gamma, backend=self.epilogue_backend)
+                                  gamma=gamma,
+                                  backend=op_backend(self.epilogue_backend, "add_layer_norm"))
 
 
 def _seconds(fn: Callable[[], object]) -> float:
