@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import depthpro_fast
 from depthpro_fast import backends, device_guard, ops
 from depthpro_fast.device_guard import on_device
 from tests.conftest import requires_triton
@@ -209,3 +210,32 @@ def test_every_triton_op_launches_on_its_tensors_device(launches):
         assert mine, f"{op}: no Triton launch recorded (is the entry point still patched?)"
         assert all(dev == 1 for _, dev in mine), f"{op} launched on the current device: {mine}"
     assert torch.cuda.current_device() == 0  # the fake's device, restored after each launch
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast engine: warm-up and forward on the input's device
+
+
+def test_engine_forward_runs_on_its_input_device(fake_cuda, monkeypatch):
+    from depthpro_fast import dataflow
+    from depthpro_fast.config import DepthProConfig
+
+    micro = DepthProConfig(embed_dim=64, depth=2, num_heads=1, mlp_ratio=2.0,
+                           encoder_feature_layer_ids=(0, 1),
+                           encoder_feature_dims=(8, 16, 32, 64), decoder_features=16)
+    torch.manual_seed(0)
+    model, _ = depthpro_fast.load(None, config=micro, device="cpu", backend="reference",
+                                  fast={"cpu_gemm": "aten"})
+    seen: list[int] = []
+    run_network = dataflow.run_network
+
+    def record(*args, **kwargs):
+        seen.append(fake_cuda.current)
+        return run_network(*args, **kwargs)
+
+    monkeypatch.setattr(dataflow, "run_network", record)
+    monkeypatch.setattr(device_guard, "cuda_index", lambda where: 1)  # "x is on cuda:1"
+    with torch.no_grad():
+        model(torch.rand(1, 3, 1536, 1536) * 2 - 1)
+    assert seen == [1]
+    assert fake_cuda.current == 0
