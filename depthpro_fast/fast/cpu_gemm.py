@@ -89,6 +89,15 @@ def addmm_fp32_out_available(device: torch.device) -> tuple[bool, str]:
     return True, "cuda: addmm(out_dtype=float32) into the fp32 stream (fp32 accumulation)"
 
 
+def tracing() -> bool:
+    """Inside a ``torch.compile`` or ``torch.export`` trace. There the fp32-output addmm is not
+    used: torch 2.11's decomposition of ``addmm.dtype_out`` mis-binds its arguments (the
+    traced program fails or computes another function), so the GEMM runs in the model dtype
+    and the product is added in fp32, as on devices without the kernel."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() or bool(exporting is not None and exporting())
+
+
 class CpuGemm:
     """The linear layers of the fused ViT forward, in one library (``aten`` or ``onednn``),
     and the LayerNorm passes that feed them (``feeds_gemm``: the output is a GEMM's input; the
@@ -151,15 +160,16 @@ class CpuGemm:
         Same dtype: one ``addmm_`` (beta = 1) on 2-D views, the residual read and written by
         the GEMM's epilogue (any library: ``aten``'s, also for ``onednn``). An fp32 ``h`` with
         16-bit operands (``residual_fp32``): ``addmm(out_dtype=float32, out=h)`` where this
-        device has it (``addmm_fp32_out_available``), else the product in the operands' dtype
-        then an fp32 ``add_`` (one rounding of the product more)."""
+        device has it (``addmm_fp32_out_available``) and no trace is being made (``tracing``),
+        else the product in the operands' dtype then an fp32 ``add_`` (one rounding of the
+        product more)."""
         if not h.is_contiguous():
             raise ValueError("residual_addmm: the residual stream must be contiguous")
         h2 = h.view(-1, h.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         if h.dtype == x.dtype:
             h2.addmm_(x2, weight.t())
-        elif addmm_fp32_out_available(h.device)[0]:
+        elif not tracing() and addmm_fp32_out_available(h.device)[0]:
             torch.addmm(h2, x2, weight.t(), out_dtype=h.dtype, out=h2)
         else:
             h2.add_(x2 @ weight.t())
