@@ -25,6 +25,8 @@ _NO_SWITCH = contextlib.nullcontext()
 def cuda_index(where: Any) -> int | None:
     """The CUDA device index of ``where`` (a tensor, anything with a ``.device``, or a
     ``torch.device``), or None when it is not on an indexed CUDA device."""
+    if isinstance(where, torch.Tensor):  # the launch sites' case: two cheap attribute reads
+        return where.get_device() if where.is_cuda else None
     device = where if isinstance(where, torch.device) else where.device
     if device.type != "cuda":
         return None
