@@ -82,7 +82,11 @@ def triton_installed() -> bool:
 
 
 def triton_status(device: torch.device | None = None) -> tuple[bool, str | None]:
-    """Whether Triton kernels can run on ``device`` (None: on any device), and why not."""
+    """Whether Triton kernels can run on ``device`` (None: on any device), and why not.
+
+    On a CUDA device (None: the current one, when CUDA is available) this includes one tiny
+    launch, once per process and device (:func:`triton_launch_probe`): importing Triton does not
+    prove that it can build its launcher (it needs a C compiler and Python's headers)."""
     if not triton_installed():
         return False, "triton is not installed"
     if device is not None and device.type == "cpu":
@@ -93,7 +97,66 @@ def triton_status(device: torch.device | None = None) -> tuple[bool, str | None]
         return False, f"Triton kernels need a CUDA device, got {device.type}"
     if device is None and not torch.cuda.is_available() and not triton_interpreting():
         return False, "no CUDA device (on CPU Triton needs TRITON_INTERPRET=1)"
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is not None:
+        return triton_launch_probe(device)
     return True, None
+
+
+# -- the Triton launch probe -------------------------------------------------------------------
+# Triton compiles a small C launcher with the host's C compiler (and Python.h) at the first
+# launch of a process; a machine without them imports Triton fine and fails only there, in the
+# middle of a forward. One tiny launch per process and device decides, before Triton is chosen.
+
+_TRITON_PROBES: dict[int, tuple[bool, str | None]] = {}  # CUDA device index -> (ok, why not)
+_PROBE_LOCK = threading.Lock()
+
+
+def _default_probe_launch(device: torch.device) -> None:
+    from .triton.probe import launch_probe
+
+    launch_probe(device)
+
+
+def triton_launch_probe(device: torch.device,
+                        launch: Callable[[torch.device], None] | None = None,
+                        ) -> tuple[bool, str | None]:
+    """Whether one tiny Triton kernel launches (and computes right) on the CUDA ``device``, and
+    why not; run once per process and device, then remembered (:func:`triton_probe_log`).
+
+    ``launch`` (tests): the function that launches the probe kernel on a device and raises if it
+    fails. Nothing is launched off CUDA, under ``TRITON_INTERPRET`` (no compiler step there),
+    inside a ``torch.compile`` trace or a CUDA-graph capture (asked again later)."""
+    if device.type != "cuda" or triton_interpreting():
+        return True, None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = _TRITON_PROBES.get(index)
+    if found is not None:
+        return found
+    if torch.compiler.is_compiling() or (torch.cuda.is_available()
+                                         and torch.cuda.is_current_stream_capturing()):
+        return True, None  # no host sync possible here; the first eager use probes
+    with _PROBE_LOCK:
+        found = _TRITON_PROBES.get(index)
+        if found is None:
+            try:
+                (launch or _default_probe_launch)(torch.device("cuda", index))
+                found = (True, None)
+            except Exception as e:  # noqa: BLE001  (no compiler, no Python.h, driver, ...)
+                lines = str(e).strip().splitlines()
+                found = (False, f"a first Triton launch failed on cuda:{index} "
+                                f"({type(e).__name__}: {lines[0][:200] if lines else ''}); "
+                                "Triton needs a C compiler (gcc, or $CC) and Python's headers "
+                                "(python3-dev) to build its launcher")
+            _TRITON_PROBES[index] = found
+    return found
+
+
+def triton_probe_log() -> dict[str, dict[str, Any]]:
+    """``{"cuda:N": {"ok": bool, "why_not": str | None}}`` of the launch probes run so far."""
+    return {f"cuda:{i}": {"ok": ok, "why_not": why}
+            for i, (ok, why) in sorted(_TRITON_PROBES.items())}
 
 
 def cuda_status(device: torch.device | None = None) -> tuple[bool, str | None]:
@@ -203,7 +266,8 @@ def _note_fallback(op: str, backend: str, why: str) -> None:
 
 
 def fallback_log() -> dict[str, str]:
-    """``{"op/backend": reason}`` for every implementation that ``auto`` had to skip."""
+    """``{"op/backend": reason}`` for every implementation that ``auto`` (or
+    :func:`implementation_with_fallback`) had to skip."""
     return {f"{op}/{b}": why for (op, b), why in sorted(_FALLBACKS.items())}
 
 
@@ -263,6 +327,8 @@ def device_key(device: torch.device | str) -> str:
 def _forget_resolved(op: str | None = None) -> None:
     for key in [k for k in _RESOLVED if op is None or k[0] == op]:
         _RESOLVED.pop(key, None)
+    for key in [k for k in _WITH_FALLBACK if op is None or k[0] == op]:
+        _WITH_FALLBACK.pop(key, None)
 
 
 def is_disqualified(op: str, backend: str, device: torch.device | str) -> str | None:
@@ -366,3 +432,49 @@ def set_intercept(fn: Callable[[str, str | None, torch.device], Callable[..., An
     """Route every :func:`implementation` lookup through ``fn`` (None: back to normal)."""
     global _INTERCEPT
     _INTERCEPT = fn
+
+
+# -- explicit backends, falling back per op ----------------------------------------------------
+
+# (FALLBACK_ORDER, above: the order an explicit backend falls back in, from the one asked)
+_WITH_FALLBACK: dict[tuple[str, str, str], tuple[Callable[..., Any], str]] = {}
+
+
+def implementation_with_fallback(op: str, backend: str | None,
+                                 device: torch.device) -> tuple[Callable[..., Any], str]:
+    """``(implementation, backend used)`` of ``op`` for ``backend`` on ``device``: the asked
+    backend's own where it has one that runs here, else the next of :data:`FALLBACK_ORDER` after
+    it that does (``cuda`` -> ``triton`` -> ``torch`` -> ``reference``), each skipped backend
+    recorded with its reason in :func:`fallback_log`. ``auto`` (or None): auto's choice.
+
+    For callers that run many ops on one backend of which some ops have no implementation (the
+    fast engine's epilogue ops have no CUDA-extension kernels): :func:`implementation` refuses
+    those; this runs them on the next backend and says so. Remembered per (op, backend,
+    device type), as :func:`implementation` is."""
+    backend = check_backend(backend)
+    key = (op, backend, device.type)
+    found = _WITH_FALLBACK.get(key)
+    if found is not None:
+        return found
+    if op not in _REGISTRY:
+        raise KeyError(f"no op named {op!r}")
+    if backend == "auto":
+        fn = implementation(op, "auto", device)
+        used = next((b for b in FALLBACK_ORDER if _LOADED.get((op, b)) is fn), "reference")
+        found = (fn, used)
+    else:
+        for candidate in FALLBACK_ORDER[FALLBACK_ORDER.index(backend):]:
+            try:
+                fn = implementation(op, candidate, device)
+            except Exception as e:  # noqa: BLE001  (missing, unavailable here, or broken)
+                _note_fallback(op, candidate, str(e).strip().splitlines()[0] if str(e).strip()
+                               else type(e).__name__)
+                continue
+            if candidate == "cuda" and device.type != "meta" and not _ext.has_op(op):
+                _note_fallback(op, candidate, f"the built extension has no {op!r} kernel")
+                continue
+            found = (fn, candidate)
+            break
+        assert found is not None  # the reference runs anywhere
+    _WITH_FALLBACK[key] = found
+    return found

@@ -65,7 +65,12 @@ def shard(items: Sequence[T], rank: int, world: int,
 
 def local_device(device: str | None) -> str | None:
     """The device of this process: under torchrun, ``cuda`` (or auto) means ``cuda:LOCAL_RANK``
-    so that the processes of one node use one GPU each; explicit indices are kept."""
+    so that the processes of one node use one GPU each; explicit indices are kept.
+
+    Under torchrun a CUDA device is also made this process's current device
+    (``torch.cuda.set_device``): work that runs on the current device rather than on its
+    tensors' (Triton launches, events and synchronisations without a device, the CUDA caching
+    allocator's context) then lands on this rank's GPU, not on every rank's GPU 0."""
     local = _env_int("LOCAL_RANK")
     if local is None:
         return device
@@ -73,9 +78,22 @@ def local_device(device: str | None) -> str | None:
         import torch
 
         if torch.cuda.is_available():
-            return f"cuda:{local % torch.cuda.device_count()}"
-        return "cpu" if device in (None, "auto") else device
+            device = f"cuda:{local % torch.cuda.device_count()}"
+        else:
+            return "cpu" if device in (None, "auto") else device
+    _set_current_cuda_device(device)
     return device
+
+
+def _set_current_cuda_device(device: str | None) -> None:
+    """``torch.cuda.set_device`` for an indexed CUDA device string (nothing otherwise)."""
+    if device is None or not device.startswith("cuda:"):
+        return
+    import torch
+
+    index = torch.device(device).index
+    if torch.cuda.is_available() and index is not None and index < torch.cuda.device_count():
+        torch.cuda.set_device(index)
 
 
 def init_process_group(timeout_s: float = 7 * 24 * 3600.0) -> bool:

@@ -66,6 +66,8 @@ def info() -> dict[str, Any]:
         # and its source ("measured" here or "device cache": stored by an earlier process)
         "attention_measurements": _timed_choices("attention_choice"),
         "cpu_gemm_choices": _timed_choices("cpu_gemm"),
+        # one tiny Triton launch per CUDA device used (a C compiler is needed at the first)
+        "triton_probes": backends.triton_probe_log(),
         "checkpoint_search": [
             {"where": what, "path": str(path) if path else None,
              "exists": bool(path and path.is_file())}
@@ -102,9 +104,12 @@ def format_info(report: dict[str, Any] | None = None) -> str:
         lines.append(f"  {name:<9} {state}{extra}")
     lines.append("ops: " + ", ".join(f"{op} [{'/'.join(impls)}]" for op, impls in r["ops"].items()))
     for key, why in r["auto_fallbacks"].items():
-        lines.append(f"  auto skipped {key}: {why}")
+        lines.append(f"  skipped {key}: {why}")
     for key, why in r.get("disqualified", {}).items():
         lines.append(f"  disqualified {key}: {why}")
+    for device, probe in r.get("triton_probes", {}).items():
+        lines.append(f"  triton launch probe on {device}: "
+                     + ("ok" if probe["ok"] else f"failed: {probe['why_not']}"))
     for kind, choices in (("attention", r.get("attention_measurements", {})),
                           ("cpu gemm", r.get("cpu_gemm_choices", {}))):
         for shape, m in choices.items():

@@ -61,6 +61,27 @@ def test_local_device(monkeypatch):
         assert distributed.local_device(None).startswith("cuda:")
 
 
+def test_local_device_becomes_the_current_cuda_device(monkeypatch):
+    """Under torchrun each rank makes its GPU current (Triton launches on the current device:
+    without set_device every rank >= 1 would launch on GPU 0 with pointers of its own GPU)."""
+    import torch
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert distributed.local_device("cuda") == "cuda:1"
+    assert distributed.local_device(None) == "cuda:1"
+    assert distributed.local_device("cuda:2") == "cuda:2"  # explicit index: kept, made current
+    assert distributed.local_device("cuda:9") == "cuda:9"  # no such GPU: left to the loader
+    assert distributed.local_device("cpu") == "cpu"
+    assert calls == [1, 1, 2]
+    monkeypatch.delenv("LOCAL_RANK")
+    assert distributed.local_device("cuda") == "cuda"  # not under torchrun: nothing changes
+    assert calls == [1, 1, 2]
+
+
 def test_sum_counts_without_group():
     assert distributed.sum_counts([1, 2.5]) == [1.0, 2.5]
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from . import timed_choice
+from .epilogue_backends import EpilogueBackends, op_backend
 
 CPU_GEMMS = ("auto", "aten", "onednn")
 #: the fixed order that breaks near-ties: PyTorch's default first
@@ -100,6 +101,15 @@ def addmm_fp32_out_available(device: torch.device) -> tuple[bool, str]:
     return True, "cuda: addmm(out_dtype=float32) into the fp32 stream (fp32 accumulation)"
 
 
+def tracing() -> bool:
+    """Inside a ``torch.compile`` or ``torch.export`` trace. There the fp32-output addmm is not
+    used: torch 2.11's decomposition of ``addmm.dtype_out`` mis-binds its arguments (the
+    traced program fails or computes another function), so the GEMM runs in the model dtype
+    and the product is added in fp32, as on devices without the kernel."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() or bool(exporting is not None and exporting())
+
+
 class CpuGemm:
     """The linear layers of the fused ViT forward, in one library (``aten`` or ``onednn``),
     and the LayerNorm passes that feed them (``feeds_gemm``: the output is a GEMM's input; the
@@ -108,7 +118,7 @@ class CpuGemm:
     #: the options of ``FastOptions.residual_in_gemm`` / ``fc1_gelu="tanh"`` (not the fp8 mode)
     supports_vit_epilogues = True
 
-    def __init__(self, name: str, epilogue_backend: str | None = None):
+    def __init__(self, name: str, epilogue_backend: str | None | EpilogueBackends = None):
         if name not in ("aten", "onednn"):
             raise ValueError(f"cpu_gemm must be 'aten' or 'onednn' here, got {name!r}")
         self.name = name
@@ -134,9 +144,10 @@ class CpuGemm:
             raise ValueError(f"approximate must be one of {GELUS}, got {approximate!r}")
         if approximate == "tanh":
             return self._linear_bias_gelu_tanh(x, weight, bias)
-        if x.device.type != "cpu" or self.epilogue_backend in ("triton", "cuda"):
+        backend = op_backend(self.epilogue_backend, "bias_gelu")
+        if x.device.type != "cpu" or backend in ("triton", "cuda"):
             # a GPU, or kernels asked for by name (Triton's interpreter on a CPU): the op
-            return ops.bias_gelu(F.linear(x, weight), bias, backend=self.epilogue_backend)
+            return ops.bias_gelu(F.linear(x, weight), bias, backend=backend)
         if self.name == "onednn":
             return _onednn(x, weight, bias, "gelu")
         # the bias in the GEMM (addmm writes it, then accumulates onto it) and GELU in place:
@@ -161,15 +172,16 @@ class CpuGemm:
         Same dtype: one ``addmm_`` (beta = 1) on 2-D views, the residual read and written by
         the GEMM's epilogue (any library: ``aten``'s, also for ``onednn``). An fp32 ``h`` with
         16-bit operands (``residual_fp32``): ``addmm(out_dtype=float32, out=h)`` where this
-        device has it (``addmm_fp32_out_available``), else the product in the operands' dtype
-        then an fp32 ``add_`` (one rounding of the product more)."""
+        device has it (``addmm_fp32_out_available``) and no trace is being made (``tracing``),
+        else the product in the operands' dtype then an fp32 ``add_`` (one rounding of the
+        product more)."""
         if not h.is_contiguous():
             raise ValueError("residual_addmm: the residual stream must be contiguous")
         h2 = h.view(-1, h.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         if h.dtype == x.dtype:
             h2.addmm_(x2, weight.t())
-        elif addmm_fp32_out_available(h.device)[0]:
+        elif not tracing() and addmm_fp32_out_available(h.device)[0]:
             torch.addmm(h2, x2, weight.t(), out_dtype=h.dtype, out=h2)
         else:
             h2.add_(x2 @ weight.t())
@@ -179,13 +191,15 @@ class CpuGemm:
                    feeds_gemm: bool, shift: torch.Tensor | None = None,
                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
         return ops.layer_norm(h, norm.weight, norm.bias, norm.eps, shift=shift,
-                              out_dtype=out_dtype, backend=self.epilogue_backend)
+                              out_dtype=out_dtype,
+                              backend=op_backend(self.epilogue_backend, "layer_norm"))
 
     def add_layer_norm(self, h: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None,
                        gamma: torch.Tensor | None, norm: torch.nn.LayerNorm, *,
                        feeds_gemm: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps, delta_bias=bias,
-                                  gamma=gamma, backend=self.epilogue_backend)
+                                  gamma=gamma,
+                                  backend=op_backend(self.epilogue_backend, "add_layer_norm"))
 
 
 def _seconds(fn: Callable[[], object]) -> float:

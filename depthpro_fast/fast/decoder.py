@@ -32,6 +32,7 @@ from .. import ops
 from ..dataflow import decode
 from ..op_common import math_dtype
 from . import folds
+from .epilogue_backends import EpilogueBackends, op_backend
 
 
 def _without_bias(layer: folds.FoldedLayer) -> tuple[folds.FoldedLayer, torch.Tensor | None]:
@@ -92,8 +93,11 @@ class EpilogueDecoder(folds.FoldedLayer):
         walk("blocks", self.blocks)
         return out
 
-    def __call__(self, encodings: list[torch.Tensor], backend: str | None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, encodings: list[torch.Tensor],
+                 backend: str | None | EpilogueBackends) -> tuple[torch.Tensor, torch.Tensor]:
+        relu_backend = op_backend(backend, "bias_relu")
+        residual_backend = op_backend(backend, "bias_residual")
+
         def project(i: int, e: torch.Tensor) -> torch.Tensor:
             c = self.dec_convs[i]
             return e if c is None else c(e)
@@ -104,12 +108,12 @@ class EpilogueDecoder(folds.FoldedLayer):
                 relu_f = F.relu(f)
             else:
                 conv_a, bias_a, conv_b, bias_b = res1
-                t = ops.bias_relu(conv_a(F.relu(skip)), bias_a, backend=backend)
+                t = ops.bias_relu(conv_a(F.relu(skip)), bias_a, backend=relu_backend)
                 f, relu_f = ops.bias_residual(conv_b(t), bias_b, skip, f, with_relu=True,
-                                              backend=backend)
+                                              backend=residual_backend)
             conv_a, bias_a, conv_b, bias_b = res2
-            t = ops.bias_relu(conv_a(relu_f), bias_a, backend=backend)
-            f = ops.bias_residual(conv_b(t), bias_b, f, backend=backend)
+            t = ops.bias_relu(conv_a(relu_f), bias_a, backend=relu_backend)
+            f = ops.bias_residual(conv_b(t), bias_b, f, backend=residual_backend)
             for layer in tail:
                 f = layer(f)
             return f
@@ -134,9 +138,9 @@ class FusedSubpixelTail(folds.FoldedLayer):
         # (4,): one bias per phase (zeros when head[4] has none)
         self.out_bias = head.out.bias if head.out.bias is not None else w.new_zeros(4)
 
-    def __call__(self, t: torch.Tensor, backend: str | None) -> torch.Tensor:
+    def __call__(self, t: torch.Tensor, backend: str | None | EpilogueBackends) -> torch.Tensor:
         return ops.subpixel_tail(self.conv(t), self.weight, self.out_bias, bias=self.bias,
-                                 border=self.border, backend=backend)
+                                 border=self.border, backend=op_backend(backend, "subpixel_tail"))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         t = {f"conv.{k}": v for k, v in self.conv.tensors().items()}

@@ -44,11 +44,13 @@ import torch
 
 from .. import backends, dataflow, qualification
 from ..config import NUM_TOKENS
+from ..device_guard import on_device
 from ..fp8_format import Fp8UnavailableError, fp8_problem
 from . import attention_choice, folds, fp8, lockstep
 from .attention_choice import Candidate
 from .cpu_gemm import CPU_GEMMS, CpuGemm, addmm_fp32_out_available, choose_cpu_gemm
 from .decoder import EpilogueDecoder, FusedSubpixelTail
+from .epilogue_backends import EpilogueBackends
 from .freshness import tensor_state
 from .graphs import GraphRunner
 from .stages import FastStages
@@ -496,6 +498,8 @@ class FastEngine:
         # vit_lockstep: the ViT parameters its stacked copies derive from, listed once per
         # preparation (walking ~1000 parameters' modules on every call costs ~1 ms)
         self._derived: list[tuple[torch.nn.Module, str]] | None = None  # _derived_sources
+        # the epilogue ops' backends, resolved per op: (asked backend, device) -> resolution
+        self._epilogue_backends: dict[tuple[str, torch.device], EpilogueBackends] = {}
         if not lazy:
             self.prepare()
 
@@ -558,6 +562,8 @@ class FastEngine:
         self._derived = None  # listed again (e.g. after load_state_dict(assign=True))
         self._fingerprint = self._current_fingerprint()
         self.graphs.reset()
+        # resolved eagerly: a torch.compile trace of the forward then only reads the result
+        self.epilogue_backends(next(self.model.parameters()).device)
 
     def _ensure_prepared(self) -> _Prepared:
         if torch.compiler.is_compiling():
@@ -582,7 +588,30 @@ class FastEngine:
 
     def __call__(self, x: torch.Tensor, *, need_fov: bool = True,
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 3, 1536, 1536) network input (checked by the caller) -> (cid, fov or None)."""
+        """(B, 3, 1536, 1536) network input (checked by the caller) -> (cid, fov or None).
+
+        Runs with ``x``'s GPU as the current device (``device_guard``): the warm-up's timings
+        and synchronisations, the Triton launches and the graph capture all happen there, not
+        on whatever device the process had current."""
+        if torch.compiler.is_compiling():  # the compiled code guards its own launches
+            return self._call_on_device(x, need_fov=need_fov)
+        with on_device(x):
+            return self._call_on_device(x, need_fov=need_fov)
+
+    def epilogue_backends(self, device: torch.device) -> EpilogueBackends:
+        """The backend each epilogue op runs on, on ``device``: ``epilogue_backend`` (else the
+        model's backend) where it has the op, else the next that does, with the reason
+        recorded (``fast/epilogue_backends.py``)."""
+        asked = backends.check_backend(self.options.epilogue_backend or self.model.backend)
+        found = self._epilogue_backends.get((asked, device))
+        if found is None:
+            found = EpilogueBackends(asked, device)
+            self._epilogue_backends[(asked, device)] = found
+            self.notes["epilogue_backends"] = found.describe()
+        return found
+
+    def _call_on_device(self, x: torch.Tensor, *, need_fov: bool,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         prepared = self._ensure_prepared()
         model = self.model
         compute_fov = model.fov is not None and (need_fov or not self.options.skip_unused_fov)
@@ -724,8 +753,7 @@ class FastEngine:
         backend = chosen.backend if chosen is not None else self.model.backend
         with attention_choice.pinned(chosen):
             return lockstep.forward(prepared.lockstep, inputs, hook_ids, backend=backend,
-                                    epilogue_backend=self.options.epilogue_backend
-                                    or self.model.backend)
+                                    epilogue_backend=self.epilogue_backends(x.device))
 
     def _vit(self, vit: VisionTransformer, x: torch.Tensor, hook_ids=()):
         o = self.options
@@ -737,7 +765,7 @@ class FastEngine:
         backend = chosen.backend if chosen is not None else self.model.backend
         with attention_choice.pinned(chosen):
             if o.epilogues == "fused":
-                epi = o.epilogue_backend or self.model.backend
+                epi = self.epilogue_backends(x.device)
                 prepared = self._prepared
                 if prepared is not None and prepared.fp8_weights is not None:
                     gemm = fp8.Fp8Gemm(prepared.fp8_weights, epi,

@@ -30,6 +30,7 @@ from .. import ops
 from ..fp8_format import E4M3
 from ..ops.quantize_fp8 import check_finite_rows, quantize_scaled_reference
 from .cpu_gemm import CpuGemm
+from .epilogue_backends import EpilogueBackends, op_backend
 
 #: The linears of a ViT block that run in fp8 (attribute paths in ``model.Block``).
 VIT_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -138,7 +139,8 @@ class Fp8Gemm(CpuGemm):
     #: quantise the GEMM inputs, its GEMMs are ``_scaled_mm``
     supports_vit_epilogues = False
 
-    def __init__(self, weights: dict[int, Fp8Weight], epilogue_backend: str | None = None, *,
+    def __init__(self, weights: dict[int, Fp8Weight],
+                 epilogue_backend: str | None | EpilogueBackends = None, *,
                  per_tensor: bool = False):
         super().__init__("aten", epilogue_backend)
         self.weights = weights
@@ -154,7 +156,8 @@ class Fp8Gemm(CpuGemm):
     def _quantize(self, x: torch.Tensor | Fp8Act) -> Fp8Act:
         if isinstance(x, Fp8Act):
             return x
-        q, s = ops.quantize_rows(x, per_tensor=self.per_tensor, backend=self.epilogue_backend)
+        q, s = ops.quantize_rows(x, per_tensor=self.per_tensor,
+                                 backend=op_backend(self.epilogue_backend, "quantize_rows"))
         return Fp8Act(q, s, tuple(x.shape[:-1]))
 
     def linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,14 +170,15 @@ class Fp8Gemm(CpuGemm):
                          bias: torch.Tensor | None) -> Fp8Act:
         u = self.linear(x, weight)  # bias + GELU in the quantising pass
         q, s = ops.bias_gelu_fp8(u, bias, per_tensor=self.per_tensor,
-                                 backend=self.epilogue_backend)
+                                 backend=op_backend(self.epilogue_backend, "bias_gelu_fp8"))
         return Fp8Act(q, s, tuple(u.shape[:-1]))
 
     def layer_norm(self, h: torch.Tensor, norm: torch.nn.LayerNorm, *, feeds_gemm: bool):
         if not feeds_gemm:
             return super().layer_norm(h, norm, feeds_gemm=False)
         q, s = ops.layer_norm_fp8(h, norm.weight, norm.bias, norm.eps,
-                                  per_tensor=self.per_tensor, backend=self.epilogue_backend)
+                                  per_tensor=self.per_tensor,
+                                  backend=op_backend(self.epilogue_backend, "layer_norm_fp8"))
         return Fp8Act(q, s, tuple(h.shape[:-1]))
 
     def add_layer_norm(self, h: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None,
@@ -185,5 +189,6 @@ class Fp8Gemm(CpuGemm):
         r, q, s = ops.add_layer_norm_fp8(h, delta, norm.weight, norm.bias, norm.eps,
                                          delta_bias=bias, gamma=gamma,
                                          per_tensor=self.per_tensor,
-                                         backend=self.epilogue_backend)
+                                         backend=op_backend(self.epilogue_backend,
+                                                            "add_layer_norm_fp8"))
         return r, Fp8Act(q, s, tuple(h.shape[:-1]))

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .epilogue_backends import EpilogueBackends, op_backend
 
 if TYPE_CHECKING:
     from ..model import DepthPro, VisionTransformer
@@ -307,22 +308,25 @@ def prepare(model: DepthPro) -> tuple[LockstepViTs | None, str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _gelu(u: torch.Tensor, epilogue_backend: str | None) -> torch.Tensor:
+def _gelu(u: torch.Tensor, epilogue_backend: str | None | EpilogueBackends) -> torch.Tensor:
     """Exact GELU of fc1's output (its bias came through the bias lane): on a CPU in place (as
     ``CpuGemm.linear_bias_gelu``: the op's contract keeps its input, one more pass), else the
     ``bias_gelu`` op without a bias (one launch over all rows)."""
-    if u.device.type == "cpu" and epilogue_backend not in ("triton", "cuda"):
+    backend = op_backend(epilogue_backend, "bias_gelu")
+    if u.device.type == "cpu" and backend not in ("triton", "cuda"):
         return torch.ops.aten.gelu_(u)
-    return ops.bias_gelu(u, None, backend=epilogue_backend)
+    return ops.bias_gelu(u, None, backend=backend)
 
 
 def forward(st: LockstepViTs, inputs: Sequence[torch.Tensor],
             hook_ids: Sequence[Sequence[int]], *, backend: str | None,
-            epilogue_backend: str | None) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+            epilogue_backend: str | None | EpilogueBackends,
+            ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     """The first ``len(inputs)`` ViTs of ``st`` on their inputs ((b_g, 3, 384, 384) each), in
     lock-step. Returns, per ViT, what ``VisionTransformer.forward_with_hooks(inputs[g],
     hook_ids[g])`` returns (final-normed tokens, hooked residual streams), as views of the
-    concatenated rows. ``backend``: attention; ``epilogue_backend``: the elementwise ops."""
+    concatenated rows. ``backend``: attention; ``epilogue_backend``: the elementwise ops (a
+    name, or the engine's per-op resolution, ``fast/epilogue_backends.py``)."""
     g_count = len(inputs)
     if not 1 <= g_count <= st.groups or len(hook_ids) != g_count:
         raise ValueError(f"lock-step: 1 to {st.groups} inputs with one hook list each, got "
@@ -334,7 +338,8 @@ def forward(st: LockstepViTs, inputs: Sequence[torch.Tensor],
     h = torch.cat([e.reshape(-1, c) for e in embeds])
     ends, g = rows.ends, g_count
     n = ops.grouped_layer_norm(h, st.norm1_weight[:g], st.norm1_bias[:g], eps, ends,
-                               out_width=kb, backend=epi)
+                               out_width=kb, backend=op_backend(epi, "grouped_layer_norm"))
+    add_ln = op_backend(epi, "grouped_add_layer_norm")
     wanted = [set(ids) for ids in hook_ids]
     hooked: list[dict[int, torch.Tensor]] = [{} for _ in range(g)]
     depth = len(st.blocks)
@@ -347,14 +352,14 @@ def forward(st: LockstepViTs, inputs: Sequence[torch.Tensor],
         a = grouped_linear(st.gemm, o, blk.proj[:g], rows)
         h, n = ops.grouped_add_layer_norm(h, a, blk.norm2_weight[:g], blk.norm2_bias[:g], eps,
                                           ends, delta_bias=blk.proj_bias[:g], gamma=blk.ls1[:g],
-                                          out_width=kb, backend=epi)
+                                          out_width=kb, backend=add_ln)
         u = _gelu(grouped_linear(st.gemm, n, blk.fc1[:g], rows), epi)
         m = grouped_linear(st.gemm, u, blk.fc2[:g], rows)
         last = i + 1 == depth
         # after the last block: the ViTs' outputs (final norms), no GEMM input (no bias lane)
         h, n = ops.grouped_add_layer_norm(h, m, blk.next_weight[:g], blk.next_bias[:g], eps,
                                           ends, delta_bias=blk.fc2_bias[:g], gamma=blk.ls2[:g],
-                                          out_width=None if last else kb, backend=epi)
+                                          out_width=None if last else kb, backend=add_ln)
         for j, (s, e) in enumerate(rows.bounds):
             if i in wanted[j]:
                 hooked[j][i] = h[s:e].view(-1, t, c)

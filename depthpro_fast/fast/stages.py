@@ -59,7 +59,6 @@ class FastStages(Stages):
         self.engine, self.p, self.side = engine, prepared, side
         self.opts = engine.options
         self.backend = m.backend
-        self.epilogue_backend = self.opts.epilogue_backend or m.backend
 
     def _cl(self, t: torch.Tensor) -> torch.Tensor:
         if self.opts.channels_last and t.dim() == 4:
@@ -147,7 +146,8 @@ class FastStages(Stages):
     def decoder(self, encodings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.p
         if p.epilogue_decoder is not None:
-            return p.epilogue_decoder(encodings, self.epilogue_backend)
+            return p.epilogue_decoder(encodings,
+                                      self.engine.epilogue_backends(encodings[0].device))
         last = len(encodings) - 1
 
         def project(i: int, e: torch.Tensor) -> torch.Tensor:
@@ -167,7 +167,7 @@ class FastStages(Stages):
         p = self.p
         t = p.head0(features)
         if p.fused_tail is not None:
-            return p.fused_tail(t, self.epilogue_backend)
+            return p.fused_tail(t, self.engine.epilogue_backends(t.device))
         if p.subpixel is not None:
             return p.subpixel(t)
         deconv, conv3, conv_out = p.head_rest

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..model import Block, VisionTransformer
 from .cpu_gemm import CpuGemm
+from .epilogue_backends import EpilogueBackends, op_backend
 
 
 def _attention(blk: Block, n, backend: str | None,
@@ -187,13 +188,15 @@ def _forward_residual_in_gemm(vit: VisionTransformer, x: torch.Tensor, hook_ids:
 
 def fused_forward_with_hooks(vit: VisionTransformer, x: torch.Tensor,
                              hook_ids: Sequence[int] = (), *, backend: str | None,
-                             epilogue_backend: str | None, fuse_layer_norm: bool = True,
+                             epilogue_backend: str | None | EpilogueBackends,
+                             fuse_layer_norm: bool = True,
                              gemm: CpuGemm | None = None, fold: LayerScaleFold | None = None,
                              epilogues: ViTEpilogues | None = None,
                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Same contract as ``VisionTransformer.forward_with_hooks``.
 
-    ``backend``: attention op backend; ``epilogue_backend``: the epilogue ops' backend.
+    ``backend``: attention op backend; ``epilogue_backend``: the epilogue ops' backend (a
+    name, or the engine's per-op resolution, ``fast/epilogue_backends.py``).
     ``fuse_layer_norm=False`` runs ``residual_layerscale`` then ``layer_norm`` (two passes) to
     measure what the LayerNorm fusion buys. ``gemm``: the linears and the LayerNorm passes that
     feed them: a GEMM library (``fast/cpu_gemm.py``; default ``F.linear``, with fc1's bias +
@@ -225,7 +228,8 @@ def fused_forward_with_hooks(vit: VisionTransformer, x: torch.Tensor,
     def residual_norm(h, delta, bias, gamma, norm, feeds_gemm=True):
         if fuse_layer_norm:
             return gemm.add_layer_norm(h, delta, bias, gamma, norm, feeds_gemm=feeds_gemm)
-        r = ops.residual_layerscale(h, delta, bias, gamma, backend=epilogue_backend)
+        r = ops.residual_layerscale(h, delta, bias, gamma,
+                                    backend=op_backend(epilogue_backend, "residual_layerscale"))
         return r, gemm.layer_norm(r, norm, feeds_gemm=feeds_gemm)
 
     for i, blk in enumerate(blocks):

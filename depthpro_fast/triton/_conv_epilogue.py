@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device_guard import on_device
 from ..op_common import feature_map_format
 from ._elementwise import tiles
 
@@ -70,12 +71,14 @@ def launch(x: torch.Tensor, bias: torch.Tensor | None, residuals: list[torch.Ten
         grid = (triton.cdiv(m, block_m), triton.cdiv(cols, block_n))
         dummy = x
         r = residuals + [dummy] * (2 - len(residuals))
-        _conv_epilogue_kernel[grid](
-            x, bias.contiguous() if bias is not None else dummy, r[0], r[1],
-            outs[0] if outs[0] is not None else dummy, outs[1] if outs[1] is not None else dummy,
-            m, cols, c, HAS_BIAS=bias is not None, BIAS_ON_ROWS=not channels_last,
-            N_RES=len(residuals), WRITE_SUM=write_sum, WRITE_RELU=write_relu,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        with on_device(x):
+            _conv_epilogue_kernel[grid](
+                x, bias.contiguous() if bias is not None else dummy, r[0], r[1],
+                outs[0] if outs[0] is not None else dummy,
+                outs[1] if outs[1] is not None else dummy,
+                m, cols, c, HAS_BIAS=bias is not None, BIAS_ON_ROWS=not channels_last,
+                N_RES=len(residuals), WRITE_SUM=write_sum, WRITE_RELU=write_relu,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return outs[0], outs[1]
 
 

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
+from ..device_guard import on_device
 from ..op_common import check_attention_inputs as _check
 from ..op_common import empty_attention_output as empty_output_like
 
@@ -223,13 +224,15 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
 
         args = (qs, ks, vs, os_, *qs.stride(), *ks.stride(), *vs.stride(), *os_.stride(),
                 h, n, rows, scale * _LOG2E)
-        if _INTERPRETED:
-            block_m, block_n = INTERPRETER_BLOCKS
-            _attention_fwd_kernel[grid](*args, HEAD_DIM=d, DOT_PRECISION=precision,
-                                        BLOCK_M=block_m, BLOCK_N=block_n)
-        else:
-            tuned = _attention_fwd_tuned_fp32 if q.dtype == torch.float32 else _attention_fwd_tuned
-            tuned[grid](*args, HEAD_DIM=d, DOT_PRECISION=precision)
+        with on_device(q):
+            if _INTERPRETED:
+                block_m, block_n = INTERPRETER_BLOCKS
+                _attention_fwd_kernel[grid](*args, HEAD_DIM=d, DOT_PRECISION=precision,
+                                            BLOCK_M=block_m, BLOCK_N=block_n)
+            else:
+                tuned = (_attention_fwd_tuned_fp32 if q.dtype == torch.float32
+                         else _attention_fwd_tuned)
+                tuned[grid](*args, HEAD_DIM=d, DOT_PRECISION=precision)
     return out
 
 

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device_guard import on_device
 from ._elementwise import as_rows, tiles
 
 # Allocation hook: tests replace it to poison the output (NaN) before the kernel writes it.
@@ -44,9 +45,10 @@ def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         bias = None if bias is None else bias.contiguous()
         block_m, block_n, warps = tiles(m, n)
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _bias_gelu_kernel[grid](x2, bias if bias is not None else x2, out2, m, n,
-                                x2.stride(0), out2.stride(0), HAS_BIAS=bias is not None,
-                                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        with on_device(x):
+            _bias_gelu_kernel[grid](x2, bias if bias is not None else x2, out2, m, n,
+                                    x2.stride(0), out2.stride(0), HAS_BIAS=bias is not None,
+                                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return out
 
 

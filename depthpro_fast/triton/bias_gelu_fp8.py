@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device_guard import on_device
 from ..fp8_format import E4M3
 from ._elementwise import as_rows, row_tiles
 from ._fp8 import store_fp8_rows
@@ -51,9 +52,10 @@ def _launch(x: torch.Tensor, bias: torch.Tensor | None,
     if m > 0:
         bias = None if bias is None else bias.contiguous()
         block_m, block_n, warps = row_tiles(m, n)
-        _bias_gelu_fp8_kernel[(triton.cdiv(m, block_m),)](
-            x2, bias if bias is not None else x2, q, scale, m, n, x2.stride(0), q.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        with on_device(x):
+            _bias_gelu_fp8_kernel[(triton.cdiv(m, block_m),)](
+                x2, bias if bias is not None else x2, q, scale, m, n, x2.stride(0), q.stride(0),
+                HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return q, scale
 
 

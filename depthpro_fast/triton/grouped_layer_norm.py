@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device_guard import on_device
 from ._elementwise import row_tiles
 
 #: Widest row the kernel accepts (a row lives in registers).
@@ -92,19 +93,20 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, delta_bias: torch.Tenso
     if m > 0:
         block_m, block_n, warps = row_tiles(m, n)
         pad = width - n
-        _grouped_layer_norm_kernel[(triton.cdiv(m, block_m),)](
-            x2, d2,
-            delta_bias if delta_bias is not None else weight,
-            gamma if gamma is not None else weight,
-            weight, bias, group_ends,
-            res if res is not None else x2, out,
-            m, n, x2.stride(0), d2.stride(0),
-            (res if res is not None else x2).stride(0), out.stride(0), eps,
-            GROUPS=weight.shape[0], HAS_DELTA=delta is not None,
-            HAS_DBIAS=delta_bias is not None, HAS_GAMMA=gamma is not None, PAD=pad,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_PAD=triton.next_power_of_2(max(pad, 1)),
-            num_warps=warps,
-        )
+        with on_device(x):
+            _grouped_layer_norm_kernel[(triton.cdiv(m, block_m),)](
+                x2, d2,
+                delta_bias if delta_bias is not None else weight,
+                gamma if gamma is not None else weight,
+                weight, bias, group_ends,
+                res if res is not None else x2, out,
+                m, n, x2.stride(0), d2.stride(0),
+                (res if res is not None else x2).stride(0), out.stride(0), eps,
+                GROUPS=weight.shape[0], HAS_DELTA=delta is not None,
+                HAS_DBIAS=delta_bias is not None, HAS_GAMMA=gamma is not None, PAD=pad,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_PAD=triton.next_power_of_2(max(pad, 1)),
+                num_warps=warps,
+            )
     return res, out
 
 

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device_guard import on_device
 from ..fp8_format import E4M3
 from ._elementwise import as_rows, row_tiles
 from ._fp8 import store_fp8_rows
@@ -103,21 +104,22 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, delta_bias: torch.Tenso
         res2 = res.view(m, n)
     if m > 0:
         block_m, block_n, warps = row_tiles(m, n)
-        _layer_norm_kernel[(triton.cdiv(m, block_m),)](
-            x2, d2,
-            delta_bias if delta_bias is not None else weight,
-            gamma if gamma is not None else weight,
-            shift if shift is not None else weight,
-            weight, bias,
-            res2 if res2 is not None else x2, out2,
-            scale if scale is not None else weight,
-            m, n, x2.stride(0), d2.stride(0),
-            (res2 if res2 is not None else x2).stride(0), out2.stride(0), eps,
-            HAS_DELTA=delta is not None, HAS_DBIAS=delta_bias is not None,
-            HAS_GAMMA=gamma is not None, HAS_SHIFT=shift is not None,
-            QUANT=q_dtype is not None, BLOCK_M=block_m,
-            BLOCK_N=block_n, num_warps=warps,
-        )
+        with on_device(x):
+            _layer_norm_kernel[(triton.cdiv(m, block_m),)](
+                x2, d2,
+                delta_bias if delta_bias is not None else weight,
+                gamma if gamma is not None else weight,
+                shift if shift is not None else weight,
+                weight, bias,
+                res2 if res2 is not None else x2, out2,
+                scale if scale is not None else weight,
+                m, n, x2.stride(0), d2.stride(0),
+                (res2 if res2 is not None else x2).stride(0), out2.stride(0), eps,
+                HAS_DELTA=delta is not None, HAS_DBIAS=delta_bias is not None,
+                HAS_GAMMA=gamma is not None, HAS_SHIFT=shift is not None,
+                QUANT=q_dtype is not None, BLOCK_M=block_m,
+                BLOCK_N=block_n, num_warps=warps,
+            )
     return res, out, scale
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
+from ..device_guard import on_device
 from ..op_common import merged_size
 
 #: Dtypes of the tokens (the output has the same dtype).
@@ -128,12 +129,13 @@ def launch(tokens: torch.Tensor, out: torch.Tensor, *, batch_size: int, grid: in
     _, _, h_out, w_out = out.shape
     block_p, block_c, warps = _blocks(c)
     launch_grid = (triton.cdiv(h_out * w_out, block_p), triton.cdiv(c, block_c), batch_size)
-    _merge_patches_kernel[launch_grid](
-        tokens, out, batch_size, c, h_out, w_out,
-        s_n, s_c, s_y, s_x, offset, *out.stride(),
-        grid, padding, h - 2 * padding, w - 2 * padding, h, w, max(blend, 1),
-        BLEND=blend > 1 and grid > 1, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
-    )
+    with on_device(tokens):
+        _merge_patches_kernel[launch_grid](
+            tokens, out, batch_size, c, h_out, w_out,
+            s_n, s_c, s_y, s_x, offset, *out.stride(),
+            grid, padding, h - 2 * padding, w - 2 * padding, h, w, max(blend, 1),
+            BLEND=blend > 1 and grid > 1, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
+        )
     return out
 
 

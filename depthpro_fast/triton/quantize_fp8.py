@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device_guard import on_device
 from ..fp8_format import E4M3
 from ._elementwise import as_rows, row_tiles
 from ._fp8 import store_fp8_rows
@@ -39,9 +40,10 @@ def _launch(x: torch.Tensor, q_dtype: torch.dtype = E4M3) -> tuple[torch.Tensor,
     scale = _alloc((m, 1), dtype=torch.float32, device=x.device)
     if m > 0:
         block_m, block_n, warps = row_tiles(m, n)
-        _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
-            x2, q, scale, m, n, x2.stride(0), q.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps)
+        with on_device(x):
+            _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
+                x2, q, scale, m, n, x2.stride(0), q.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=warps)
     return q, scale
 
 

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device_guard import on_device
 from ._elementwise import as_rows, tiles
 
 # Allocation hook: tests replace it to poison the output (NaN) before the kernel writes it.
@@ -47,11 +48,12 @@ def _residual_layerscale_op(x: torch.Tensor, delta: torch.Tensor, bias: torch.Te
         gamma = None if gamma is None else gamma.contiguous()
         block_m, block_n, warps = tiles(m, n)
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _residual_layerscale_kernel[grid](
-            x2, d2, bias if bias is not None else x2, gamma if gamma is not None else x2, out2,
-            m, n, x2.stride(0), d2.stride(0), out2.stride(0),
-            HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        with on_device(x):
+            _residual_layerscale_kernel[grid](
+                x2, d2, bias if bias is not None else x2, gamma if gamma is not None else x2, out2,
+                m, n, x2.stride(0), d2.stride(0), out2.stride(0),
+                HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return out
 
 

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreting
 from ..config import IMG_SIZE, WINDOW_SIZE
+from ..device_guard import on_device
 from ..op_common import PYRAMID, window_origins, windows_per_image
 
 # Pyramid geometry the kernel is written for (checked against op_common at import).
@@ -223,13 +224,14 @@ def launch(image: torch.Tensor, out: torch.Tensor, *, prenormalized: bool) -> to
     block_y, block_x, warps = _block_shape()
     grid = (triton.cdiv(WINDOW_SIZE, block_y) * triton.cdiv(WINDOW_SIZE, block_x),
             windows_per_image(), b)
-    _split_patches_kernel[grid](
-        image, out, b, h, w, *image.stride(),
-        resize_scale(h), resize_scale(w), mul, add,
-        IDENTITY=(h == IMG_SIZE and w == IMG_SIZE), WIN=WINDOW_SIZE,
-        N0=len(_ORIGINS0), STRIDE0=_ORIGINS0[1], N1=len(_ORIGINS1), STRIDE1=_ORIGINS1[1],
-        BLOCK_Y=block_y, BLOCK_X=block_x, num_warps=warps,
-    )
+    with on_device(image):
+        _split_patches_kernel[grid](
+            image, out, b, h, w, *image.stride(),
+            resize_scale(h), resize_scale(w), mul, add,
+            IDENTITY=(h == IMG_SIZE and w == IMG_SIZE), WIN=WINDOW_SIZE,
+            N0=len(_ORIGINS0), STRIDE0=_ORIGINS0[1], N1=len(_ORIGINS1), STRIDE1=_ORIGINS1[1],
+            BLOCK_Y=block_y, BLOCK_X=block_x, num_warps=warps,
+        )
     return out
 
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreting
+from ..device_guard import on_device
 
 # Allocation hook: tests replace it to poison the output (NaN) before the kernel writes it.
 _alloc = torch.empty
@@ -86,13 +87,14 @@ def _subpixel_tail_op(z: torch.Tensor, weight: torch.Tensor, out_bias: torch.Ten
         p = c // 4
         block_pix, block_p, warps = _blocks(npix, p)
         dummy = weight
-        _subpixel_tail_kernel[(triton.cdiv(npix, block_pix),)](
-            z, weight.contiguous(), out_bias.contiguous(),
-            bias.contiguous() if bias is not None else dummy,
-            border.float().contiguous() if border is not None else dummy, out,
-            npix, h, w, p, *z.stride(), HAS_BIAS=bias is not None,
-            HAS_BORDER=border is not None, BLOCK_PIX=block_pix, BLOCK_P=block_p,
-            num_warps=warps)
+        with on_device(z):
+            _subpixel_tail_kernel[(triton.cdiv(npix, block_pix),)](
+                z, weight.contiguous(), out_bias.contiguous(),
+                bias.contiguous() if bias is not None else dummy,
+                border.float().contiguous() if border is not None else dummy, out,
+                npix, h, w, p, *z.stride(), HAS_BIAS=bias is not None,
+                HAS_BORDER=border is not None, BLOCK_PIX=block_pix, BLOCK_P=block_p,
+                num_warps=warps)
     return out
 
 
