@@ -72,7 +72,12 @@ def post_process(cid: Any, fov_deg: Any, f_px: float | None, height: int, width:
                  ) -> dict[str, Any]:
     """One image's network output (1, 1, 1536, 1536) -> infer's result at (height, width);
     ``depth`` is a numpy array when computed in bands (big images), else a tensor."""
-    from ..inference import check_output_memory, focal_length_tensor, postprocess
+    from ..inference import (
+        centred_intrinsics,
+        check_output_memory,
+        focal_length_tensor,
+        postprocess,
+    )
 
     f = None if f_px is None else focal_length_tensor(f_px, 1, cid.device)
     if height * width <= BANDED_ABOVE_PIXELS:
@@ -82,6 +87,9 @@ def post_process(cid: Any, fov_deg: Any, f_px: float | None, height: int, width:
     # (and its own FOV rule) without a full-size map (tests/test_big_images.py checks this)
     small = postprocess(cid, fov_deg, f, 1, width)
     result = {k: v for k, v in small.items() if k not in ("depth", "inverse_depth")}
+    if "intrinsics" in small:  # its principal point is the centre of the full image
+        result["intrinsics"] = centred_intrinsics(small["focallength_px"].reshape(1), height,
+                                                  width)[0]
     scale = width / small["focallength_px"].float()  # inference's inverse depth scale
     result["depth"] = depth_in_bands(cid, scale, height, width)
     return result
