@@ -35,6 +35,13 @@ from .predict_run import (  # noqa: F401
     predict_sources,
     write_outputs,
 )
+from .predict_video import (
+    clips_to_do,
+    format_clip_summary,
+    predict_clips,
+    split_clips,
+    video_options,
+)
 
 DEFAULT_SAVE = "npz,color"
 DTYPE_CHOICES = ["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16", "fp8"]
@@ -86,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--f-px", type=float, default=None,
                         help="focal length in pixels for every image (overrides EXIF and the "
                              "estimate)")
+    parser.add_argument("--per-frame-focal", action="store_true",
+                        help="videos: the focal length estimated for every frame (default: "
+                             "one per clip, the median of 8 sampled frames; see docs/video.md)")
     parser.add_argument("--ignore-exif", action="store_true",
                         help="do not use the EXIF focal length (orientation is still applied)")
     parser.add_argument("--ply-stride", type=int, default=1,
@@ -188,12 +198,16 @@ def run(args: argparse.Namespace) -> int:
     from ..api import load, resolve_device
     from ..backends import require_backend
     from ..outputs import check_output_folder
+    from ..video_io import import_av
 
     # every check that needs no image and no model comes first, each once
     formats = parse_save(args.save)
     checkpoint = checkpoint_choice(args)
     if args.f_px is not None and not (math.isfinite(args.f_px) and args.f_px > 0):
         raise ValueError(f"--f-px must be a positive number of pixels, got {args.f_px}")
+    if args.f_px is not None and args.per_frame_focal:
+        raise ValueError("--f-px and --per-frame-focal exclude each other (a given focal "
+                         "length is used for every frame); drop one")
     if args.ply_stride < 1:
         raise ValueError(f"--ply-stride must be >= 1, got {args.ply_stride}")
     if args.batch_size < 1:
@@ -227,10 +241,15 @@ def run(args: argparse.Namespace) -> int:
                                     "nothing to do")
         named = distributed.shard(assign_names(sources), rank, world,
                                   key=lambda pair: (str(pair[0].rel), str(pair[0].path)))
+        named, clips = split_clips(named)  # videos: depthpro_fast.video, one folder each
         todo = [n for n in named if args.overwrite or not all(
             p.exists() for p in output_paths(args.outdir, n[1], formats).values())]
+        clips_todo = clips_to_do(clips, args.outdir, args.overwrite)
+        if clips_todo:
+            import_av()  # before the model loads: a clear error if PyAV is missing
+        clip_summaries = []
 
-        if todo:
+        if todo or clips_todo:
             check_output_folder(args.outdir, "output folder (-o)")  # before the model loads
             if checkpoint is None and rank == 0:
                 print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
@@ -247,6 +266,11 @@ def run(args: argparse.Namespace) -> int:
                 ply_binary=not args.ply_ascii, workers=args.workers,
                 progress=not args.quiet and rank == 0, label=label,
                 random_weights=checkpoint is None)
+            if clips and not summary.interrupted:
+                clip_summaries = predict_clips(
+                    clips, model, transform, args.outdir,
+                    video_options(args, progress=not args.quiet and rank == 0, label=label,
+                                  random_weights=checkpoint is None))
             weights = "random weights, " if checkpoint is None else ""
             path = ("fast path" if getattr(model, "fast_engine", None) is not None
                     else "reference path")
@@ -258,18 +282,24 @@ def run(args: argparse.Namespace) -> int:
                     f"{dtype_used}, {model.backend} backend); ")
         else:  # every output exists: no model to load
             summary = Summary(total=len(named), skipped=len(named))
+            clip_summaries = predict_clips(clips, None, None, args.outdir, video_options(
+                args, progress=False, label=label, random_weights=False))
             head = "nothing left to do (--overwrite recomputes), model not loaded; "
         if rank == 0:
             summary.missing = list(problems)
             summary.left_out = dict(left_out)
 
-        print(prefix + head + format_summary(summary, args.outdir),
+        image_line = format_summary(summary, args.outdir) if named or not clips else ""
+        print(prefix + head + "\n".join(filter(None, [image_line] + [
+            format_clip_summary(c) for c in clip_summaries])),
               file=sys.stderr if world > 1 else sys.stdout)
         if checkpoint is None and rank == 0 and todo:  # again at the end, where the eye lands
             print(RANDOM_WEIGHTS_NOTE, file=sys.stdout)
-        if summary.interrupted:  # Ctrl-C: the partial summary above, no collective (may hang)
+        # Ctrl-C: the partial summary above, no collective (may hang)
+        if summary.interrupted or any(c.interrupted for c in clip_summaries):
             return 130
-        failed = len(summary.failed) + len(summary.missing)
+        failed = (len(summary.failed) + len(summary.missing)
+                  + sum(c.error is not None for c in clip_summaries))
         if world > 1:
             total, written, skipped, failed, seconds = distributed.sum_counts(
                 [summary.total, summary.written, summary.skipped, failed, summary.seconds])
