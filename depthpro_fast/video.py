@@ -226,9 +226,7 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
     mode = _focal_mode(opts)
     record = None if opts.overwrite else read_clip_record(out)
     frames_dir = out / FRAMES_DIR
-    done = set() if opts.overwrite or record is None else {
-        i for i in range(max(info.frames, int(record.get("frames") or 0)))
-        if frame_path(out, i).is_file()}
+    done = set() if opts.overwrite or record is None else _frames_on_disk(frames_dir)
     if done:  # the frames on disk must have been made as this run would make them
         old = record.get("focal", {}) if record else {}
         same = (old.get("mode") == mode["mode"] and old.get("source") == mode["source"]
@@ -244,7 +242,9 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
             raise VideoError(f"{out} holds {len(done)} frames {why}: pass --overwrite to "
                              "recompute the clip, or another -o")
     if frames_dir.is_dir():  # hidden temporaries of a killed run (never a complete frame)
-        remove_temp_files([frame_path(out, i) for i in range(info.frames + 1)])
+        for p in frames_dir.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
 
     from tqdm import tqdm
 
@@ -254,8 +254,9 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
     if focal is None:
         focal = dict(mode)
         if mode["source"] == "clip median":
-            announce(bar, f"{path.name}: estimating the focal length from "
-                     f"{min(opts.focal_samples, info.frames)} frames")
+            if opts.progress:
+                announce(bar, f"{path.name}: estimating the focal length from "
+                         f"{min(opts.focal_samples, info.frames)} frames")
             f, idx, values = estimate_clip_focal(model, transform, path, info.frames,
                                                  opts.focal_samples, opts.batch_size)
             focal.update(focallength_px=f, samples={"frames": idx, "focallength_px": values})
@@ -324,9 +325,9 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
         summary.interrupted = True
         try:
             if writes:
-                announce(bar, f"{path.name}: interrupted: finishing the {len(writes)} frames "
-                         "already computed (Ctrl-C again to abort them; no partial file is "
-                         "left)")
+                announce(bar, f"{path.name}: interrupted: finishing the "
+                         f"{_plural(len(writes), 'frame')} already computed (Ctrl-C again to "
+                         "abort; no partial file is left)")
             collect(limit=0)
         except KeyboardInterrupt:
             aborted = True
@@ -334,8 +335,8 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
             writers.shutdown(wait=False, cancel=True)
             summary.abandoned = len(writes)
             remove_temp_files([frame_path(out, i) for i, _ in writes])
-            announce(bar, f"{path.name}: aborted: {len(writes)} computed frames were not "
-                     "written (a rerun computes them)")
+            announce(bar, f"{path.name}: aborted: {_plural(len(writes), 'computed frame')} "
+                     "not written (a rerun computes them)")
     except BaseException:
         collect(limit=0)  # keep the frames already computed, then report the failure
         raise
@@ -365,6 +366,18 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
                            "depth_range_m": scale})
     _write_record(out, record)
     summary.complete = True
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _frames_on_disk(frames_dir: Path) -> set[int]:
+    """Indices of the frame files in ``frames_dir`` (one listing, not one look-up per frame)."""
+    if not frames_dir.is_dir():
+        return set()
+    return {int(p.name[:-4]) for p in frames_dir.iterdir()
+            if p.name.endswith(".png") and p.name[:-4].isdigit()}
 
 
 class _NotIn:

@@ -280,3 +280,61 @@ def test_preview_of_an_odd_size_keeps_the_rate(tmp_path):
         assert s.average_rate == Fraction(30000, 1001) and (s.width, s.height) == (34, 22)
         assert sum(1 for _ in c.decode(s)) == 3
     assert os.listdir(tmp_path) == ["p.mp4"]
+
+
+def test_second_ctrl_c_abandons_the_pending_frames_without_a_partial_file(
+        tmp_path, fake_model, monkeypatch, capsys):
+    import signal
+    import threading
+    import time
+
+    from depthpro_fast import outputs
+    from depthpro_fast.commands import predict_run
+
+    clip = tmp_path / "walk.mp4"
+    make_clip(clip, frames=3)
+    out = tmp_path / "out"
+    release, released = threading.Event(), threading.Event()
+
+    def slow_write(path, depth, *, text):  # frame 0 stays in its atomic write until released
+        try:
+            with outputs.atomic_write(path) as f:
+                f.write(b"\x89PNG half a frame")
+                release.wait(30)
+        finally:
+            released.set()
+
+    real_forward = fake_model.forward
+
+    def forward(x, need_fov=True):
+        if len(fake_model.calls) == 3 + 1:  # 3 focal samples, frame 0, then Ctrl-C
+            raise KeyboardInterrupt
+        return real_forward(x, need_fov)
+
+    notices = []
+    real_announce = predict_run.announce
+
+    def announce(bar, text):
+        notices.append(text)
+        real_announce(bar, text)
+        if "interrupted" in text:  # the user presses Ctrl-C again while the frame is written
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    monkeypatch.setattr(video_io, "write_depth_frame", slow_write)
+    monkeypatch.setattr(fake_model, "forward", forward)
+    monkeypatch.setattr(predict_run, "announce", announce)
+    t0 = time.perf_counter()
+    try:
+        assert run(clip, out) == 130
+        assert time.perf_counter() - t0 < 20  # not held by the blocked write
+        assert notices == [
+            "walk.mp4: interrupted: finishing the 1 frame already computed (Ctrl-C again to "
+            "abort; no partial file is left)",
+            "walk.mp4: aborted: 1 computed frame not written (a rerun computes them)"]
+        assert "3 frames: 0 written" in capsys.readouterr().out
+        assert tmp_files(out) == []
+    finally:
+        release.set()
+    assert released.wait(10)
+    time.sleep(0.2)
+    assert list((out / "walk" / "depth_mm").iterdir()) == [] and tmp_files(out) == []
