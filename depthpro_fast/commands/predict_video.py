@@ -79,6 +79,8 @@ def _focal_words(s: ClipSummary) -> str:
 
 def format_clip_summary(s: ClipSummary) -> str:
     """One line per clip: frames written / skipped, frames/s, the focal length, where."""
+    if s.error and not (s.written or s.skipped):  # nothing done: the reason is the news
+        return f"failed: {s.source}: {s.error}"
     rate = (f" ({s.written / s.seconds:.2f} frames/s)" if s.written and s.seconds > 0 else "")
     head = "interrupted: " if s.interrupted else ("failed: " if s.error else "")
     parts = [f"{head}{s.source}: {s.frames} frames: {s.written} written, {s.skipped} "
