@@ -41,6 +41,13 @@ from .predict_run import (  # noqa: F401
     predict_sources,
     write_outputs,
 )
+from .predict_video import (
+    clips_to_do,
+    format_clip_summary,
+    predict_clips,
+    split_clips,
+    video_options,
+)
 
 DEFAULT_SAVE = "npz,color"
 DTYPE_CHOICES = ["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16", "fp8"]
@@ -100,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "depth uses FX, the point cloud all four, every output stores K "
                              "(instead of --f-px; overrides EXIF and the estimate; "
                              "docs/intrinsics.md)")
+    parser.add_argument("--per-frame-focal", action="store_true",
+                        help="videos: the focal length estimated for every frame (default: "
+                             "one per clip, the median of 8 sampled frames; see docs/video.md)")
     parser.add_argument("--ignore-exif", action="store_true",
                         help="do not use the EXIF focal length (orientation is still applied)")
     parser.add_argument("--ply-stride", default="auto",
@@ -268,6 +278,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..config import resolve_config
     from ..outputs import check_output_folder
     from ..provenance import make_recipe
+    from ..video_io import import_av
 
     # every check that needs no image and no model comes first, each once
     formats = parse_save(args.save)
@@ -289,6 +300,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--ply-max-points must be >= 1, got {args.ply_max_points}")
     ply = PlyOptions(parse_ply_stride(args.ply_stride), args.ply_max_points,
                      binary=not args.ply_ascii)
+    if args.f_px is not None and args.per_frame_focal:
+        raise ValueError("--f-px and --per-frame-focal exclude each other (a given focal "
+                         "length is used for every frame); drop one")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 1:
@@ -320,6 +334,7 @@ def _run(args: argparse.Namespace) -> int:
                                     "nothing to do")
         named = distributed.shard(assign_names(sources), rank, world,
                                   key=lambda pair: (str(pair[0].rel), str(pair[0].path)))
+        named, clips = split_clips(named)  # videos: depthpro_fast.video, one folder each
         # what this run would make, known before the model loads: the resume rule needs it
         checkpoint = resolve_checkpoint(checkpoint)
         dtype = _resolve_dtype(args.dtype, device)
@@ -333,7 +348,12 @@ def _run(args: argparse.Namespace) -> int:
             for line in recomputed_lines(plan.recomputed):  # why work that looked done is redone
                 print(f"depthpro-fast predict: {line}", file=sys.stderr)
 
-        if plan.todo:
+        clips_todo = clips_to_do(clips, args.outdir, args.overwrite)
+        if clips_todo:
+            import_av()  # before the model loads: a clear error if PyAV is missing
+        clip_summaries = []
+
+        if plan.todo or clips_todo:
             check_output_folder(args.outdir, "output folder (-o)")  # before the model loads
             if checkpoint is None and rank == 0:
                 print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
@@ -358,6 +378,11 @@ def _run(args: argparse.Namespace) -> int:
                 ignore_exif=args.ignore_exif, intrinsics=intrinsics, overwrite=args.overwrite,
                 ply=ply, npz_compress=args.npz_compress, workers=args.workers,
                 progress=progress, label=label, random_weights=checkpoint is None)
+            if clips and not summary.interrupted:
+                clip_summaries = predict_clips(
+                    clips, model, transform, args.outdir,
+                    video_options(args, progress=not args.quiet and rank == 0, label=label,
+                                  random_weights=checkpoint is None))
             weights = f"random weights of seed {seed}, " if checkpoint is None else ""
             path = ("fast path" if getattr(model, "fast_engine", None) is not None
                     else "reference path")
@@ -369,20 +394,26 @@ def _run(args: argparse.Namespace) -> int:
                     f"{dtype_used}, {model.backend} backend); ")
         else:  # every output exists and was made the same way: no model to load
             summary = Summary(total=len(named), skipped=len(named))
+            clip_summaries = predict_clips(clips, None, None, args.outdir, video_options(
+                args, progress=False, label=label, random_weights=False))
             head = "nothing left to do (--overwrite recomputes), model not loaded; "
         if rank == 0:
             summary.missing = list(problems)
             summary.left_out = dict(left_out)
 
-        print(prefix + head + format_summary(summary, args.outdir,
-                                             ply_max_points=ply.max_points,
-                                             npz_compress=args.npz_compress),
+        image_line = (format_summary(summary, args.outdir, ply_max_points=ply.max_points,
+                                     npz_compress=args.npz_compress)
+                      if named or not clips else "")
+        print(prefix + head + "\n".join(filter(None, [image_line] + [
+            format_clip_summary(c) for c in clip_summaries])),
               file=sys.stderr if world > 1 else sys.stdout)
         if checkpoint is None and rank == 0 and plan.todo:  # again at the end, where it's seen
             print(RANDOM_WEIGHTS_NOTE, file=sys.stdout)
-        if summary.interrupted:  # Ctrl-C: the partial summary above, no collective (may hang)
+        # Ctrl-C: the partial summary above, no collective (may hang)
+        if summary.interrupted or any(c.interrupted for c in clip_summaries):
             return 130
-        failed = len(summary.failed) + len(summary.missing)
+        failed = (len(summary.failed) + len(summary.missing)
+                  + sum(c.error is not None for c in clip_summaries))
         if world > 1:
             total, written, skipped, failed, seconds = distributed.sum_counts(
                 [summary.total, summary.written, summary.skipped, failed, summary.seconds])

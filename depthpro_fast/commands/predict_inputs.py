@@ -1,6 +1,7 @@
 """``predict``'s inputs and output names: files, folders and globs -> sources -> names.
 
-Inputs: image files (any format Pillow reads, HEIC with pillow-heif), folders (their images;
+Inputs: image files (any format Pillow reads, HEIC with pillow-heif) and video clips
+(``video_io.VIDEO_SUFFIXES``, decoded with PyAV), folders (their images and clips;
 ``--recursive`` for sub-folders) and glob patterns (quote them; ``**`` spans sub-folders).
 Folder walks skip hidden files, the output folder and this command's own ``.color.png`` /
 ``.depth_mm.png`` outputs; a folder walked without ``--recursive`` counts the sub-folders it
@@ -22,10 +23,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ..video_io import PREVIEW_FILE, VIDEO_SUFFIXES
+
 # every format load_image reads (a GIF gives its first frame), so that a folder yields what the
 # same files named one by one would
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".webp",
                             ".gif", ".bmp", ".heic", ".heif", ".hif", ".avif"})
+INPUT_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # videos: depthpro_fast.video
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ def _glob_base(pattern: str) -> Path:
 def _is_own_output(name: str) -> bool:
     from ..outputs import FORMATS
 
-    return name.endswith((FORMATS["color"], FORMATS["png16"]))
+    return name.endswith((FORMATS["color"], FORMATS["png16"])) or name == PREVIEW_FILE
 
 
 def _walk(root: Path, recursive: bool, exclude: Path | None) -> tuple[list[Path], int]:
@@ -70,7 +74,7 @@ def _walk(root: Path, recursive: bool, exclude: Path | None) -> tuple[list[Path]
             left_out += sum(1 for d in visible if (here / d).resolve() != exclude)
         dirnames[:] = visible if recursive else []
         for name in sorted(filenames):
-            if (name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES
+            if (name.startswith(".") or Path(name).suffix.lower() not in INPUT_SUFFIXES
                     or _is_own_output(name)):
                 continue
             found.append(here / name)
@@ -108,7 +112,7 @@ def collect_sources(paths: Sequence[str], recursive: bool = False,
                 if mp.is_dir():
                     matched += [Source(f, PurePosixPath(f.relative_to(base).as_posix()))
                                 for f in walk(mp, arg)]
-                elif (mp.is_file() and mp.suffix.lower() in IMAGE_SUFFIXES
+                elif (mp.is_file() and mp.suffix.lower() in INPUT_SUFFIXES
                       and not mp.name.startswith(".") and not _is_own_output(mp.name)):
                     matched.append(Source(mp, PurePosixPath(mp.relative_to(base).as_posix())))
             if not matched:
