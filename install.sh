@@ -4,6 +4,7 @@
 #   ./install.sh          the package
 #   ./install.sh dev      the package and the test / benchmark tools (ONNX export included)
 #   ./install.sh export   the package and the ONNX export tools (onnx, onnxscript, onnxruntime)
+#   ./install.sh video    the package and PyAV, for video files in `depthpro-fast predict`
 #   ./install.sh --help   this text
 #
 # On a machine without an NVIDIA GPU it installs PyTorch's CPU build so that pip never downloads
@@ -18,13 +19,13 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 case "${1:-}" in
   "") EXTRA="" ;;
-  dev | export) EXTRA="[$1]" ;;
+  dev | export | video) EXTRA="[$1]" ;;
   -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-  *) echo "install.sh: unknown argument '$1'; accepted: nothing (the package), dev, export," \
+  *) echo "install.sh: unknown argument '$1'; accepted: nothing (the package), dev, export, video," \
           "--help" >&2; exit 2 ;;
 esac
 if [ $# -gt 1 ]; then
-  echo "install.sh: one argument at most (dev or export), got: $*" >&2; exit 2
+  echo "install.sh: one argument at most (dev, export or video), got: $*" >&2; exit 2
 fi
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 

@@ -1,6 +1,6 @@
 """Video decoding and encoding for ``predict`` on clips (PyAV), and the depth frame files.
 
-PyAV (``pip install 'depthpro-fast[video]'``) is optional: nothing here imports it before a
+PyAV (``./install.sh video``, or ``pip install av``) is optional: nothing here imports it before a
 clip is opened, and a missing PyAV is one clear error (``VideoError``) naming the install.
 
 * ``probe(path)``: frame count, frame rate and stored size of the first video stream.
@@ -25,13 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from .install_hints import VIDEO_HINT
+
 # what `predict` takes as a video in folders and globs (a file named on the command line is
 # taken whatever its suffix); FFmpeg reads many more, these are the usual camera / web ones
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg",
                             ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".ogv"})
 PREVIEW_FILE = "depth_preview.mp4"  # a clip's colour preview, in its output folder
 PREVIEW_CODECS = ("libx264", "h264", "libopenh264", "mpeg4")  # first one FFmpeg can encode
-INSTALL_HINT = "pip install 'depthpro-fast[video]' (or pip install av)"
+INSTALL_HINT = f"{VIDEO_HINT}, or pip install av"
 
 
 class VideoError(ValueError):
