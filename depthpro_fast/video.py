@@ -58,6 +58,9 @@ class VideoOptions:
     progress: bool = True
     label: str = ""  # progress bar / message prefix
     random_weights: bool = False  # recorded in clip.json and every frame
+    # what makes the outputs (``provenance.make_recipe``): recorded in clip.json and every
+    # frame; frames on disk made another way (other weights, config, dtype, path) are recomputed
+    recipe: Any = None
 
     def check(self) -> None:
         for name in ("batch_size", "workers", "focal_samples"):
@@ -87,6 +90,7 @@ class ClipSummary:
     error: str | None = None
     interrupted: bool = False
     abandoned: int = 0  # frames a second Ctrl-C gave up on
+    recomputed_why: str | None = None  # the frames on disk were made another way: why
     per_frame_focallength_px: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,10 +110,29 @@ def read_clip_record(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def clip_complete(out_dir: str | os.PathLike) -> bool:
-    """Whether a clip's outputs are all there (``clip.json`` says so and the files exist)."""
+def made_otherwise(record: dict[str, Any] | None, recipe: Any) -> str | None:
+    """Why the outputs that ``clip.json``'s ``record`` describes were not made by ``recipe``
+    (other weights, checkpoint, seed, config, dtype or path), or None when they were (or
+    when there is no recipe to compare with). The focal length is compared by the clip's own
+    rule (``_focal_mode``)."""
+    if recipe is None or record is None:
+        return None
+    from .provenance import mismatch
+
+    old = record.get("provenance")
+    if isinstance(old, dict):  # the focal request is the clip's own rule, compared apart
+        old = {**old, **{k: v for k, v in recipe.as_dict().items()
+                         if k in ("focal", "f_px", "intrinsics")}}
+    return mismatch(old, recipe)
+
+
+def clip_complete(out_dir: str | os.PathLike, recipe: Any = None) -> bool:
+    """Whether a clip's outputs are all there (``clip.json`` says so and the files exist) and,
+    given a ``recipe``, were made by it."""
     record = read_clip_record(out_dir)
     if not record or record.get("complete") is not True:
+        return False
+    if made_otherwise(record, recipe) is not None:
         return False
     n = record.get("frames")
     return (isinstance(n, int) and (Path(out_dir) / PREVIEW_FILE).is_file()
@@ -226,6 +249,10 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
     mode = _focal_mode(opts)
     record = None if opts.overwrite else read_clip_record(out)
     frames_dir = out / FRAMES_DIR
+    why_other = made_otherwise(record, opts.recipe) if not opts.overwrite else None
+    if why_other is not None:  # never keep frames of other weights (e.g. random ones)
+        summary.recomputed_why = why_other
+        record = None
     done = set() if opts.overwrite or record is None else _frames_on_disk(frames_dir)
     if done:  # the frames on disk must have been made as this run would make them
         old = record.get("focal", {}) if record else {}
@@ -268,6 +295,8 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
                             "unit": "millimetre", "metres_per_unit": 0.001,
                             "invalid": 0, "saturated": 65535},
                   "random_weights": opts.random_weights, "complete": False}
+        if opts.recipe is not None:
+            record["provenance"] = opts.recipe.as_dict()
         out.mkdir(parents=True, exist_ok=True)
         _write_record(out, record)
     assert record is not None
@@ -281,6 +310,8 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
     text = {"focallength_source": focal["source"], "depth_unit": "millimetre"}
     if opts.random_weights:
         text["random_weights"] = "true"
+    if opts.recipe is not None:  # as predict's PNGs: the record in a text chunk
+        text["depthpro_fast"] = json.dumps(opts.recipe.as_dict(), sort_keys=True)
 
     def write(index: int, depth: np.ndarray, f: float) -> None:
         from .video_io import write_depth_frame

@@ -338,3 +338,33 @@ def test_second_ctrl_c_abandons_the_pending_frames_without_a_partial_file(
     assert released.wait(10)
     time.sleep(0.2)
     assert list((out / "walk" / "depth_mm").iterdir()) == [] and tmp_files(out) == []
+
+
+def test_frames_made_with_other_weights_are_recomputed_and_record_what_made_them(
+        tmp_path, fake_model, capsys):
+    """A clip predicted with random weights of one seed is recomputed, not kept, when the
+    weights change (as predict's images are); clip.json and every frame carry the record."""
+    clip = tmp_path / "walk.mp4"
+    make_clip(clip, frames=3)
+    out = tmp_path / "out"
+    assert run(clip, out, "--seed", "1") == 0
+    folder = out / "walk"
+    record = json.loads((folder / "clip.json").read_text())
+    assert record["provenance"]["weights"] == "random" and record["provenance"]["seed"] == 1
+    info = frame_mm(folder / "depth_mm" / "000000.png")[1]
+    assert json.loads(info["depthpro_fast"])["seed"] == 1
+    capsys.readouterr()
+    fake_model.calls.clear()
+    assert run(clip, out, "--seed", "1") == 0  # the same recipe: nothing to do
+    assert "nothing left to do" in capsys.readouterr().out and fake_model.calls == []
+    (folder / "depth_mm" / "000002.png").unlink()  # incomplete, and made with another seed
+    assert run(clip, out, "--seed", "2") == 0
+    text = capsys.readouterr().out
+    assert "3 written (recomputed: the frames on disk were made with random weights of seed 1" \
+        in text
+    assert json.loads((folder / "clip.json").read_text())["provenance"]["seed"] == 2
+    assert run(clip, out, "--seed", "2") == 0
+    assert "nothing left to do" in capsys.readouterr().out
+    # a complete clip of seed 2 is recomputed for seed 3 too
+    assert run(clip, out, "--seed", "3") == 0
+    assert "3 written (recomputed" in capsys.readouterr().out

@@ -348,7 +348,7 @@ def _run(args: argparse.Namespace) -> int:
             for line in recomputed_lines(plan.recomputed):  # why work that looked done is redone
                 print(f"depthpro-fast predict: {line}", file=sys.stderr)
 
-        clips_todo = clips_to_do(clips, args.outdir, args.overwrite)
+        clips_todo = clips_to_do(clips, args.outdir, args.overwrite, recipe)
         if clips_todo:
             import_av()  # before the model loads: a clear error if PyAV is missing
         clip_summaries = []
@@ -382,7 +382,7 @@ def _run(args: argparse.Namespace) -> int:
                 clip_summaries = predict_clips(
                     clips, model, transform, args.outdir,
                     video_options(args, progress=not args.quiet and rank == 0, label=label,
-                                  random_weights=checkpoint is None))
+                                  random_weights=checkpoint is None, recipe=recipe))
             weights = f"random weights of seed {seed}, " if checkpoint is None else ""
             path = ("fast path" if getattr(model, "fast_engine", None) is not None
                     else "reference path")
@@ -395,7 +395,7 @@ def _run(args: argparse.Namespace) -> int:
         else:  # every output exists and was made the same way: no model to load
             summary = Summary(total=len(named), skipped=len(named))
             clip_summaries = predict_clips(clips, None, None, args.outdir, video_options(
-                args, progress=False, label=label, random_weights=False))
+                args, progress=False, label=label, random_weights=False, recipe=recipe))
             head = "nothing left to do (--overwrite recomputes), model not loaded; "
         if rank == 0:
             summary.missing = list(problems)

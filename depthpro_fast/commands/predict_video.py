@@ -30,16 +30,18 @@ def clip_dir(outdir: str | os.PathLike, name: str) -> Path:
 
 
 def clips_to_do(clips: Sequence[tuple[Source, str]], outdir: str | os.PathLike,
-                overwrite: bool) -> list[tuple[Source, str]]:
-    return [c for c in clips if overwrite or not clip_complete(clip_dir(outdir, c[1]))]
+                overwrite: bool, recipe: Any = None) -> list[tuple[Source, str]]:
+    """The clips whose outputs are not complete, or were made another way than ``recipe``."""
+    return [c for c in clips
+            if overwrite or not clip_complete(clip_dir(outdir, c[1]), recipe)]
 
 
 def video_options(args: argparse.Namespace, *, progress: bool, label: str,
-                  random_weights: bool) -> VideoOptions:
+                  random_weights: bool, recipe: Any = None) -> VideoOptions:
     return VideoOptions(batch_size=args.batch_size, f_px=args.f_px,
                         per_frame_focal=args.per_frame_focal, overwrite=args.overwrite,
                         workers=args.workers, progress=progress, label=label,
-                        random_weights=random_weights)
+                        random_weights=random_weights, recipe=recipe)
 
 
 def predict_clips(clips: Sequence[tuple[Source, str]], model: Any, transform: Any,
@@ -49,7 +51,7 @@ def predict_clips(clips: Sequence[tuple[Source, str]], model: Any, transform: An
     summaries = []
     for source, name in clips:
         out = clip_dir(outdir, name)
-        if not options.overwrite and clip_complete(out):
+        if not options.overwrite and clip_complete(out, options.recipe):
             summaries.append(_done_summary(source, out))
             continue
         summary = predict_video(model, source.path, out, options, transform=transform)
@@ -83,7 +85,9 @@ def format_clip_summary(s: ClipSummary) -> str:
         return f"failed: {s.source}: {s.error}"
     rate = (f" ({s.written / s.seconds:.2f} frames/s)" if s.written and s.seconds > 0 else "")
     head = "interrupted: " if s.interrupted else ("failed: " if s.error else "")
-    parts = [f"{head}{s.source}: {s.frames} frames: {s.written} written, {s.skipped} "
+    parts = [f"{head}{s.source}: {s.frames} frames: {s.written} written"
+             + (f" (recomputed: the frames on disk were made with {s.recomputed_why})"
+                if s.recomputed_why else "") + f", {s.skipped} "
              "skipped (done before)" + (f", in {s.seconds:.1f} s{rate}" if s.seconds else "")]
     if _focal_words(s):
         parts.append(_focal_words(s))
