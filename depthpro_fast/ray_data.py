@@ -239,6 +239,13 @@ def run(paths: Sequence[str], options: PredictOptions, *, address: str | None = 
     if not todo:
         return summary
     check_output_folder(options.outdir, "output folder")
+    if options.checkpoint == "auto" and not str(address or "").startswith("ray://"):
+        from dataclasses import replace
+
+        from .checkpoint import find_checkpoint
+
+        # here, once, with a clear error; every actor then loads the same file
+        options = replace(options, checkpoint=os.fspath(find_checkpoint()))
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr,
                                                                 flush=True))
     start = time.perf_counter()
@@ -293,6 +300,10 @@ def run(paths: Sequence[str], options: PredictOptions, *, address: str | None = 
                                            first))
         except KeyboardInterrupt:
             summary.interrupted = True
+        except ray.exceptions.RayError as e:  # e.g. actors that cannot load the model
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise RuntimeError(f"the Ray pipeline failed: {lines[-1] if lines else e!r} "
+                               "(Ray's log has the details)") from e
     finally:
         context.enable_progress_bars, context.max_errored_blocks = saved
         if own:

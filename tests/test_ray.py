@@ -168,6 +168,16 @@ def test_options_and_address_are_checked():
         predict_ray.check_address("photos/")
 
 
+def test_a_missing_checkpoint_fails_before_any_cluster_starts(tmp_path, monkeypatch):
+    from depthpro_fast.checkpoint import ENV_VAR
+
+    make_images(tmp_path / "in", n=2)
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "no_such.pt"))
+    monkeypatch.setattr(ray_data, "_connect", lambda *a: pytest.fail("a cluster was started"))
+    with pytest.raises(FileNotFoundError, match="no_such.pt"):
+        ray_data.run([str(tmp_path / "in")], ray_data.PredictOptions(outdir=str(tmp_path / "o")))
+
+
 def test_cli_passes_predict_options_to_ray(tmp_path, monkeypatch):
     seen = {}
 
