@@ -314,6 +314,23 @@ def check_pip(argv: list[str]) -> list[str]:
     return problems
 
 
+RAY_SUBCOMMANDS = ("start", "stop", "status")  # the ones docs/ray.md shows
+
+
+def check_ray(argv: list[str]) -> list[str]:
+    """``ray start|stop|status ...`` (Ray's own CLI, for a cluster): the subcommand, and, where
+    Ray is installed, every option against its ``--help``."""
+    if not argv or argv[0] not in RAY_SUBCOMMANDS:
+        return [f"`ray {shlex.join(argv)}`: only ray {', '.join(RAY_SUBCOMMANDS)} are checked"]
+    if importlib.util.find_spec("ray") is None:
+        return []  # Ray is an optional extra: the subcommand is what can be checked here
+    rc, text = _help_text("-m", "ray.scripts.scripts", argv[0])
+    if rc != 0:
+        return [f"`ray {argv[0]} --help` failed (exit {rc}): {text[-300:]}"]
+    missing = _options_in_text([o.split("=")[0] for o in _options(argv[1:])], text)
+    return [f"`ray {argv[0]}` has no option(s) {', '.join(missing)}"] if missing else []
+
+
 def check_command(text: str) -> list[str]:
     """Everything wrong with one command line, without running it (empty: nothing)."""
     problems = []
@@ -327,6 +344,8 @@ def check_command(text: str) -> list[str]:
             problems += check_python(args)
         elif program == "pip":
             problems += check_pip(args)
+        elif program == "ray":
+            problems += check_ray(args)
         elif "/" in program or program.endswith(".sh"):
             problems += check_script([program.removeprefix("./"), *args])
         else:

@@ -146,10 +146,18 @@ def test_python_block_runs(block, tmp_path, monkeypatch):
     ("bench/gpu_check.sh out --sanitise", "no option(s) --sanitise"),
     ("python3 -m pytest tests/test_no_such.py", "does not exist"),
     ("curl https://example.com", "does not know how to check 'curl'"),
+    ("ray up cluster.yaml", "only ray start, stop, status are checked"),
 ])
 def test_checker_refuses_what_does_not_exist(line, expected):
     problems = check_command(line)
     assert any(expected in p for p in problems), problems
+
+
+def test_checker_reads_ray_options_where_ray_is_installed():
+    pytest.importorskip("ray", reason="Ray (the [ray] extra) is not installed: only the "
+                                      "subcommand of `ray ...` lines can be checked")
+    assert check_command("ray start --head --port=6379 --num-gpus=8") == []
+    assert any("no option(s) --prot" in p for p in check_command("ray start --head --prot=1"))
 
 
 def test_checker_accepts_real_commands():

@@ -128,6 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2,
                         help="threads for decoding and for writing, each (default: 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from . import predict_ray  # --ray [ADDRESS]: the same work on a Ray cluster
+
+    predict_ray.add_arguments(parser)
     parser.epilog = (
         "Outputs: npz = depth (float32 metres), focallength_px, fov_deg (the FOV of "
         "focallength_px), fov_deg_estimated (the network's estimate, when the FOV network "
@@ -307,6 +310,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if getattr(args, "ray", None) is not None:  # the same work on a Ray cluster
+        from . import predict_ray
+
+        return predict_ray.run(args, formats, checkpoint)
 
     rank, world = distributed.rank_world()
     label = f"rank {rank}/{world}" if world > 1 else ""
@@ -424,3 +431,8 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if own_group:
             distributed.destroy_process_group()
+
+
+# public names for the Ray path (depthpro_fast.ray_data resolves them in each actor)
+resolve_dtype_choice = _resolve_dtype
+resolve_fast_choice = _resolve_fast
