@@ -38,7 +38,9 @@ from typing import Any
 import numpy as np
 
 from .commands.predict_inputs import Source, output_paths
+from .commands.predict_resume import PlyOptions, plan_work
 from .commands.predict_run import Summary, predict_sources, remove_temp_files
+from .provenance import Recipe, make_recipe, mismatch
 from .ray_inputs import fetch, is_uri, rows
 
 __all__ = ["DepthProPredictor", "PredictOptions", "incomplete", "rows", "run"]
@@ -65,8 +67,12 @@ class PredictOptions:
     f_px: float | None = None
     ignore_exif: bool = False
     overwrite: bool = False
-    ply_stride: int = 1
+    ply_stride: int | None = None  # None: auto (at most ply_max_points points)
+    ply_max_points: int = 1 << 22
     ply_binary: bool = True
+    npz_compress: bool = False
+    seed: int | None = 0  # random weights only: the network's seed, as predict --seed
+    intrinsics: tuple[float, float, float, float] | None = None  # predict --intrinsics
     workers: int = 2
     load: Callable[..., Any] | None = field(default=None, compare=False)
 
@@ -83,10 +89,28 @@ class PredictOptions:
         if unknown or not self.formats:
             raise ValueError(f"formats: unknown {unknown or '(none)'}; choose from "
                              f"{', '.join(FORMATS)}")
-        for name in ("batch_size", "ply_stride", "workers"):
+        for name in ("batch_size", "ply_stride", "ply_max_points", "workers"):
             value = getattr(self, name)
+            if name == "ply_stride" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def ply(self) -> PlyOptions:
+        return PlyOptions(self.ply_stride, self.ply_max_points, binary=self.ply_binary)
+
+    def recipe(self, device: Any) -> Recipe:
+        """What the outputs made on ``device`` record, and what a rerun compares
+        (``provenance.make_recipe``; ``checkpoint`` must be resolved, never "auto")."""
+        from .commands.predict import resolve_dtype_choice, resolve_fast_choice
+
+        return make_recipe(self.checkpoint, config=self.config,
+                           dtype=resolve_dtype_choice(self.dtype, device),
+                           fast=resolve_fast_choice(self.fast, device, self.dtype) is not False,
+                           f_px=self.f_px, ignore_exif=self.ignore_exif,
+                           seed=self.seed if self.checkpoint is None else None,
+                           backend=self.backend, device=device, intrinsics=self.intrinsics)
 
 
 def _stamp(paths: Sequence[Path]) -> tuple:
@@ -125,8 +149,18 @@ class DepthProPredictor:
         self.model, self.transform = loader(
             options.checkpoint, config=options.config, device=device,
             dtype=resolve_dtype_choice(options.dtype, device), backend=options.backend,
-            fast=resolve_fast_choice(options.fast, device, options.dtype))
+            fast=resolve_fast_choice(options.fast, device, options.dtype),
+            **({"seed": options.seed} if options.checkpoint is None else {}))
         self.device = device
+        # this actor's own recipe (its device decides dtype and path): predict's resume rule
+        # compares it with each existing output's record, input bytes included
+        if options.checkpoint == "auto":  # a ray:// client left the search to the cluster
+            from dataclasses import replace
+
+            from .checkpoint import find_checkpoint
+
+            options = replace(options, checkpoint=os.fspath(find_checkpoint()))
+        self.recipe = options.recipe(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         o = self.options
@@ -149,9 +183,9 @@ class DepthProPredictor:
                 named.append((Source(local, PurePosixPath(name)), name))
             summary = predict_sources(
                 named, self.model, self.transform, o.outdir, formats=list(o.formats),
-                batch_size=o.batch_size, f_px=o.f_px, ignore_exif=o.ignore_exif,
-                overwrite=o.overwrite, ply_stride=o.ply_stride, ply_binary=o.ply_binary,
-                workers=o.workers, progress=False,
+                recipe=self.recipe, batch_size=o.batch_size, f_px=o.f_px,
+                ignore_exif=o.ignore_exif, intrinsics=o.intrinsics, overwrite=o.overwrite,
+                ply=o.ply, npz_compress=o.npz_compress, workers=o.workers, progress=False,
                 random_weights=o.checkpoint is None)
         for path, why in summary.failed:
             i = index.get(path)
@@ -193,6 +227,47 @@ def incomplete(todo: Sequence[dict[str, str]], outdir: str, formats: Sequence[st
     return missing
 
 
+def to_do(all_rows: Sequence[dict[str, str]], options: PredictOptions,
+          ) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """(the rows to compute, {reason: count} of those computed again), by ``predict``'s
+    resume rule: skipped only when every output exists and was made as this run would make
+    it. The recipe is this machine's (``device`` as asked, else CUDA where this process sees
+    a GPU, else the CPU); each actor checks again with its own recipe (its device's dtype)
+    and the input's bytes (a URI is compared by its outputs' records only here)."""
+    if options.overwrite:
+        return list(all_rows), {}
+    if options.checkpoint == "auto":  # a ray:// client: the file is found on the cluster
+        return [r for r in all_rows if not all(p.exists() for p in output_paths(
+            options.outdir, r["name"], options.formats).values())], {}
+    import torch
+
+    from .api import resolve_device
+    from .outputs import read_provenance
+
+    device = resolve_device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    recipe = options.recipe(device)
+    local = [(Source(Path(r["source"]), PurePosixPath(r["name"])), r["name"])
+             for r in all_rows if not is_uri(r["source"])]
+    plan = plan_work(local, options.outdir, options.formats, recipe, ply=options.ply)
+    todo_local = {str(source.path) for source, _ in plan.todo}
+    recomputed: dict[str, int] = dict(plan.recomputed)
+    todo = []
+    for r in all_rows:
+        if not is_uri(r["source"]):
+            if r["source"] in todo_local:
+                todo.append(r)
+            continue
+        for path in output_paths(options.outdir, r["name"], options.formats).values():
+            why = (mismatch(read_provenance(path), recipe) if path.exists()
+                   else "missing")
+            if why is not None:
+                todo.append(r)
+                if why != "missing":
+                    recomputed[why] = recomputed.get(why, 0) + 1
+                break
+    return todo, recomputed
+
+
 def _connect(address: str | None, init_kwargs: dict[str, Any]) -> bool:
     """Connect to (or start) a cluster unless Ray is already up; True when we started it."""
     import ray
@@ -232,20 +307,21 @@ def run(paths: Sequence[str], options: PredictOptions, *, address: str | None = 
     all_rows, problems, left_out = rows(list(paths), recursive, options.outdir)
     if not all_rows:
         raise FileNotFoundError(f"no images found in {' '.join(map(str, paths))}; nothing to do")
-    todo = [r for r in all_rows if options.overwrite or not all(
-        p.exists() for p in output_paths(options.outdir, r["name"], options.formats).values())]
-    summary = Summary(total=len(all_rows), skipped=len(all_rows) - len(todo),
-                      missing=list(problems), left_out=dict(left_out))
-    if not todo:
-        return summary
-    check_output_folder(options.outdir, "output folder")
     if options.checkpoint == "auto" and not str(address or "").startswith("ray://"):
         from dataclasses import replace
 
         from .checkpoint import find_checkpoint
 
-        # here, once, with a clear error; every actor then loads the same file
+        # here, once, with a clear error; every actor then loads the same file (and the
+        # resume rule below compares that file's identity)
         options = replace(options, checkpoint=os.fspath(find_checkpoint()))
+    todo, recomputed = to_do(all_rows, options)
+    summary = Summary(total=len(all_rows), skipped=len(all_rows) - len(todo),
+                      missing=list(problems), left_out=dict(left_out))
+    summary.recomputed.update(recomputed)
+    if not todo:
+        return summary
+    check_output_folder(options.outdir, "output folder")
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr,
                                                                 flush=True))
     start = time.perf_counter()

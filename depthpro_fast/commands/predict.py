@@ -313,7 +313,8 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "ray", None) is not None:  # the same work on a Ray cluster
         from . import predict_ray
 
-        return predict_ray.run(args, formats, checkpoint)
+        return predict_ray.run(args, formats, checkpoint, ply=ply, seed=seed,
+                               intrinsics=intrinsics)
 
     rank, world = distributed.rank_world()
     label = f"rank {rank}/{world}" if world > 1 else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from typing import Any
 
 RAY_HINT = "predict --ray needs Ray Data: pip install 'ray[data]' (or this package's [ray] extra)"
 _ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.-]+:\d+)$")
@@ -38,9 +39,11 @@ def check_address(address: str) -> str | None:
     return address
 
 
-def run(args: argparse.Namespace, formats: list[str], checkpoint: str | None) -> int:
+def run(args: argparse.Namespace, formats: list[str], checkpoint: str | None, *,
+        ply: Any, seed: int | None, intrinsics: Any = None) -> int:
     """The ``--ray`` branch of ``predict.run`` (arguments already checked there)."""
     from .predict import RANDOM_WEIGHTS_NOTE, format_summary
+    from .predict_resume import recomputed_lines
 
     address = check_address(args.ray)
     if args.ray_actors is not None and args.ray_actors < 1:
@@ -53,12 +56,15 @@ def run(args: argparse.Namespace, formats: list[str], checkpoint: str | None) ->
         outdir=args.outdir, formats=tuple(formats), checkpoint=checkpoint, config=args.config,
         device=args.device, dtype=args.dtype, backend=args.backend, fast=args.fast,
         batch_size=args.batch_size, f_px=args.f_px, ignore_exif=args.ignore_exif,
-        overwrite=args.overwrite, ply_stride=args.ply_stride, ply_binary=not args.ply_ascii,
-        workers=args.workers)
+        overwrite=args.overwrite, ply_stride=ply.stride, ply_max_points=ply.max_points,
+        ply_binary=ply.binary, npz_compress=args.npz_compress, seed=seed,
+        intrinsics=intrinsics, workers=args.workers)
     if checkpoint is None:
         print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
     summary = ray_data.run(args.paths, options, address=address, recursive=args.recursive,
                            concurrency=args.ray_actors, quiet=args.quiet)
+    for line in recomputed_lines(summary.recomputed):  # why work that looked done is redone
+        print(f"depthpro-fast predict: {line}", file=sys.stderr)
     head = "ray: " if summary.written or summary.failed else \
         "ray: nothing left to do (--overwrite recomputes); "
     print(head + format_summary(summary, args.outdir))
