@@ -116,8 +116,10 @@ def fetch(source: str, folder: str | os.PathLike) -> Path:
     if not is_uri(source):
         return Path(source)
     fs, path = filesystem(source)
-    fd, local = tempfile.mkstemp(suffix=PurePosixPath(path).suffix, dir=folder)
-    with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as stream:
+    # the file's own name, in a folder of its own: the outputs' provenance records the input's
+    # name (and bytes), as predict records a local file's
+    local = Path(tempfile.mkdtemp(dir=folder)) / (PurePosixPath(path).name or "input")
+    with open(local, "wb") as out, fs.open_input_stream(path) as stream:
         while chunk := stream.read(1 << 20):
             out.write(chunk)
-    return Path(local)
+    return local

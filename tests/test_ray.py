@@ -27,6 +27,7 @@ from depthpro_fast.commands import predict_ray, predict_run  # noqa: E402
 from depthpro_fast.commands.predict_inputs import assign_names, collect_sources  # noqa: E402
 from depthpro_fast.inference import Transform  # noqa: E402
 from depthpro_fast.ray_inputs import fetch, list_uri, rows  # noqa: E402
+from tests.conftest import TINY_DIR  # noqa: E402
 from tests.test_io import exif_with, noisy_rgb, smooth_rgb  # noqa: E402
 from tests.test_predict_cli import FakeDepthPro, tmp_files  # noqa: E402
 
@@ -79,13 +80,25 @@ def make_images(root: Path, n: int = 6, bad: bool = False) -> list[Path]:
 def options(outdir: Path, **kw) -> ray_data.PredictOptions:
     from ray_helpers import fake_load
 
-    base = {"outdir": str(outdir), "formats": ALL, "checkpoint": "fake", "load": fake_load,
+    # a real file as the checkpoint: the outputs record its identity (fake_load ignores it)
+    base = {"outdir": str(outdir), "formats": ALL,
+            "checkpoint": str(TINY_DIR / "state_dict_fp16.pt"), "load": fake_load,
             "batch_size": 2}
     return ray_data.PredictOptions(**{**base, **kw})
 
 
 def output_files(outdir: Path) -> list[str]:
     return sorted(str(p.relative_to(outdir)) for p in outdir.rglob("*") if p.is_file())
+
+
+def same_record(a: str, b: str) -> bool:
+    """Two provenance records alike but for the input's mtime (its bytes' hash must match)."""
+    import json
+
+    ra, rb = json.loads(a), json.loads(b)
+    for r in (ra, rb):
+        (r.get("input") or {}).pop("mtime_ns", None)
+    return ra == rb
 
 
 def assert_same_outputs(a: Path, b: Path) -> None:
@@ -98,18 +111,30 @@ def assert_same_outputs(a: Path, b: Path) -> None:
             with np.load(pa) as za, np.load(pb) as zb:
                 assert sorted(za.files) == sorted(zb.files), name
                 for key in za.files:
+                    if key == "provenance":  # a URI's local copy has its own mtime
+                        assert same_record(str(za[key]), str(zb[key])), name
+                        continue
                     np.testing.assert_array_equal(za[key], zb[key], err_msg=f"{name}:{key}")
         elif name.endswith(".png"):
             np.testing.assert_array_equal(np.asarray(Image.open(pa)), np.asarray(Image.open(pb)),
                                           err_msg=name)
-        else:
-            assert pa.read_bytes() == pb.read_bytes(), name
+        else:  # PLY: the same bytes, but for the record's input mtime (see same_record)
+            ba, bb = pa.read_bytes(), pb.read_bytes()
+            key = b"comment depthpro_fast "
+            if key in ba and key in bb:
+                ia, ib = ba.index(key), bb.index(key)
+                ea, eb = ba.index(b"\n", ia), bb.index(b"\n", ib)
+                assert same_record(ba[ia + len(key):ea].decode(), bb[ib + len(key):eb].decode())
+                ba, bb = ba[:ia] + ba[ea:], bb[:ib] + bb[eb:]
+            assert ba == bb, name
 
 
 def single_process(src: Path, outdir: Path, formats=ALL, **kw) -> predict_run.Summary:
     """``predict``'s own run, with one torch thread as in each actor (1 CPU each): the same
     arithmetic, so the same bits."""
     sources, _, _ = collect_sources([str(src)], recursive=True, outdir=outdir)
+    # the recipe an actor on this CPU records (the same provenance in every file)
+    kw.setdefault("recipe", options(outdir).recipe(torch.device("cpu")))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
