@@ -233,6 +233,21 @@ def test_doc_pages_named_in_the_docs_exist():
     assert missing == []
 
 
+def test_relative_links_in_the_docs_resolve():
+    """A markdown link to a file of the checkout (``[cli](docs/cli.md)`` in the README,
+    ``[video.md](video.md)`` inside docs/) names a file that exists, relative to its page."""
+    broken = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:|#", target):  # a web address or an anchor of the page
+                continue
+            file = target.split("#", 1)[0]
+            if not (path.parent / file).exists() and str(
+                    (path.parent / file).resolve().relative_to(ROOT)) not in PENDING_PAGES:
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+    assert broken == []
+
+
 def test_install_sh_refuses_an_unknown_argument_before_installing():
     """`./install.sh devel` must not install the plain package silently (it used to ignore
     anything but `dev`): it stops at once, naming what it accepts."""
