@@ -220,6 +220,7 @@ def test_missing_pyav_is_said_before_the_model_loads(tmp_path, fake_model, monke
     assert run(clip, tmp_path / "out") == 1
     err = capsys.readouterr().err
     assert "video input needs PyAV" in err and "./install.sh video" in err
+    assert "pip install -e '.[video]'" in err
     assert fake_model.calls == []
 
 
