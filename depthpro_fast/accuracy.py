@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-#: The accuracy budget of the fast path vs the fp32 reference on the same weights (issue 6):
+#: The accuracy budget of the fast path vs the fp32 reference on the same weights:
 #: canonical inverse depth mean absolute relative error per dtype, and the FOV error in degrees.
 MARE_BUDGET: dict[torch.dtype, float] = {torch.float16: 1e-3, torch.bfloat16: 5e-3}
 FOV_BUDGET_DEG = 0.05
 
-#: The fp8 mode's budget (issue 15: e4m3 ViT GEMMs, per-token / per-channel scales, bf16
+#: The fp8 mode's budget (e4m3 ViT GEMMs, per-token / per-channel scales, bf16
 #: elsewhere), vs the fp32 reference on the same weights. Measured on a CPU (the emulation: the
 #: GPU's e4m3 values and scales, fp32 accumulation): tiny config MARE 1.5e-3, FOV error 0.048
 #: deg (the same as the bf16 fast path to 3 digits: with random weights the ViT branches move

@@ -171,7 +171,7 @@ def warn_fp8_cpu(device: torch.device) -> None:
 
 
 def warn_fp32_fast_on_gpu(device: torch.device) -> None:
-    """The fast path on a GPU with the default fp32 (issue 13 item 5).
+    """The fast path on a GPU with the default fp32.
 
     The default stays fp32 (the official API's default precision, so that ``load`` is a
     drop-in and its outputs match the reference to 1e-5), but an fp32 fast path on a GPU runs

@@ -196,7 +196,7 @@ def test_explicit_unavailable_backend_says_why():
 
 
 # ----------------------------------------------------------------------------------------------
-# a backend that cannot run here is refused at load, with info()'s reason (issue 16, item 5)
+# a backend that cannot run here is refused at load, with info()'s reason
 # ----------------------------------------------------------------------------------------------
 
 
@@ -233,7 +233,7 @@ def test_set_backend_refuses_and_keeps_the_old_one(tiny_model, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# fp16 / bf16 on a CPU without their arithmetic: a warning, and the dtype kept (issue 16, item 7)
+# fp16 / bf16 on a CPU without their arithmetic: a warning, and the dtype kept
 # ----------------------------------------------------------------------------------------------
 
 
@@ -269,7 +269,7 @@ def test_slow_cpu_dtype_warns_and_keeps_the_dtype(monkeypatch, flags, dtype, war
 
 
 # ----------------------------------------------------------------------------------------------
-# the fast path on CUDA with the default fp32: a warning naming the choices (issue 13 item 5)
+# the fast path on CUDA with the default fp32: a warning naming the choices
 # ----------------------------------------------------------------------------------------------
 
 
@@ -320,7 +320,7 @@ def test_cpu_flags_are_read_from_proc_cpuinfo():
 
 
 # ----------------------------------------------------------------------------------------------
-# f_px as a Python list, one per image, None for "estimate this one" (issue 16, item 8)
+# f_px as a Python list, one per image, None for "estimate this one"
 # ----------------------------------------------------------------------------------------------
 
 

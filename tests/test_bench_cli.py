@@ -215,7 +215,7 @@ def test_default_variants():
                      ("onnxruntime", "fp16"), ("fast engine", "fp16"),
                      ("fast engine + CUDA graph", "fp16")]:
         assert expected in names
-    # fp16 beside bf16 for the fast engine only (issue 13 item 5), within the GPU check's budget
+    # fp16 beside bf16 for the fast engine only, within the GPU check's budget
     assert {n for n, d in names if d == "fp16" and n.startswith("fast")} == {
         "fast engine", "fast engine + CUDA graph"}
     assert [(v.name, v.dtype_label) for v in gpu if v.fp8] == [

@@ -1,5 +1,5 @@
 """Messages name options the way the user wrote them: ``--config`` on the command line,
-``config=`` from Python (issue 16, item 1); warnings on the command line are one plain line."""
+``config=`` from Python; warnings on the command line are one plain line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The decoder / head epilogue ops (issue 13 item 2): ``bias_relu``, ``bias_residual``,
+"""The decoder / head epilogue ops: ``bias_relu``, ``bias_residual``,
 ``subpixel_tail``. References against the unfused PyTorch chains they replace; the Triton
 kernels (interpreter on CPU: fp32 and fp16) against the references, on odd shapes, channels_last
 and contiguous inputs, fresh random inputs per case, outputs poisoned with NaN first."""

@@ -1,4 +1,4 @@
-"""The CPU's capabilities (depthpro_fast.cpu) and what the CPU path does with them (issue 14)."""
+"""The CPU's capabilities (depthpro_fast.cpu) and what the CPU path does with them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One description of the data flow (DESIGN.md §7, issue 13 item 6): the reference forward,
+"""One description of the data flow (DESIGN.md §7): the reference forward,
 the fast engine and the bench's stage timer all run ``dataflow.run_network``, each with its own
 stage implementations, so a change to the wiring is made once."""
 

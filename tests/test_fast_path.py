@@ -28,7 +28,7 @@ MICRO = DepthProConfig(embed_dim=64, depth=2, num_heads=1, mlp_ratio=2.0,
                        encoder_feature_layer_ids=(0, 1), encoder_feature_dims=(8, 16, 32, 64),
                        decoder_features=16)
 
-# Accuracy budget (issue 6): one definition, in depthpro_fast.accuracy.
+# Accuracy budget: one definition, in depthpro_fast.accuracy.
 mare = mean_abs_rel_error
 
 

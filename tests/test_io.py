@@ -299,7 +299,7 @@ def test_folder_and_wrong_type(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# transform(PIL image) == transform(load_image(path)[0]) (issue 16, item 2)
+# transform(PIL image) == transform(load_image(path)[0])
 # ----------------------------------------------------------------------------------------------
 
 FILE_CASES = ["rgb.png", "gray8.png", "gray16.png", "rgb16.png", "rgba.png", "gray_alpha.png",

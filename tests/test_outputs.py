@@ -250,7 +250,7 @@ def test_interrupted_writer_keeps_old_file_and_no_temp(tmp_path, monkeypatch, fm
 
 
 # ----------------------------------------------------------------------------------------------
-# the output folder is checked before any work (issue 16, item 4)
+# the output folder is checked before any work
 # ----------------------------------------------------------------------------------------------
 
 

@@ -278,7 +278,7 @@ def test_missing_argument_is_a_failure_but_others_run(tmp_path, fake_model, caps
 def test_fast_flag_loads_the_fast_path(tmp_path, fake_model):
     img = tmp_path / "ok.png"
     Image.fromarray(noisy_rgb(10, 12)).save(img)
-    # on a CPU the default is the fast path (issue 14); --no-fast is the reference path
+    # on a CPU the default is the fast path; --no-fast is the reference path
     for i, (extra, expected) in enumerate((([], True), (["--no-fast"], False),
                                            (["--fast"], True))):
         fake_model.loads.clear()
@@ -316,7 +316,7 @@ def test_failed_write_is_reported_and_leaves_no_partial_file(tmp_path, fake_mode
 
 
 # ----------------------------------------------------------------------------------------------
-# errors before the model loads; an honest summary (issue 16, items 4, 5, 6)
+# errors before the model loads; an honest summary
 # ----------------------------------------------------------------------------------------------
 
 
@@ -452,7 +452,7 @@ def test_folder_without_recursive_says_what_it_left_out(tmp_path, fake_model, ca
 
 
 # ----------------------------------------------------------------------------------------------
-# one FOV rule in the files, with and without --fast (issue 16, item 3)
+# one FOV rule in the files, with and without --fast
 # ----------------------------------------------------------------------------------------------
 
 
@@ -511,7 +511,7 @@ def test_fov_rule_in_files_is_the_same_with_and_without_fast(tmp_path, monkeypat
 
 
 # ----------------------------------------------------------------------------------------------
-# trying predict without Apple's checkpoint (issue 16, item 1)
+# trying predict without Apple's checkpoint
 # ----------------------------------------------------------------------------------------------
 
 
@@ -651,7 +651,7 @@ def test_fp16_on_a_cpu_is_said_once_in_command_line_words(tmp_path, monkeypatch,
 
 
 # ----------------------------------------------------------------------------------------------
-# Ctrl-C while outputs are written (issue 16, item 7)
+# Ctrl-C while outputs are written
 # ----------------------------------------------------------------------------------------------
 
 

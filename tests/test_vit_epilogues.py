@@ -1,4 +1,4 @@
-"""The fused ViT's epilogue switches (issue 13 items 1 and 5; ``fast/vit.py``, ``cpu_gemm.py``):
+"""The fused ViT's epilogue switches (``fast/vit.py``, ``cpu_gemm.py``):
 ``fold_layerscale``, ``residual_in_gemm``, ``fc1_gelu="tanh"``, ``residual_fp32``.
 
 Against the reference modules (``VisionTransformer.forward_with_hooks``, hooks included) and the

@@ -129,7 +129,7 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
         if hf is not False:
             rows.append(Variant("hf", dt, backend="-"))
     if gpu and dtypes is None and fast_backends:
-        # the fast engine in fp16 beside bf16 (issue 13 item 5): the official command line runs
+        # the fast engine in fp16 beside bf16: the official command line runs
         # fp16, and fp16's 10-bit mantissa against bf16's 7 is the other accuracy/speed choice;
         # the engine rows only, to keep the GPU check's time budget
         rows += engine_rows(torch.float16)

@@ -137,10 +137,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ran), image_size, focallength_source (estimated, exif, given); png16 = "
         "uint16 depth in millimetres (depths beyond 65.535 m are stored as 65535, i.e. "
         "clipped; 0 = invalid); color = turbo-style preview of the inverse depth (near red, far "
-        "blue), same size as the image; ply = coloured point cloud, pinhole with the principal "
-        "point at the image centre, metres, OpenCV axes. Every output records what made it "
-        "(weights, config, dtype, path, focal length, input, options; docs/cli.md): a rerun "
-        "skips only outputs made the same way. Exit code 1 if any image failed.")
+        "blue), same size as the image; ply = coloured point cloud, pinhole with K (--intrinsics, "
+        "else the focal length and the image centre), metres, OpenCV axes. Every output "
+        "records what made it (weights, config, dtype, path, focal length, input, options; "
+        "docs/cli.md): a rerun skips only outputs made the same way. Exit code 1 if any image "
+        "failed.")
 
 
 def format_summary(s: Summary, outdir: str | os.PathLike, *,

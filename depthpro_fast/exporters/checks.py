@@ -45,7 +45,7 @@ def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
 
 
 def _is_fp8(model: Any) -> bool:
-    """An FP8 model (issue 15): its fast engine runs the ViT GEMMs in float8."""
+    """An FP8 model: its fast engine runs the ViT GEMMs in float8."""
     options = getattr(getattr(model, "fast_engine", None), "options", None)
     return bool(getattr(options, "fp8", False))
 

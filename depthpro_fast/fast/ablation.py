@@ -1,6 +1,6 @@
 """Measure what each fast-path step buys: ``python -m depthpro_fast.fast.ablation``.
 
-For the "measure each step; keep what pays" items of issue 6. On one GPU, in one process, with
+To measure each step and keep what pays. On one GPU, in one process, with
 random weights (latency does not depend on weight values; accuracy is measured against the fp32
 reference on the same weights and inputs), it times:
 
@@ -54,7 +54,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-channels_last=False": {"channels_last": False},
     "fast-cudnn_benchmark=False": {"cudnn_benchmark": False},
     "fast-attention_choice=backend": {"attention_choice": "backend"},
-    # issue 13 items 1 and 5: the ViT epilogues inside the GEMMs (each step, then together)
+    # the ViT epilogues inside the GEMMs (each step, then together)
     "fast-fold_layerscale=True": {"fold_layerscale": True},
     "fast-fold_layerscale+residual_in_gemm": {"fold_layerscale": True, "residual_in_gemm": True},
     "fast-fc1_gelu=tanh": {"fc1_gelu": "tanh"},
@@ -62,7 +62,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
                                             "fc1_gelu": "tanh"},
     "fast-residual_in_gemm+residual_fp32": {"fold_layerscale": True, "residual_in_gemm": True,
                                             "residual_fp32": True},
-    # issue 13 item 4: the three ViTs in lock-step instead of the side stream
+    # the three ViTs in lock-step instead of the side stream
     "fast-vit_lockstep=True": {"vit_lockstep": True},
     # the fp8 mode (bf16 runs only): per-token scales, and one scale per tensor to measure them
     "fast-fp8=True": {"fp8": True},

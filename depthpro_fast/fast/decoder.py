@@ -1,4 +1,4 @@
-"""The decoder and the depth head without extra elementwise passes (issue 13 item 2).
+"""The decoder and the depth head without extra elementwise passes.
 
 ``FastOptions.decoder_epilogues``: every residual block ``x + conv_b(relu(conv_a(relu(x))))``
 of the decoder runs its convs without bias, and one epilogue pass follows each conv::

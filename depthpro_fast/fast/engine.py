@@ -114,7 +114,7 @@ class FastOptions:
       ViT where the grouped GEMM cannot run, said in ``status()``), one attention launch, one
       launch per elementwise pass; replaces the side stream. Needs the ``fused`` epilogues with
       ``fuse_layer_norm``; not with ``fp8``. Off by default until measured on a GPU.
-    - ``fold_layerscale`` (issue 13 item 1): LayerScale folded into prepared copies of the ViT
+    - ``fold_layerscale``: LayerScale folded into prepared copies of the ViT
       proj / fc2 weights and biases (float64, rounded once; ``fast/vit.py``).
     - ``residual_in_gemm`` (needs ``fold_layerscale``): the residual add in the proj / fc2
       GEMMs (``addmm_``, beta = 1), their biases carried into the next LayerNorm pass, the
@@ -122,7 +122,7 @@ class FastOptions:
     - ``fc1_gelu``: ``"erf"`` (the model's exact GELU) or ``"tanh"`` (fc1's bias + the tanh
       GELU in the GEMM's epilogue on CUDA, ``torch._addmm_activation``; an approximation, its
       error measured in docs/fast_path.md).
-    - ``residual_fp32`` (item 5; needs ``residual_in_gemm``): a 16-bit model's ViT residual
+    - ``residual_fp32`` (needs ``residual_in_gemm``): a 16-bit model's ViT residual
       stream kept in fp32 (``addmm(out_dtype=float32)`` on CUDA where PyTorch has it; else the
       GEMM in the model dtype and an fp32 add).
     - ``qualify``: kernel qualification at the first forward of each input shape
@@ -348,7 +348,7 @@ class _Prepared:
             self.subpixel = None
             self.head_rest = (folds.Deconv(head[1].weight.detach(), head[1].bias.detach(),
                                            **cast), conv(head[2]), conv(head[4]))
-        # issue 13 item 2: the decoder / head epilogue ops (fast/decoder.py)
+        # the decoder / head epilogue ops (fast/decoder.py)
         self.epilogue_decoder = None
         if opts.decoder_epilogues:
             self.epilogue_decoder = EpilogueDecoder(self.dec_convs, self.fusions)
@@ -373,7 +373,7 @@ class _Prepared:
             self.fp8_why = (f"{len(self.fp8_weights)} ViT linears in e4m3 ({opts.fp8_scaling}-wise "
                             f"activation scales): {fp8.gemm_description(p.device)}")
 
-        # issue 13 item 1: LayerScale folded into prepared copies of the ViTs' proj / fc2
+        # LayerScale folded into prepared copies of the ViTs' proj / fc2
         self.layerscale: dict[int, LayerScaleFold] = {}
         self.vit_why = "off"
         if opts.epilogues == "fused" and opts.fold_layerscale:
@@ -408,7 +408,7 @@ class _Prepared:
             self.gemm_name, self.gemm_why = choose_cpu_gemm(
                 opts.cpu_gemm, p.dtype, k=mlp.in_features, n=mlp.out_features)
 
-        # issue 13 item 4: the ViTs in lock-step (their weights stacked once, fast/lockstep.py)
+        # the ViTs in lock-step (their weights stacked once, fast/lockstep.py)
         self.lockstep: lockstep.LockstepViTs | None = None
         self.lockstep_why = "off: vit_lockstep=False"
         if opts.vit_lockstep:

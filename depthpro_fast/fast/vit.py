@@ -16,7 +16,7 @@ outputs are the residual stream after the block (before the final norm), as in t
 It reads the parameters of the model's own modules (``model.VisionTransformer``); nothing is
 copied, so weight updates in place are seen at once.
 
-Options (``ViTEpilogues``, from ``FastOptions``; issue 13 items 1 and 5):
+Options (``ViTEpilogues``, from ``FastOptions``):
 
 - ``fold_layerscale`` (``LayerScaleFold``, made at the engine's preparation): proj's and fc2's
   weights and biases scaled by their LayerScale, ``diag(ls) W`` and ``ls * b``, in float64 and
