@@ -15,3 +15,4 @@ def extra_hint(extra: str) -> str:
 
 EXPORT_HINT = extra_hint("export")
 VIDEO_HINT = extra_hint("video")
+OPENVINO_HINT = extra_hint("openvino")

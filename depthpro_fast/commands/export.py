@@ -1,4 +1,5 @@
-"""``depthpro-fast export -o depth_pro.onnx``: the network as ONNX, or as a torch.export .pt2.
+"""``depthpro-fast export -o depth_pro.onnx``: the network as ONNX, OpenVINO IR (.xml + .bin) or
+a torch.export .pt2.
 
 Every check that needs no model (format, opset, dtype for the format, the output path, the
 exporter's packages) runs before the model loads; the file is written atomically.
@@ -20,11 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("-o", "--output", default="depth_pro.onnx",
                         help="the file to write: .onnx (ONNX, with a .data file beside it "
-                             "when the weights pass 2 GB) or .pt2 (default: depth_pro.onnx)")
+                             "when the weights pass 2 GB), .xml (OpenVINO IR, with its .bin "
+                             "beside it) or .pt2 (default: depth_pro.onnx)")
     parser.add_argument("--format", default=None, choices=list(FORMATS),
-                        help="onnx, pt2 (torch.export of the model as it runs, fast engine "
-                             "and custom ops included) or aoti (the same, compiled by "
-                             "AOTInductor); default: from the file's suffix")
+                        help="onnx, openvino (IR with fp32 weights; OpenVINO picks bf16 or "
+                             "fp32 arithmetic when it compiles it), pt2 (torch.export of the "
+                             "model as it runs, fast engine and custom ops included) or aoti "
+                             "(the same, compiled by AOTInductor); default: from the file's "
+                             "suffix")
     parser.add_argument("--checkpoint", default=None,
                         help="depth_pro.pt, a .safetensors, a Hugging Face DepthPro-hf folder, "
                              "or auto (default: auto)")
@@ -35,14 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="preset (official, tiny) or JSON file of knobs (default: official)")
     parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
                         help="precision of the exported graph (default: float32; ONNX: "
-                             "float32 or float16)")
+                             "float32 or float16; OpenVINO: float32)")
     parser.add_argument("--device", default="cpu",
                         help="device the model is loaded on for the export (default: cpu; a "
                              "pt2 / aoti program runs on the device it was made on)")
     parser.add_argument("--backend", default="auto",
                         choices=["auto", "reference", "torch", "triton", "cuda"],
-                        help="pt2 / aoti: the backend whose ops go into the graph (ONNX always "
-                             "exports the reference math)")
+                        help="pt2 / aoti: the backend whose ops go into the graph (ONNX and "
+                             "OpenVINO always export the reference math)")
     parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                         help="pt2 / aoti: export the fast engine (default) or the reference "
                              "modules (--no-fast)")
@@ -65,17 +69,18 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = checkpoint_choice(args)
     dtype = resolve_dtype(args.dtype)
-    check_request(args.output, args.format, opset=args.opset, dtype=dtype,
-                  overwrite=args.overwrite)
+    fmt, _, _ = check_request(args.output, args.format, opset=args.opset, dtype=dtype,
+                              overwrite=args.overwrite)
     device = resolve_device(args.device)
-    onnx = (args.format or ("onnx" if args.output.lower().endswith(".onnx") else "pt2")) == "onnx"
-    backend = "reference" if onnx else args.backend
+    reference_math = fmt in ("onnx", "openvino")  # exported from the reference modules
+    backend = "reference" if reference_math else args.backend
     require_backend(backend, device)
     if checkpoint is None:
         print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
     t0 = time.perf_counter()
     model, _ = load(checkpoint, config=args.config, device=device, dtype=dtype,
-                    backend=backend, fast=args.fast and not onnx, use_fov=not args.no_fov)
+                    backend=backend, fast=args.fast and not reference_math,
+                    use_fov=not args.no_fov)
     print(f"model loaded in {time.perf_counter() - t0:.1f} s; exporting (minutes for the "
           "official model)", file=sys.stderr)
     result = export(model, args.output, args.format, opset=args.opset,

@@ -1,4 +1,5 @@
-"""``depthpro_fast.export(model, path, format=...)``: the network as ONNX or as a torch.export .pt2.
+"""``depthpro_fast.export(model, path, format=...)``: the network as ONNX, OpenVINO IR or a
+torch.export .pt2.
 
 What is exported is ``model(x)``, the network forward: one input ``image``, a (B, 3, 1536, 1536)
 float tensor normalised as ``transform`` does (``2 * rgb - 1``, resized to 1536x1536), and the
@@ -15,6 +16,11 @@ Formats:
   plain math (fp32 attention math in every dtype, as the reference), fp32 or fp16. Weights
   above 2 GB (the protobuf limit; the official model in fp32 is 3.8 GB) go to a ``.data`` file
   beside the ``.onnx`` (ONNX external data), which must stay next to it.
+- ``openvino`` (``to_openvino.py``): the reference path's math, torch.export'ed and converted by
+  ``openvino.convert_model``, saved as IR: a ``.xml`` graph and a ``.bin`` of fp32 weights
+  beside it (same stem). fp32 models only: OpenVINO picks its arithmetic when it compiles the
+  model (bf16 on CPUs with bf16 arithmetic by default). Run with :func:`load_exported` or
+  ``openvino.Core().compile_model``.
 - ``pt2`` (``to_pt2.py``): ``torch.export`` of the model as it runs, fast engine and backend
   included, so the graph holds the package's custom ops (``depthpro_fast::*``) where the backend
   has them (``triton``, ``cuda``); reload with :func:`load_exported`.
@@ -23,7 +29,7 @@ Formats:
 
 Every check (format, opset, dtype, path) runs before any work, and the files are written
 atomically: under a hidden temporary name in the destination folder, renamed into place when
-complete (``.onnx`` last), removed on failure or Ctrl-C.
+complete (``.onnx`` / ``.xml`` last), removed on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ class ExportResult:
 
     format: str
     path: Path
-    files: tuple[Path, ...]        # every file written (an .onnx and its .data, or one .pt2)
+    files: tuple[Path, ...]        # every file written (.onnx [+ .data], .xml + .bin, or .pt2)
     bytes: int                     # their total size
     seconds: float                 # wall time of the export
     dtype: str
@@ -59,7 +65,8 @@ class ExportResult:
                                                    if len(self.files) > 1 else "")
         extra = f", opset {self.opset}" if self.opset is not None else ""
         ops = (f"; custom ops: {', '.join(self.custom_ops)}" if self.custom_ops
-               else ("; plain ATen graph (no custom ops)" if self.format != "onnx" else ""))
+               else ("; plain ATen graph (no custom ops)" if self.format in ("pt2", "aoti")
+                     else ""))
         return (f"{self.format} ({self.dtype}{extra}) -> {self.path} ({size}), "
                 f"{self.seconds:.1f} s; outputs {', '.join(self.outputs)}{ops}")
 
@@ -69,9 +76,10 @@ def export(model: Any, path: str | os.PathLike, format: str | None = None, *,
            external_data: bool | None = None, overwrite: bool = True) -> ExportResult:
     """Export ``model`` (a ``DepthPro`` from ``load``) to ``path``.
 
-    ``format``: ``"onnx"``, ``"pt2"`` or ``"aoti"``; None takes it from the suffix (``.onnx``,
-    ``.pt2``). ``opset``: ONNX opset, >= 18. ``include_fov``: None (the default) exports the
-    FOV output when the model has its FOV network; False gives a depth-only graph.
+    ``format``: ``"onnx"``, ``"pt2"``, ``"aoti"`` or ``"openvino"``; None takes it from the
+    suffix (``.onnx``, ``.pt2``, ``.xml``). ``opset``: ONNX opset, >= 18. ``include_fov``:
+    None (the default) exports the FOV output when the model has its FOV network; False gives
+    a depth-only graph.
     ``optimize``: the ONNX exporter's graph optimisation (constant folding, fewer nodes).
     ``external_data``: ONNX weights in a ``.data`` file beside the ``.onnx``; None: only when
     they would pass 2 GB. ``overwrite``: False refuses an existing ``path``.
@@ -84,6 +92,11 @@ def export(model: Any, path: str | os.PathLike, format: str | None = None, *,
 
         files, notes = export_onnx(model, plan, optimize=optimize)
         custom: tuple[str, ...] = ()
+    elif plan.format == "openvino":
+        from .to_openvino import export_openvino
+
+        files, notes = export_openvino(model, plan)
+        custom = ()
     else:
         from .to_pt2 import export_pt2
 
@@ -96,13 +109,25 @@ def export(model: Any, path: str | os.PathLike, format: str | None = None, *,
                         custom_ops=tuple(custom), notes=tuple(notes))
 
 
-def load_exported(path: str | os.PathLike, device: Any = None) -> Any:
-    """Reload a ``.pt2`` written by :func:`export`: a callable ``f(image) -> outputs``.
+def load_exported(path: str | os.PathLike, device: Any = None, *,
+                  precision: str | None = None) -> Any:
+    """Reload a ``.pt2`` or ``.xml`` written by :func:`export`: a callable ``f(image) ->
+    outputs``.
 
     A ``pt2`` file gives ``torch.export.load(path).module()``, an ``aoti`` package its compiled
     runner. The package's custom ops are registered first (importing their modules), so a
-    graph that holds them loads in a fresh process.
+    graph that holds them loads in a fresh process. An OpenVINO ``.xml`` is compiled on
+    ``device`` (OpenVINO's name, default ``CPU``) with ``precision`` (its
+    ``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16``; None: OpenVINO's default for the device),
+    and returns an ``OpenVINORunner`` (torch tensors or numpy in, torch tensors out).
     """
+    if Path(path).suffix.lower() == ".xml":
+        from .to_openvino import load_openvino
+
+        return load_openvino(path, device, precision)
+    if precision is not None:
+        raise ExportError("precision= applies to an OpenVINO .xml only (a .pt2 runs in the "
+                          "dtype it was exported in)")
     from .to_pt2 import load_pt2
 
     return load_pt2(path, device)

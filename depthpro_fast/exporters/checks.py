@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from .._spelling import option
-from ..install_hints import EXPORT_HINT
+from ..install_hints import EXPORT_HINT, OPENVINO_HINT
 
 #: format -> the file suffix it writes
-FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "aoti": ".pt2"}
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "aoti": ".pt2", "openvino": ".xml"}
 MIN_OPSET = 18
 #: ONNX's protobuf limit is 2 GiB; weights above this go to an external .data file
 EXTERNAL_DATA_BYTES = 1_900_000_000
@@ -52,16 +52,17 @@ def _is_fp8(model: Any) -> bool:
 
 def resolve_format(path: Path, fmt: str | None) -> str:
     if fmt is None:
-        by_suffix = {".onnx": "onnx", ".pt2": "pt2"}
+        by_suffix = {".onnx": "onnx", ".pt2": "pt2", ".xml": "openvino"}
         if path.suffix.lower() not in by_suffix:
             raise ExportError(f"cannot tell the export format from {os.fspath(path)!r}: name "
-                              "the file .onnx or .pt2, or pass "
-                              + option("format=", "--format") + " (onnx, pt2, aoti)")
+                              "the file .onnx, .pt2 or .xml (OpenVINO), or pass "
+                              + option("format=", "--format") + " (onnx, pt2, aoti, openvino)")
         return by_suffix[path.suffix.lower()]
     if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)} "
                           "(onnx: ONNX opset >= 18 for ONNX Runtime / TensorRT; pt2: "
-                          "torch.export; aoti: AOTInductor-compiled .pt2)")
+                          "torch.export; aoti: AOTInductor-compiled .pt2; openvino: OpenVINO IR, "
+                          ".xml + .bin)")
     fmt = fmt.lower()
     if path.suffix.lower() != FORMATS[fmt]:
         raise ExportError(f"{fmt} export writes a {FORMATS[fmt]} file; {os.fspath(path)!r} "
@@ -110,6 +111,8 @@ def _need_packages(fmt: str) -> None:
             raise ExportError(f"ONNX export needs the Python package(s) {', '.join(missing)}: "
                               f"{EXPORT_HINT} (onnx, onnxscript, and onnxruntime to "
                               "run the result)")
+    if fmt == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise ExportError(f"OpenVINO export needs the Python package openvino: {OPENVINO_HINT}")
     if fmt == "aoti" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         raise ExportError("aoti export compiles C++ with AOTInductor and needs a C++ compiler "
                           "(c++, g++ or clang++ on PATH); none was found. The pt2 format "
@@ -127,7 +130,7 @@ def check_request(path: Any, fmt: str | None, *, opset: Any, dtype: torch.dtype 
         raise ExportError(f"export path {os.fspath(p)} is a folder; give a file name in it "
                           f"(e.g. {os.fspath(p / 'depth_pro.onnx')})")
     fmt = resolve_format(p, fmt)
-    if fp8:
+    if fp8 and fmt != "openvino":  # (openvino: refused below, as any non-fp32 model)
         why = ("its ViT GEMMs are torch._scaled_mm with per-token scales, which the ONNX "
                "exporter does not translate" if fmt == "onnx" else
                "the fast engine finds its e4m3 weight copies by the identity of the model's "
@@ -139,6 +142,12 @@ def check_request(path: Any, fmt: str | None, *, opset: Any, dtype: torch.dtype 
         raise ExportError(f"ONNX export of a {str(dtype).removeprefix('torch.')} model is not "
                           "offered: ONNX Runtime has no bfloat16 kernels for most of its ops; "
                           "load the model in float32 or float16 ("
+                          + option("dtype=", "--dtype") + ")")
+    if fmt == "openvino" and dtype is not None and dtype != torch.float32:
+        raise ExportError(f"OpenVINO export of a {str(dtype).removeprefix('torch.')} model is "
+                          "not offered: the IR keeps fp32 weights and OpenVINO picks its "
+                          "arithmetic when it compiles the model (bf16 on a CPU with bf16 "
+                          "arithmetic, by itself); load the model in float32 ("
                           + option("dtype=", "--dtype") + ")")
     opset_ok = _check_opset(opset) if fmt == "onnx" else MIN_OPSET
     _need_packages(fmt)
