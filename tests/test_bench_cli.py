@@ -201,10 +201,10 @@ def test_default_variants():
     assert [v.name for v in cpu] == [
         "reference eager", "reference torch.compile", "fast auto", "fast triton", "fast cuda",
         "fast auto + CUDA graph", "fast engine", "fast engine + CUDA graph",
-        "transformers DepthPro", "onnxruntime", "fast engine", "fast engine + CUDA graph",
-        "fast engine"]
-    assert [v.dtype_label for v in cpu[-3:]] == ["fp8", "fp8", "bf16"]
-    assert {v.dtype for v in cpu[:-3]} == {torch.float32} and cpu[-1].dtype == torch.bfloat16
+        "transformers DepthPro", "onnxruntime", "openvino", "openvino", "fast engine",
+        "fast engine + CUDA graph", "fast engine"]
+    assert [v.dtype_label for v in cpu[-5:]] == ["fp32", "bf16", "fp8", "fp8", "bf16"]
+    assert {v.dtype for v in cpu[:-4]} == {torch.float32} and cpu[-1].dtype == torch.bfloat16
     gpu = default_variants(torch.device("cuda"))  # a plan only: nothing touches CUDA
     names = [(v.name, dtype_name(v.dtype)) for v in gpu]
     for expected in [("reference eager", "fp32"), ("reference eager", "bf16"),

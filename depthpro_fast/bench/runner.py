@@ -117,7 +117,8 @@ class Runner:
         self.log = log or (lambda msg: None)
         self.skip_same_as_reference = skip_same_as_reference
         self.allow_interpreter = allow_interpreter
-        # rows that run on a CPU only when asked for: "compile", "hf", "onnxruntime" (minutes
+        # rows that run on a CPU only when asked for: "compile", "hf", "onnxruntime",
+        # "openvino" (minutes
         # each there),
         # "bf16" (a bf16 row on a CPU without bf16 arithmetic)
         self.cpu_opt_in = set(cpu_opt_in)
@@ -138,6 +139,7 @@ class Runner:
         self._model: tuple[torch.dtype, torch.nn.Module] | None = None
         self._inputs: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
         self.ort_providers = ""  # the execution providers of the last onnxruntime row
+        self.ov_precision = ""  # the precision OpenVINO compiled the last openvino row for
 
     # -- resources ---------------------------------------------------------------------------
     def _free(self) -> None:
@@ -195,7 +197,15 @@ class Runner:
                     return hf_model(pixel_values=x)
 
             return run_hf, hf_model, cleanup
-        model = self.model(v.dtype)
+        # (the openvino rows export the fp32 model; their dtype is OpenVINO's arithmetic)
+        model = self.model(torch.float32 if v.path == "openvino" else v.dtype)
+        if v.path == "openvino":
+            from .openvino_row import openvino_callable
+
+            model.set_backend("reference")
+            run_ov, cleanup, self.ov_precision, summary = openvino_callable(model, v.dtype)
+            self.log(f"openvino: exported {summary}; compiled for {self.ov_precision}")
+            return run_ov, model, cleanup
         if v.path == "onnxruntime":
             from .onnxruntime_row import onnxruntime_callable
 
@@ -315,16 +325,31 @@ class Runner:
                 if not cuda and "onnxruntime" not in self.cpu_opt_in:
                     raise SkipRow("on a CPU only with --onnxruntime (an ONNX export, then "
                                   "its forwards)")
+            if v.path == "openvino":
+                from .openvino_row import openvino_unavailable
+
+                why = openvino_unavailable(self.device)
+                if why:
+                    raise SkipRow(why)
+                if "openvino" not in self.cpu_opt_in:
+                    raise SkipRow("on a CPU only with --openvino (an OpenVINO export, then "
+                                  "its forwards)")
+                slow = half_precision_warning(v.dtype)
+                if slow:
+                    raise SkipRow(f"{slow} (OpenVINO would compute in f32)")
             if v.path == "hf":
                 self._free()  # make room: transformers' model is built in _callable
-            else:
-                self.model(v.dtype)  # built before the memory baseline: weights added below
+            else:  # built before the memory baseline: weights added below
+                self.model(torch.float32 if v.path == "openvino" else v.dtype)
             inputs = self.inputs(v.dtype, batch)
             # the ONNX export is made before the memory baseline (its tracing is not the row's
             # memory; the session's weights, resident by then, are)
-            prebuilt = self._callable(v, batch) if v.path == "onnxruntime" else None
-            if prebuilt is not None:  # (the JSON's per-row details: which providers ran)
-                row.engine = {"onnxruntime_providers": self.ort_providers}
+            prebuilt = (self._callable(v, batch) if v.path in ("onnxruntime", "openvino")
+                        else None)
+            if prebuilt is not None:  # (the JSON's per-row details: what the runtime used)
+                row.engine = ({"onnxruntime_providers": self.ort_providers}
+                              if v.path == "onnxruntime"
+                              else {"openvino_precision": self.ov_precision})
             rss = CpuPeakRss()
             if cuda:
                 synchronize(self.device)

@@ -34,7 +34,8 @@ class Variant:
     ``backend``: the ops' kernels only), ``engine`` (the whole fast path: ``prepare_fast()``'s
     fused ViT epilogues, conv folds, channels_last, side stream; its own CUDA graphs in mode
     ``cudagraph``), ``hf`` (transformers' ``DepthProForDepthEstimation``), ``onnxruntime``
-    (our ONNX export in ONNX Runtime, ``bench/onnxruntime_row.py``). ``mode``: ``eager``,
+    (our ONNX export in ONNX Runtime, ``bench/onnxruntime_row.py``), ``openvino`` (our
+    OpenVINO export on its CPU plugin, ``bench/openvino_row.py``). ``mode``: ``eager``,
     ``compile`` (``torch.compile`` of the module) or ``cudagraph`` (one captured CUDA graph,
     replayed). ``fp8``: an ``engine`` row in the fp8 precision mode (``dtype`` is then the bf16
     of the model around the e4m3 ViT GEMMs; the table says ``fp8``).
@@ -55,8 +56,8 @@ class Variant:
     def name(self) -> str:
         if self.path == "hf":
             base = "transformers DepthPro"
-        elif self.path == "onnxruntime":
-            base = "onnxruntime"
+        elif self.path in ("onnxruntime", "openvino"):
+            base = self.path
         elif self.path == "reference":
             base = "reference"
         elif self.path == "engine":
@@ -83,7 +84,8 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
                      fast_backends: Sequence[str] = ("auto", "triton", "cuda"),
                      compile: bool | None = None, cuda_graph: bool | None = None,
                      hf: bool | None = None, fp8: bool | None = None,
-                     onnxruntime: bool | None = None) -> list[Variant]:
+                     onnxruntime: bool | None = None,
+                     openvino: bool | None = None) -> list[Variant]:
     """The rows of ``depthpro-fast bench``.
 
     GPU: the reference eager in fp32, bf16 and fp16; ``torch.compile`` of the reference, the
@@ -92,8 +94,11 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
     the same rows in fp32 and the fast engine in bf16 (the runner skips, with the reason, what
     cannot or need not run on a CPU).
     The ``onnxruntime`` row (our ONNX export in ONNX Runtime) in each fast dtype that ONNX
-    takes (fp32, fp16; fp16 on a GPU by default).
-    ``compile``, ``cuda_graph``, ``hf``, ``onnxruntime`` = False leave those rows out;
+    takes (fp32, fp16; fp16 on a GPU by default). The ``openvino`` rows (our OpenVINO export,
+    CPU only) in fp32 and bf16 on a CPU; on a GPU only when ``openvino`` is True (skipped there,
+    saying why).
+    ``compile``, ``cuda_graph``, ``hf``, ``onnxruntime``, ``openvino`` = False leave those rows
+    out;
     ``dtypes`` puts every row in each of the given dtypes instead. ``fp8``: the fast engine in
     the fp8 mode (eager and with its CUDA graphs; default: on, unless ``dtypes`` are given; the
     runner skips them, saying why, below compute capability 8.9 and on a CPU).
@@ -139,6 +144,13 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
         if not onnx_dtypes and dtypes is None:
             onnx_dtypes = [torch.float16]
         rows += [Variant("onnxruntime", dt, backend="-") for dt in onnx_dtypes]
+    if openvino or (openvino is None and not gpu):
+        # OpenVINO computes in f32 or bf16 (its CPU's choice: bf16 where it has bf16 arithmetic)
+        ov_dtypes = ([torch.float32, torch.bfloat16] if dtypes is None else
+                     [dt for dt in dtypes if dt in (torch.float32, torch.bfloat16)])
+        if gpu and dtypes is None:
+            ov_dtypes = [torch.float32]  # one row, skipped there with the reason
+        rows += [Variant("openvino", dt, backend="-") for dt in ov_dtypes]
     if (fp8 if fp8 is not None else dtypes is None) and fast_backends:
         rows += engine_rows(torch.bfloat16, in_fp8=True)
     if not gpu and dtypes is None and fast_backends:

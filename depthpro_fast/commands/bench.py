@@ -33,7 +33,7 @@ import os
 import sys
 import time
 
-from ..install_hints import EXPORT_HINT
+from ..install_hints import EXPORT_HINT, OPENVINO_HINT
 
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16", "half": "float16", "fp8": "fp8"}
@@ -107,6 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"time our ONNX export in ONNX Runtime ({EXPORT_HINT}; on a GPU "
                              "its CUDA / TensorRT providers, fp16; default: on a GPU; on a CPU "
                              "only with --onnxruntime)")
+    parser.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"time our OpenVINO export on OpenVINO's CPU plugin, f32 and bf16 "
+                             f"({OPENVINO_HINT}; listed on a CPU, timed only with --openvino; "
+                             "skipped on a GPU machine)")
     parser.add_argument("--first-call", choices=("default", "engine", "all", "none"),
                         default="default",
                         help="time to first depth map (cold: a fresh model in a new process; "
@@ -216,7 +220,8 @@ def _run(args: argparse.Namespace) -> int:
     variants = default_variants(device, dtypes=dtypes,
                                    fast_backends=tuple(args.backends or _FAST_BACKENDS),
                                    compile=args.compile, cuda_graph=args.cuda_graph, hf=args.hf,
-                                   fp8=fp8, onnxruntime=args.onnxruntime)
+                                   fp8=fp8, onnxruntime=args.onnxruntime,
+                                   openvino=args.openvino)
     env = environment(device)
     params = count_parameters(_meta_model(cfg))
 
@@ -230,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
                        # repeat the reference (auto on a CPU) or run in the Triton interpreter
                        skip_same_as_reference=args.backends is None,
                        allow_interpreter=args.backends is not None,
-                       cpu_opt_in=[k for k in ("compile", "hf", "onnxruntime")
+                       cpu_opt_in=[k for k in ("compile", "hf", "onnxruntime", "openvino")
                                    if getattr(args, k)]
                        + [dtype_name(dt) for dt in dtypes or []] + (["fp8"] if fp8 else []),
                        # no extra untimed forward for the accuracy columns where one takes

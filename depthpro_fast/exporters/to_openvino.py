@@ -80,7 +80,7 @@ class OpenVINORunner:
     @property
     def precision(self) -> str:
         """The arithmetic OpenVINO compiled for (``f32``, ``bf16``, ...)."""
-        return str(self.compiled.get_property(PRECISION_KEY))
+        return self.compiled.get_property(PRECISION_KEY).get_type_name()
 
     def __call__(self, image: Any) -> tuple[torch.Tensor, ...]:
         if isinstance(image, torch.Tensor):
