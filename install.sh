@@ -2,8 +2,9 @@
 # Installs depthpro_fast (editable) with a torch that fits this machine.
 #
 #   ./install.sh          the package
-#   ./install.sh dev      the package and the test / benchmark tools (ONNX export included)
+#   ./install.sh dev      the package and the test / benchmark tools (ONNX, OpenVINO included)
 #   ./install.sh export   the package and the ONNX export tools (onnx, onnxscript, onnxruntime)
+#   ./install.sh openvino the package and OpenVINO (export --format openvino, bench --openvino)
 #   ./install.sh video    the package and PyAV, for video files in `depthpro-fast predict`
 #   ./install.sh --help   this text
 #
@@ -19,13 +20,13 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 case "${1:-}" in
   "") EXTRA="" ;;
-  dev | export | video) EXTRA="[$1]" ;;
+  dev | export | openvino | video) EXTRA="[$1]" ;;
   -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-  *) echo "install.sh: unknown argument '$1'; accepted: nothing (the package), dev, export, video," \
-          "--help" >&2; exit 2 ;;
+  *) echo "install.sh: unknown argument '$1'; accepted: nothing (the package), dev, export," \
+          "openvino, video, --help" >&2; exit 2 ;;
 esac
 if [ $# -gt 1 ]; then
-  echo "install.sh: one argument at most (dev, export or video), got: $*" >&2; exit 2
+  echo "install.sh: one argument at most (dev, export, openvino or video), got: $*" >&2; exit 2
 fi
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
