@@ -309,6 +309,8 @@ def qualify_engine(engine: Any, x: torch.Tensor, compute_fov: bool,
 
     model, options, device = engine.model, engine.options, x.device
     mode = resolve_mode(getattr(options, "qualify", None))
+    if device.type == "meta":  # shapes only (torch.export, the Triton AOT capture): no values
+        return {"mode": mode, "state": "nothing to qualify on meta tensors (no values to check)"}
     run = run_description(model, options, tuple(x.shape), compute_fov)
     out: dict[str, Any] = {"mode": mode, "key": entry_key(run)}
     if mode == "off":

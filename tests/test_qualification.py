@@ -318,3 +318,22 @@ def test_command_line_qualifies_in_a_child_unless_told(clean, monkeypatch):
     monkeypatch.setenv(qualification.ENV_VAR, "inline")
     predict.run(None)
     assert seen[-1] == "inline"
+
+
+def test_meta_tensors_are_never_qualified(monkeypatch):
+    """On meta tensors (torch.export, the Triton AOT capture) nothing has values: qualification
+    must neither run nor disqualify anything (it once disqualified every kernel on "meta",
+    so the AOT capture recorded no launch)."""
+    from types import SimpleNamespace
+
+    from depthpro_fast import backends, qualification
+
+    called = []
+    engine = SimpleNamespace(model=SimpleNamespace(backend="triton"),
+                             options=SimpleNamespace(qualify="inline", epilogue_backend=None))
+    monkeypatch.setattr(qualification, "qualify_forward",
+                        lambda *a, **k: called.append(1) or {})
+    x = torch.empty(1, 3, 8, 8, device="meta")
+    out = qualification.qualify_engine(engine, x, True, lambda: called.append(2))
+    assert "meta" in out["state"] and called == []
+    assert not any("@meta" in k for k in backends.disqualified())
