@@ -23,11 +23,17 @@ def _probe_kernel(x_ptr, n, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1.0, mask=mask)
 
 
+def launch_probe_kernel(x: torch.Tensor) -> None:
+    """The probe's launch alone, on ``x`` (16 float32): also what the sm_90 AOT check
+    compiles (``triton/aot.py``)."""
+    with on_device(x):
+        _probe_kernel[(1,)](x, _N, BLOCK=_N)
+
+
 def launch_probe(device: torch.device) -> None:
     """Launch the probe kernel on ``device``; raise if the launch fails or computes wrong."""
     x = torch.arange(_N, dtype=torch.float32, device=device)
-    with on_device(x):
-        _probe_kernel[(1,)](x, _N, BLOCK=_N)
+    launch_probe_kernel(x)
     got = x.cpu()  # waits for the kernel
     want = torch.arange(_N, dtype=torch.float32) + 1
     if not torch.equal(got, want):
