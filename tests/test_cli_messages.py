@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
@@ -100,6 +101,12 @@ def test_demo_end_to_end_and_its_output_checks(tmp_path, capsys):
     with np.load(out) as z:
         assert z["depth"].shape == (48, 64) and bool(z["random_weights"])
         assert z["fov_deg"] == z["fov_deg_estimated"]  # estimated focal length: the same
+        # predict's dtypes, and the usual file mode (not a temporary file's 0600)
+        assert all(z[k].dtype == np.float32 for k in ("focallength_px", "fov_deg",
+                                                       "fov_deg_estimated"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
     assert cli.main(["demo", "--out", str(tmp_path)]) == 1
     assert "is a folder" in capsys.readouterr().err
     (tmp_path / "f").write_text("x")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..api import load
-    from ..outputs import check_output_folder
+    from ..outputs import atomic_write, check_output_folder
     from ..provenance import make_recipe
 
     height, width = parse_size(args.size)
@@ -73,25 +72,20 @@ def run(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     depth = prediction["depth"].float().cpu().numpy()
     # what made the file, as predict records it (see depthpro_fast.provenance)
-    recipe = make_recipe(None, config=args.config, dtype=str(transform.dtype), fast=False,
+    recipe = make_recipe(None, config=args.config, dtype=str(transform.dtype),
+                         fast=getattr(model, "fast_engine", None) is not None,
                          seed=args.seed, backend=args.backend, device=transform.device)
     record = {**recipe.as_dict(), "random_weights": True, "output": "demo npz",
               "input": {"name": f"synthetic {height}x{width} seed {args.seed}"}}
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
-    # write to a temporary file, then rename: never a half-written output
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=out_dir)
-    os.close(fd)
-    try:
-        # the same keys as predict's npz (fov_deg_estimated: the FOV network ran)
-        np.savez(tmp, depth=depth, focallength_px=float(prediction["focallength_px"]),
-                 fov_deg=float(prediction["fov_deg"]),
-                 fov_deg_estimated=float(prediction["fov_deg_estimated"]), image=image,
+    # atomically (a temporary file renamed), with the usual permissions, as predict writes
+    with atomic_write(args.out) as f:
+        # the same keys and dtypes as predict's npz (fov_deg_estimated: the FOV network ran)
+        np.savez(f, depth=depth, focallength_px=np.float32(prediction["focallength_px"]),
+                 fov_deg=np.float32(prediction["fov_deg"]),
+                 fov_deg_estimated=np.float32(prediction["fov_deg_estimated"]), image=image,
                  random_weights=np.array(True), provenance=np.array(json.dumps(record)))
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     device = next(model.parameters()).device
     print(f"config {args.config}, device {device}, backend {args.backend}, random weights")
     print(f"built in {t1 - t0:.2f} s; infer on a {height}x{width} image in {t2 - t1:.2f} s")
