@@ -107,7 +107,8 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform says."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -139,7 +140,7 @@ def device_fingerprint(device: torch.device | str) -> dict[str, Any]:
         p = torch.cuda.get_device_properties(idx)
         fp.update(device=p.name, capability=f"{p.major}.{p.minor}", driver=_driver_version())
     else:
-        fp.update(device=_cpu_name(), threads=torch.get_num_threads())
+        fp.update(device=cpu_name(), threads=torch.get_num_threads())
     return fp
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..device_cache import cpu_name
+
 
 def dist_version(name: str) -> str | None:
     try:
@@ -46,17 +48,6 @@ def git_commit() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status)}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     """Device, driver, versions, relevant torch flags and the git commit, as a plain dict."""
     from .. import __version__, _ext
@@ -72,7 +63,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "triton": dist_version("triton"),
         "transformers": dist_version("transformers"),
         "extension": {"loaded": _ext.load() is not None, "why_not": _ext.unavailable_reason()},
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "device_type": device.type,
         **git_commit(),
