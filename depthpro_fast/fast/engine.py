@@ -46,7 +46,7 @@ from .. import backends, dataflow, qualification
 from ..config import NUM_TOKENS
 from ..device_guard import on_device
 from ..fp8_format import Fp8UnavailableError, fp8_problem
-from . import attention_choice, folds, fp8, lockstep
+from . import attention_choice, folds, fp8, lockstep, mixed_gemm
 from .attention_choice import Candidate
 from .cpu_gemm import CPU_GEMMS, CpuGemm, addmm_fp32_out_available, choose_cpu_gemm
 from .decoder import EpilogueDecoder, FusedSubpixelTail
@@ -125,6 +125,11 @@ class FastOptions:
     - ``residual_fp32`` (needs ``residual_in_gemm``): a 16-bit model's ViT residual
       stream kept in fp32 (``addmm(out_dtype=float32)`` on CUDA where PyTorch has it; else the
       GEMM in the model dtype and an fp32 add).
+    - ``gemm_dtype``: ``"bf16"``: an fp32 model's fused-ViT linears take bf16 inputs (bf16
+      weight copies prepared once, activations rounded at each GEMM's input, fp32
+      accumulation); LayerNorm, GELU's input, softmax statistics and the residual stream stay
+      fp32 (``fast/mixed_gemm.py``). CPU only; needs ``epilogues="fused"``, not with ``fp8``,
+      ``vit_lockstep`` or the ViT epilogue switches. None (default): off.
     - ``qualify``: kernel qualification at the first forward of each input shape
       (``depthpro_fast/qualification.py``, docs/qualification.md): ``"inline"``,
       ``"subprocess"`` (a child process: a crashing kernel cannot take this one down) or
@@ -162,6 +167,7 @@ class FastOptions:
     fc1_gelu: str = "erf"
     residual_fp32: bool = False
     vit_lockstep: bool = False
+    gemm_dtype: str | None = None
     qualify: str | None = None
     verify_model: bool = False
 
@@ -220,6 +226,20 @@ class FastOptions:
                              "yet: the lock-step forward (fast/lockstep.py) has its own grouped "
                              "GEMMs and LayerNorm passes without the folded LayerScale, the "
                              "in-GEMM residual or the tanh GELU; turn one side off")
+        if self.gemm_dtype is not None:
+            if self.gemm_dtype not in mixed_gemm.GEMM_DTYPES:
+                raise ValueError(f"gemm_dtype must be one of {mixed_gemm.GEMM_DTYPES} or None, "
+                                 f"got {self.gemm_dtype!r}")
+            if self.epilogues != "fused":
+                raise ValueError(f"gemm_dtype={self.gemm_dtype!r} acts on the fused ViT's GEMMs; "
+                                 f"it needs epilogues='fused', got {self.epilogues!r}")
+            clash = vit_switches + [n for n, on in (("fp8", self.fp8 is True),
+                                                     ("vit_lockstep", self.vit_lockstep is True))
+                                    if on]
+            if clash:
+                raise ValueError(f"gemm_dtype={self.gemm_dtype!r} cannot be combined with "
+                                 f"{', '.join(clash)} yet: its bf16 weight copies are of the "
+                                 "model's own ViT linears (turn those off)")
         for f in dataclasses.fields(self):
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"fast option {f.name} must be True or False, got "
@@ -398,9 +418,19 @@ class _Prepared:
                                            "after the GEMM (the GPU's function; off CUDA, "
                                            "_addmm_activation's GELU is the exact one)"))
 
+        # gemm_dtype="bf16": bf16 copies of the ViT linears (fast/mixed_gemm.py)
+        self.mixed: mixed_gemm.Bf16Weights | None = None
+        if opts.gemm_dtype is not None:
+            mixed_gemm.check_mixed_model(p, opts.gemm_dtype)
+            self.mixed = mixed_gemm.prepare_bf16_weights([v for _, v in fp8_vits(model)])
+
         # the fused ViT's GEMM library (CPU only: on a GPU the GEMMs are cuBLAS's)
         self.gemm_name, self.gemm_why = "aten", "aten: not on a CPU"
-        if opts.fp8:
+        if self.mixed is not None:
+            self.gemm_why = (f"gemm_dtype=bf16: {len(self.mixed.weights)} ViT linears with bf16 "
+                             "inputs (oneDNN, fp32 accumulation), fp32 activations "
+                             "(cpu_gemm not used)")
+        elif opts.fp8:
             self.gemm_why = "fp8: torch._scaled_mm (see fp8)"
         elif p.device.type == "cpu" and opts.epilogues == "fused":
             vit = model.encoder.patch_encoder
@@ -433,6 +463,8 @@ class _Prepared:
             out += fold.tensors()
         if self.lockstep is not None:
             out += self.lockstep.tensors()
+        if self.mixed is not None:
+            out += self.mixed.tensors()
         return out
 
 
@@ -538,6 +570,8 @@ class FastEngine:
                     for blk in vit.blocks:
                         for path in fp8.VIT_LINEARS:
                             add(blk.get_submodule(path), "weight")
+            if o.gemm_dtype is not None:
+                slots += mixed_gemm.source_slots([v for _, v in fp8_vits(self.model)])
             if o.fold_layerscale and o.epilogues == "fused":
                 for _, vit in fp8_vits(self.model):
                     slots += LayerScaleFold.source_slots(vit)
@@ -770,6 +804,8 @@ class FastEngine:
                 if prepared is not None and prepared.fp8_weights is not None:
                     gemm = fp8.Fp8Gemm(prepared.fp8_weights, epi,
                                        per_tensor=o.fp8_scaling == "tensor")
+                elif prepared is not None and prepared.mixed is not None:
+                    gemm = mixed_gemm.MixedGemm(prepared.mixed, epi)
                 else:
                     gemm = CpuGemm(prepared.gemm_name if prepared is not None else "aten", epi)
                 fold = prepared.layerscale.get(id(vit)) if prepared is not None else None
