@@ -207,8 +207,8 @@ def fused_forward_with_hooks(vit: VisionTransformer, x: torch.Tensor,
     gemm = gemm or CpuGemm("aten", epilogue_backend)
     epilogues = epilogues or ViTEpilogues()
     if epilogues != ViTEpilogues() and not gemm.supports_vit_epilogues:
-        raise ValueError(f"{type(gemm).__name__} (fp8 / gemm_dtype) does not take residual_in_gemm "
-                         "/ fc1_gelu='tanh' / residual_fp32")
+        raise ValueError(f"{type(gemm).__name__} (the fp8 mode, or gemm_dtype='bf16') does not "
+                         "take residual_in_gemm / fc1_gelu='tanh' / residual_fp32")
     if fold is not None and len(fold.blocks) != len(vit.blocks):
         raise ValueError(f"the LayerScale fold has {len(fold.blocks)} blocks, the ViT "
                          f"{len(vit.blocks)}: prepare the engine again")
