@@ -155,6 +155,8 @@ def test_warning_text_and_report():
                     "idle machine.")
     mixed = ml.warning([span(FakeProc(), 10.0, own=2.0), rows[1]])
     assert "(1 of 2 shared, load average" in mixed
+    # the figures of the shared row, not of all rows (which could read "0.0 of 2 cores")
+    assert "others used 1.6 of 2 cores during the shared rows of these rows" in mixed
     run = ml.combine(rows)
     data = ml.report(rows, run, ml.probe(proc.reader(), 1.0, sleep=lambda s: proc.advance(s)))
     assert data["state"] == "shared" and data["judged_on"] == "these rows"

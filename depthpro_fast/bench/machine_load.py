@@ -291,7 +291,12 @@ def warning(loads: Sequence[Load | None], what: str = "these rows") -> str | Non
     shared = [x for x in judged if x.state == "shared"]
     if not shared:
         return None
-    total = combine(judged)
+    # the numbers of the shared rows alone when only some were shared (over all rows a short
+    # burst of others' work averages out to "0.0 of 2 cores", which reads as a contradiction)
+    some = len(shared) < len(judged)
+    total = combine(shared if some else judged)
+    if some:
+        what = f"the shared rows of {what}"
     bits = []
     if total.others_cores is not None and total.cores:
         bits.append(f"others used {total.others_cores:.1f} of {total.cores} cores")
