@@ -98,7 +98,8 @@ def _driver_version() -> str:
     return "unknown"
 
 
-def _dist_version(name: str) -> str | None:
+def dist_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, or None."""
     import importlib.metadata
 
     try:
@@ -130,7 +131,7 @@ def device_fingerprint(device: torch.device | str) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "triton": _dist_version("triton"),
+        "triton": dist_version("triton"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
         "depthpro_fast": __version__,
         "kernel_sources": kernel_sources_hash(),

@@ -7,7 +7,6 @@ committed under ``bench/results/`` (``<date>-<device>[-suffix].json``).
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import os
 import platform
 import subprocess
@@ -16,14 +15,7 @@ from typing import Any
 
 import torch
 
-from ..device_cache import cpu_name
-
-
-def dist_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+from ..device_cache import cpu_name, dist_version
 
 
 def _run(cmd: list[str], cwd: str | None = None) -> str | None:
