@@ -274,7 +274,7 @@ def test_bad_input_says_what_is_wrong():
     with pytest.raises(ValueError, match="shape of x"):
         ops.add_layer_norm(x, torch.zeros(4, 9), v, v, 1e-6)
     with pytest.raises(TypeError, match="dtype of x"):
-        ops.add_layer_norm(x, x.half(), v, v, 1e-6)
+        ops.add_layer_norm(x.half(), x, v, v, 1e-6)  # a wider delta than the stream
     with pytest.raises(ValueError, match="eps"):
         ops.layer_norm(x, v, v, 0.0)
     with pytest.raises(ValueError, match="shift must be 1-D of length 8"):
@@ -291,8 +291,9 @@ def test_ops_registered_with_backends():
     from depthpro_fast import backends
 
     reg = backends.registered_ops()
-    for op in ("layer_norm", "add_layer_norm", "residual_layerscale", "bias_gelu"):
+    for op in ("layer_norm", "residual_layerscale", "bias_gelu"):
         assert reg[op] == ("reference", "triton")
+    assert set(reg["add_layer_norm"]) == {"reference", "torch", "triton"}
     # auto on CPU is the reference
     x = torch.randn(3, 8)
     assert torch.equal(ops.bias_gelu(x), ops.bias_gelu_reference(x))
@@ -333,3 +334,38 @@ def test_epilogues_gpu(m, n, dtype, poisoned):
     from depthpro_fast import backends
 
     assert backends.implementation("bias_gelu", "auto", x.device).__name__ == "bias_gelu_triton"
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+@pytest.mark.parametrize("delta_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias, with_gamma", [(True, True), (False, True), (True, False),
+                                                   (False, False)])
+def test_add_layer_norm_fp32_stream_takes_16bit_deltas(backend, delta_dtype, with_bias,
+                                                      with_gamma):
+    """An fp32 residual stream with an fp32 or 16-bit delta (a bf16 GEMM's output): the
+    result is the reference chain on the widened delta (torch: the same math in fewer passes,
+    to fp32 rounding), and the inputs are left as they were."""
+    g = torch.Generator().manual_seed(int(with_bias) * 2 + int(with_gamma))
+    m, n = 37, 72
+    x = torch.randn(m, n, generator=g)
+    delta = torch.randn(m, n, generator=g).to(delta_dtype)
+    w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    db = torch.randn(n, generator=g) if with_bias else None
+    gam = torch.randn(n, generator=g) if with_gamma else None
+    x0, d0 = x.clone(), delta.clone()
+    r, normed = ops.add_layer_norm(x, delta, w, b, 1e-6, delta_bias=db, gamma=gam,
+                                   backend=backend)
+    r_ref, n_ref = ops.add_layer_norm_reference(x, delta.float(), w, b, 1e-6, db, gam)
+    assert r.dtype == normed.dtype == torch.float32
+    torch.testing.assert_close(r, r_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normed, n_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, x0) and torch.equal(delta, d0)
+
+
+def test_add_layer_norm_torch_on_a_16bit_stream_is_the_reference():
+    x = torch.randn(9, 16).bfloat16()
+    d = torch.randn(9, 16).bfloat16()
+    v = torch.randn(16)
+    got = ops.add_layer_norm_torch(x, d, v, v, 1e-6, v, v)
+    want = ops.add_layer_norm_reference(x, d, v, v, 1e-6, v, v)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

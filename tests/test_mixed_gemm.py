@@ -65,10 +65,124 @@ def test_prepared_copies_refreshed_after_load_state_dict(tiny):
     other = _model(seed=32)
     fast.load_state_dict(other.state_dict())
     assert engine._ensure_prepared() is not before
-    with torch.no_grad():
-        got = fast(x)[0]
-        want = other(x)[0]
-    assert mean_abs_rel_error(got, want) < 1e-3
+    fresh = copy.deepcopy(other).prepare_fast(dict(gemm_dtype="bf16"))
     stale = copy.deepcopy(model).prepare_fast(dict(gemm_dtype="bf16"))
     with torch.no_grad():
-        assert mean_abs_rel_error(stale(x)[0], want) > 10 * mean_abs_rel_error(got, want)
+        got, want, old = fast(x)[0], fresh(x)[0], stale(x)[0]
+    # the refreshed copies are the new weights' (the same arithmetic as a fresh preparation)
+    assert mean_abs_rel_error(got, want) < 1e-6
+    assert mean_abs_rel_error(old, want) > 1e-5
+
+
+@pytest.mark.parametrize("kind", ["conv3x3", "conv1x1_s1", "deconv_k2", "grouped"])
+def test_folded_conv_with_bf16_inputs_is_the_fp32_conv_of_rounded_operands(kind):
+    """``folds.Conv`` / ``Deconv`` with ``gemm_dtype=bf16``: bf16 weight and input, fp32
+    accumulation, the bias-less output rounded once to bf16 (oneDNN writes bf16), widened, then
+    the fp32 bias: the fp64 conv of the bf16-rounded operands to within one bf16 rounding; and
+    not the fp32 conv (the rounding is real)."""
+    import torch.nn.functional as F
+
+    from depthpro_fast.fast import folds
+
+    g = torch.Generator().manual_seed(5)
+    groups = 4 if kind == "grouped" else 1
+    c_in, c_out = 24, 12 if kind != "grouped" else 8
+    x = torch.randn(2, c_in, 13, 11, generator=g)
+    if kind.startswith("deconv"):
+        w = torch.randn(c_in, c_out, 2, 2, generator=g)
+        b = torch.randn(c_out, generator=g)
+        layer = folds.Deconv(w, b, dtype=torch.float32, device=torch.device("cpu"),
+                             channels_last=True, gemm_dtype=torch.bfloat16)
+
+        def exact(xx, ww):
+            return F.conv_transpose2d(xx, ww, stride=2)
+    else:
+        k = 3 if kind in ("conv3x3",) else 1
+        w = torch.randn(c_out, c_in // groups, k, k, generator=g)
+        b = torch.randn(c_out, generator=g)
+        layer = folds.Conv(w, b, padding=k // 2, groups=groups, dtype=torch.float32,
+                           device=torch.device("cpu"), channels_last=True,
+                           gemm_dtype=torch.bfloat16)
+
+        def exact(xx, ww):
+            return F.conv2d(xx, ww, padding=k // 2, groups=groups)
+    assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
+    got = layer(x.contiguous(memory_format=torch.channels_last))
+    assert got.dtype == torch.float32
+    got = got.double() - b.double().view(1, -1, 1, 1)
+    rounded = exact(x.bfloat16().double(), w.bfloat16().double())
+    fp32 = exact(x, w).double()
+    scale = rounded.abs().max()
+    # one bf16 rounding of the output (2^-9 relative; an fp32-accumulation tie may take the
+    # neighbour, 2^-8), plus fp32 accumulation noise
+    assert ((got - rounded).abs() <= 2.0 ** -8 * rounded.abs() + 1e-6 * scale).all()
+    assert (got - fp32).abs().max() / scale > 1e-4
+
+
+def test_mixed_convs_prepare_bf16_conv_weights_and_keep_the_depth_writer_fp32(tiny):
+    model, x, ref = tiny
+    vit_only = copy.deepcopy(model).prepare_fast(dict(gemm_dtype="bf16", gemm_dtype_convs=False))
+    both = copy.deepcopy(model).prepare_fast(dict(gemm_dtype="bf16"))
+    bf16 = copy.deepcopy(model).to(torch.bfloat16).prepare_fast(True)
+    prepared = both.fast_engine._ensure_prepared()
+    assert prepared.head0.weight.dtype == torch.bfloat16
+    assert prepared.subpixel.conv.weight.dtype == torch.bfloat16
+    assert prepared.subpixel.out.weight.dtype == torch.float32  # writes the depth map
+    assert vit_only.fast_engine._ensure_prepared().head0.weight.dtype == torch.float32
+    with torch.no_grad():
+        e_vit = mean_abs_rel_error(vit_only(x)[0], ref)
+        e_both = mean_abs_rel_error(both(x)[0], ref)
+        e_bf16 = mean_abs_rel_error(bf16(x.bfloat16())[0].float(), ref)
+    assert e_vit < e_both < e_bf16 / 5, (e_vit, e_both, e_bf16)
+
+
+def test_load_bf16_mixed_is_an_fp32_model_with_bf16_gemm_inputs():
+    import depthpro_fast
+
+    model, transform = depthpro_fast.load(None, config="tiny", device="cpu", dtype="bf16-mixed")
+    assert next(model.parameters()).dtype == torch.float32 and transform.dtype == torch.float32
+    assert model.fast_engine.options.gemm_dtype == "bf16"
+    # options given with the mode are kept, the mode's own switch added
+    model, _ = depthpro_fast.load(None, config="tiny", device="cpu", dtype="bf16_mixed",
+                                  fast={"gemm_dtype_convs": False})
+    assert model.fast_engine.options.gemm_dtype == "bf16"
+    assert model.fast_engine.options.gemm_dtype_convs is False
+    with pytest.raises(ValueError, match="fast path only"):
+        depthpro_fast.load(None, config="tiny", device="cpu", dtype="bf16-mixed", fast=False)
+    from depthpro_fast.api import resolve_dtype
+
+    with pytest.raises(ValueError, match="bf16-mixed mode, not a tensor dtype"):
+        resolve_dtype("bf16-mixed")
+    with pytest.raises(ValueError, match="accepted: .*bf16-mixed"):
+        resolve_dtype("bf17")
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_precision_on_a_cpu(monkeypatch, bf16):
+    """dtype="auto" on a CPU: bf16-mixed where it has bf16 arithmetic and the fast path runs,
+    bf16 there on the reference path, fp32 elsewhere."""
+    from types import SimpleNamespace
+
+    from depthpro_fast import api, cpu
+
+    monkeypatch.setattr(cpu, "cpu_features", lambda: SimpleNamespace(bf16=bf16))
+    dev = torch.device("cpu")
+    assert api.auto_precision(dev) == ("bf16-mixed" if bf16 else torch.float32)
+    assert api.auto_precision(dev, fast=False) == (torch.bfloat16 if bf16 else torch.float32)
+    assert api.auto_precision(dev, backend="reference") == api.auto_precision(dev, fast=False)
+    assert api.auto_precision(torch.device("cuda", 0)) == torch.float16
+    assert cpu.cpu_default_precision() == ("bf16-mixed" if bf16 else "float32")
+    from depthpro_fast.commands.predict import resolve_dtype_choice
+
+    assert resolve_dtype_choice("auto", dev) == cpu.cpu_default_precision()
+    assert resolve_dtype_choice("auto", dev, False) == ("bfloat16" if bf16 else "float32")
+    assert resolve_dtype_choice("bf16-mixed", dev) == "bf16-mixed"
+
+
+def test_bf16_mixed_has_its_own_provenance():
+    from depthpro_fast.provenance import make_recipe
+
+    mixed = make_recipe(None, config="tiny", dtype="bf16-mixed", fast=True)
+    fp32 = make_recipe(None, config="tiny", dtype="float32", fast=True)
+    assert mixed.dtype == "bf16-mixed" and fp32.dtype == "float32"
+    assert mixed != fp32

@@ -136,7 +136,7 @@ class FusedSubpixelTail(folds.FoldedLayer):
             [getattr(border, f) for f in folds.BorderBias.FIELDS]).to(math_dtype(w.dtype))
         self.weight = head.out.weight.reshape(-1)  # (4P,): phase g's P weights at g*P
         # (4,): one bias per phase (zeros when head[4] has none)
-        self.out_bias = head.out.bias if head.out.bias is not None else w.new_zeros(4)
+        self.out_bias = head.out.bias if head.out.bias is not None else self.weight.new_zeros(4)
 
     def __call__(self, t: torch.Tensor, backend: str | None | EpilogueBackends) -> torch.Tensor:
         return ops.subpixel_tail(self.conv(t), self.weight, self.out_bias, bias=self.bias,

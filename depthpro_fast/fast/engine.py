@@ -130,6 +130,10 @@ class FastOptions:
       accumulation); LayerNorm, GELU's input, softmax statistics and the residual stream stay
       fp32 (``fast/mixed_gemm.py``). CPU only; needs ``epilogues="fused"``, not with ``fp8``,
       ``vit_lockstep`` or the ViT epilogue switches. None (default): off.
+    - ``gemm_dtype_convs`` (with ``gemm_dtype``): the convolutions and deconvolutions take
+      ``gemm_dtype`` inputs too (bf16 weights, fp32 accumulation, the output widened to fp32
+      before the fp32 bias; ``fast/folds.py``), except the head's last 1x1 conv, which writes
+      the depth map. False: the ViT linears only.
     - ``qualify``: kernel qualification at the first forward of each input shape
       (``depthpro_fast/qualification.py``, docs/qualification.md): ``"inline"``,
       ``"subprocess"`` (a child process: a crashing kernel cannot take this one down) or
@@ -168,6 +172,7 @@ class FastOptions:
     residual_fp32: bool = False
     vit_lockstep: bool = False
     gemm_dtype: str | None = None
+    gemm_dtype_convs: bool = True
     qualify: str | None = None
     verify_model: bool = False
 
@@ -295,7 +300,8 @@ class _Prepared:
 
     def __init__(self, model: DepthPro, opts: FastOptions):
         p = next(model.parameters())
-        cast = dict(dtype=p.dtype, device=p.device, channels_last=opts.channels_last)
+        cast = dict(dtype=p.dtype, device=p.device, channels_last=opts.channels_last,
+                    gemm_dtype=mixed_gemm.conv_gemm_dtype(opts.gemm_dtype, opts.gemm_dtype_convs))
         enc, dec = model.encoder, model.decoder
         fold = opts.fold_convs
         self.folds: list[str] = []
@@ -805,7 +811,10 @@ class FastEngine:
                     gemm = fp8.Fp8Gemm(prepared.fp8_weights, epi,
                                        per_tensor=o.fp8_scaling == "tensor")
                 elif prepared is not None and prepared.mixed is not None:
-                    gemm = mixed_gemm.MixedGemm(prepared.mixed, epi)
+                    # with the fused LayerNorm pass the residual branches stay bf16: that pass
+                    # widens them while it adds them to the fp32 stream
+                    gemm = mixed_gemm.MixedGemm(prepared.mixed, epi,
+                                                widen_branches=not o.fuse_layer_norm)
                 else:
                     gemm = CpuGemm(prepared.gemm_name if prepared is not None else "aten", epi)
                 fold = prepared.layerscale.get(id(vit)) if prepared is not None else None

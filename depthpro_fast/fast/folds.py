@@ -62,6 +62,7 @@ ReLU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -251,10 +252,31 @@ class BorderBias:
 
 class FoldedLayer:
     """Base of the folded layers: plain objects (not nn.Modules, so they never show up in the
-    model's state dict) holding tensors already in the run dtype / device / memory format."""
+    model's state dict) holding tensors already in the run dtype / device / memory format.
+
+    ``gemm_dtype`` (convs and deconvs): the dtype of the arithmetic's inputs when it differs
+    from the activations' (an fp32 model with ``FastOptions(gemm_dtype="bf16")``): the weight is
+    stored in it, the input is rounded to it, oneDNN accumulates in fp32 and the output is
+    widened back to the activations' dtype before the bias (kept in that dtype) is added.
+    """
+
+    gemm_dtype: torch.dtype | None = None
+    io_dtype: torch.dtype | None = None
 
     def tensors(self) -> dict[str, Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
+
+    def _set_dtypes(self, dtype: torch.dtype, gemm_dtype: torch.dtype | None) -> None:
+        self.io_dtype = dtype
+        self.gemm_dtype = None if gemm_dtype == dtype else gemm_dtype
+
+    def _conv_op(self, op: Callable[..., Tensor], x: Tensor, **kwargs) -> Tensor:
+        """``op(x, weight, bias, **kwargs)``, with bf16 inputs when ``gemm_dtype`` is set."""
+        weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
+        if self.gemm_dtype is None:
+            return op(x, weight, bias, **kwargs)
+        out = op(x.to(self.gemm_dtype), weight, None, **kwargs).to(self.io_dtype)
+        return out if bias is None else out.add_(bias.view(1, -1, 1, 1))
 
     def _cast(self, t: Tensor | None, dtype: torch.dtype, device: torch.device,
               channels_last: bool) -> Tensor | None:
@@ -270,13 +292,15 @@ class Deconv(FoldedLayer):
     """ConvTranspose2d with kernel = stride (folds 1-4 produce these)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, *, dtype: torch.dtype,
-                 device: torch.device, channels_last: bool = False):
+                 device: torch.device, channels_last: bool = False,
+                 gemm_dtype: torch.dtype | None = None):
+        self._set_dtypes(dtype, gemm_dtype)
         self.stride = weight.shape[-1]
-        self.weight = self._cast(weight, dtype, device, channels_last)
+        self.weight = self._cast(weight, self.gemm_dtype or dtype, device, channels_last)
         self.bias = self._cast(bias, dtype, device, channels_last)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return F.conv_transpose2d(x, self.weight, self.bias, stride=self.stride)
+        return self._conv_op(F.conv_transpose2d, x, stride=self.stride)
 
 
 class Conv(FoldedLayer):
@@ -284,15 +308,17 @@ class Conv(FoldedLayer):
 
     def __init__(self, weight: Tensor, bias: Tensor | None, *, stride: int = 1,
                  padding: int = 0, groups: int = 1, border: BorderBias | None = None,
-                 dtype: torch.dtype, device: torch.device, channels_last: bool = False):
+                 dtype: torch.dtype, device: torch.device, channels_last: bool = False,
+                 gemm_dtype: torch.dtype | None = None):
+        self._set_dtypes(dtype, gemm_dtype)
         self.stride, self.padding, self.groups = stride, padding, groups
-        self.weight = self._cast(weight, dtype, device, channels_last)
+        self.weight = self._cast(weight, self.gemm_dtype or dtype, device, channels_last)
         self.bias = self._cast(bias, dtype, device, channels_last)
         self.border = None if border is None else border.to(device=device, dtype=dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
-        out = F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                       groups=self.groups)
+        out = self._conv_op(F.conv2d, x, stride=self.stride, padding=self.padding,
+                            groups=self.groups)
         if self.border is not None:
             self.border.apply_(out)
         return out
@@ -305,14 +331,14 @@ class Conv(FoldedLayer):
 
 
 def conv_of(m: nn.Conv2d, *, dtype: torch.dtype, device: torch.device,
-            channels_last: bool) -> Conv:
+            channels_last: bool, gemm_dtype: torch.dtype | None = None) -> Conv:
     """An unfolded Conv2d as a :class:`Conv` (a converted copy of its weights)."""
     if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros":
         raise ValueError("conv_of: plain convs only")
     if m.stride[0] != m.stride[1] or m.padding[0] != m.padding[1]:
         raise ValueError("conv_of: square stride and padding only")
     return Conv(m.weight.detach(), _detach(m.bias), stride=m.stride[0], padding=m.padding[0],
-                dtype=dtype, device=device, channels_last=channels_last)
+                dtype=dtype, device=device, channels_last=channels_last, gemm_dtype=gemm_dtype)
 
 
 def _detach(t: Tensor | None) -> Tensor | None:
@@ -401,7 +427,8 @@ class SubpixelHead(FoldedLayer):
     output phase, then one depth-to-space of a single channel."""
 
     def __init__(self, deconv: nn.ConvTranspose2d, conv3: nn.Conv2d, conv_out: nn.Conv2d, *,
-                 dtype: torch.dtype, device: torch.device, channels_last: bool = False):
+                 dtype: torch.dtype, device: torch.device, channels_last: bool = False,
+                 gemm_dtype: torch.dtype | None = None):
         _check_deconv(deconv, "SubpixelHead")
         _check_conv(conv3, 3, "SubpixelHead")
         _check_conv(conv_out, 1, "SubpixelHead")
@@ -410,7 +437,9 @@ class SubpixelHead(FoldedLayer):
         cast = dict(dtype=dtype, device=device, channels_last=channels_last)
         w, b, border = deconv_then_conv3x3(_f64(deconv.weight), _f64(deconv.bias),
                                            _f64(conv3.weight), _f64(conv3.bias))
-        self.conv = Conv(w, b, padding=1, border=border, **cast)
+        # the 3x3 (the head's FLOPs) takes gemm_dtype; the 32 -> 1 1x1 that writes the depth
+        # map stays in the activations' dtype (a few MFLOP per pixel row, full precision)
+        self.conv = Conv(w, b, padding=1, border=border, gemm_dtype=gemm_dtype, **cast)
         q = conv_out.weight.shape[0]
         # grouped 1x1: phase g's P channels -> phase g's Q outputs; depth-to-space wants the
         # channel order q * 4 + phase, the grouped conv gives phase * Q + q (the same for Q = 1).

@@ -13,8 +13,9 @@ the arithmetic, not in the storage"):
   CPU has no bf16 GEMM with an fp32 *output* (``mm`` / ``addmm`` ``out_dtype`` overloads have no
   CPU kernel; the oneDNN fp32 ``fpmath`` bf16 mode did not engage on an AVX512_BF16 EPYC without
   AMX: measured, its results were the fp32 ones), so each GEMM's output is rounded once to bf16:
-  proj / fc2 (the residual branches) are then widened to fp32 before the fp32 residual +
-  LayerNorm pass; qkv's output (bias in oneDNN's fp32 epilogue) stays bf16 and the attention
+  proj / fc2 (the residual branches) are widened to fp32 by the fp32 residual + LayerNorm pass
+  that adds them (``ops.add_layer_norm`` takes a bf16 ``delta`` on an fp32 stream; without the
+  fused pass, ``widen_branches``, here); qkv's output (bias in oneDNN's fp32 epilogue) stays bf16 and the attention
   (SDPA) runs in bf16 on it (fp32 softmax statistics inside); fc1's bias + exact GELU run in
   oneDNN's fp32 epilogue and its bf16 output is fc2's input, which would be rounded to bf16
   there anyway. The only roundings beyond OpenVINO's design are thus the GEMM outputs' (and
@@ -50,6 +51,12 @@ class Bf16Weights:
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.weights.values()) + list(self.biases.values())
+
+
+def conv_gemm_dtype(gemm_dtype: str | None, convs: bool) -> torch.dtype | None:
+    """The dtype of the convolutions' inputs (``folds.FoldedLayer.gemm_dtype``): bf16 with
+    ``gemm_dtype="bf16"`` and ``gemm_dtype_convs``, else None (the activations' dtype)."""
+    return torch.bfloat16 if gemm_dtype == "bf16" and convs else None
 
 
 def check_mixed_model(p: torch.Tensor, gemm_dtype: str) -> None:
@@ -120,9 +127,11 @@ class MixedGemm(CpuGemm):
     supports_vit_epilogues = False  # the folded / in-GEMM-residual copies have no bf16 twins
 
     def __init__(self, prepared: Bf16Weights,
-                 epilogue_backend: str | None | EpilogueBackends = None):
+                 epilogue_backend: str | None | EpilogueBackends = None, *,
+                 widen_branches: bool = True):
         super().__init__("onednn", epilogue_backend)
         self.prepared = prepared
+        self.widen_branches = widen_branches
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,8 +140,10 @@ class MixedGemm(CpuGemm):
         if id(weight) in self.prepared.bf16_out:  # qkv: bias in oneDNN's epilogue, bf16 out
             bb = None if bias is None else _lookup(self.prepared.biases, bias, "bias")
             return _onednn_bf16(xb, wb, bb, "none")
-        out = F.linear(xb, wb).float()  # a residual branch: widened for the fp32 stream
-        return out if bias is None else out.add_(bias)
+        out = F.linear(xb, wb)  # a residual branch
+        if bias is not None:
+            return torch.add(out, bias)  # widened to fp32 in the bias pass
+        return out.float() if self.widen_branches else out
 
     def linear_bias_gelu(self, x: torch.Tensor, weight: torch.Tensor,
                          bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:

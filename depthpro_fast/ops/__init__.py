@@ -18,6 +18,7 @@ from .grouped_layer_norm import (
 from .layer_norm import (
     add_layer_norm,
     add_layer_norm_reference,
+    add_layer_norm_torch,
     layer_norm,
     layer_norm_reference,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "add_layer_norm_fp8",
     "add_layer_norm_fp8_reference",
     "add_layer_norm_reference",
+    "add_layer_norm_torch",
     "attention",
     "attention_reference",
     "bias_gelu",

@@ -14,6 +14,14 @@ Two ops share this file because they share one kernel (the fused one has a resid
   LayerNorm that starts the next branch. One read of ``x`` and ``delta``, one write of the new
   residual stream ``r`` and of its normalised copy, instead of four passes.
 
+``delta`` has the dtype of ``x``, or is 16-bit with an fp32 ``x``: the output of a bf16 GEMM added
+to an fp32 residual stream (``FastOptions.gemm_dtype``), widened inside the pass.
+
+Implementations: ``reference`` (the unfused chain in fp32), ``triton`` (one kernel) and, for an
+fp32 ``x``, ``torch``: the same math in fewer memory passes on a CPU (``delta + delta_bias``
+widened in one pass, then ``x + gamma * d`` in place with ``addcmul``, then the LayerNorm: three
+passes and two new tensors, where the reference's chain makes five and four).
+
 Numerics (every implementation): the residual update is computed in fp32 and rounded once to the
 dtype of ``x``; the LayerNorm statistics (mean, biased variance) are fp32 and are taken of the
 *rounded* residual, so ``normed`` is exactly ``LN`` of the ``r`` that is returned, as in the
@@ -67,6 +75,26 @@ def add_layer_norm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch
     return r, layer_norm_reference(r, weight, bias, eps)
 
 
+def add_layer_norm_torch(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor, eps: float, delta_bias: torch.Tensor | None = None,
+                         gamma: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's math for an fp32 ``x`` in three passes (module docstring); a 16-bit
+    ``x`` (whose update is rounded once, from fp32) takes the reference."""
+    if x.dtype != torch.float32:
+        return add_layer_norm_reference(x, delta, weight, bias, eps, delta_bias, gamma)
+    if delta_bias is not None:
+        d = torch.add(delta, delta_bias.float())  # a 16-bit delta is widened in this pass
+    else:
+        d = delta.to(torch.float32, copy=True)
+    if gamma is None:
+        r = d.add_(x)
+    else:
+        r = torch.addcmul(x, d, gamma.float(), out=d)
+    normed = F.layer_norm(r, (x.shape[-1],), weight.float(), bias.float(), eps)
+    return r, normed
+
+
 def _check_tensor(op: str, name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -101,8 +129,10 @@ def check_delta(op: str, delta: object, x: torch.Tensor) -> None:
     if delta.shape != x.shape:
         raise ValueError(f"{op}: delta must have the shape of x {tuple(x.shape)}, got "
                          f"{tuple(delta.shape)}")
-    if delta.dtype != x.dtype:
-        raise TypeError(f"{op}: delta must have the dtype of x ({x.dtype}), got {delta.dtype}")
+    if delta.dtype != x.dtype and not (x.dtype == torch.float32
+                                       and delta.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"{op}: delta must have the dtype of x ({x.dtype}), or be float16 / "
+                        f"bfloat16 with a float32 x; got {delta.dtype}")
     if delta.device != x.device:
         raise ValueError(f"{op}: delta is on {delta.device} but x is on {x.device}")
 
@@ -155,6 +185,12 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     if gamma is not None:
         check_vector(op, "gamma", gamma, x)
     eps = check_eps(op, eps)
+    if delta.dtype != x.dtype:
+        # a 16-bit delta on an fp32 stream: the implementations that widen it themselves
+        # (the kernels take one dtype)
+        impl = (add_layer_norm_reference if backend == "reference"
+                else add_layer_norm_torch)
+        return impl(x, delta, weight, bias, eps, delta_bias, gamma)
     impl = backends.implementation(op, backend, x.device)
     return impl(x, delta, weight, bias, eps, delta_bias, gamma)
 
@@ -174,4 +210,5 @@ def _load_triton_add_layer_norm():
 backends.register("layer_norm", "reference", lambda: layer_norm_reference)
 backends.register("layer_norm", "triton", _load_triton_layer_norm)
 backends.register("add_layer_norm", "reference", lambda: add_layer_norm_reference)
+backends.register("add_layer_norm", "torch", lambda: add_layer_norm_torch)
 backends.register("add_layer_norm", "triton", _load_triton_add_layer_norm)
