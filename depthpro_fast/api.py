@@ -32,6 +32,16 @@ FP8_NAMES = ("fp8", "float8", "float8_e4m3fn", "float8_e4m3", "e4m3")
 _OTHER_FP8 = ("float8_e5m2", "e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
 
 
+#: Spellings of the bf16-mixed precision mode: an fp32 model whose GEMMs and convolutions take
+#: bf16 inputs (fp32 accumulation and activations), on the CPU fast path.
+BF16_MIXED_NAMES = ("bf16-mixed", "bf16_mixed", "bfloat16-mixed")
+
+
+def is_bf16_mixed(dtype: object) -> bool:
+    """Whether ``dtype`` names the bf16-mixed precision mode."""
+    return isinstance(dtype, str) and dtype.lower() in BF16_MIXED_NAMES
+
+
 def is_fp8(dtype: object) -> bool:
     """Whether ``dtype`` names the fp8 precision mode (a name above or torch.float8_e4m3fn)."""
     if isinstance(dtype, str):
@@ -57,10 +67,14 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if is_fp8(dtype):
         raise ValueError(f"dtype {dtype!r} is the fp8 mode, not a tensor dtype: the model is "
                          "bf16 with e4m3 ViT GEMMs; pass it to load(dtype='fp8') / --dtype fp8")
+    if is_bf16_mixed(dtype):
+        raise ValueError(f"dtype {dtype!r} is the bf16-mixed mode, not a tensor dtype: the model "
+                         "is fp32 with bf16 GEMM inputs; pass it to load(dtype='bf16-mixed') / "
+                         "--dtype bf16-mixed")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown {option('dtype', '--dtype')} {dtype!r}; accepted: "
-                             f"{', '.join(DTYPES)}, fp8")
+                             f"{', '.join(DTYPES)}, fp8, bf16-mixed, auto")
         return DTYPES[dtype]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype {dtype} not supported; torch.float32, torch.float16, "
@@ -188,6 +202,42 @@ def warn_fp32_fast_on_gpu(device: torch.device) -> None:
         RuntimeWarning, stacklevel=3)
 
 
+def auto_precision(device: torch.device, *, fast: Any = None,
+                   backend: str = "auto") -> torch.dtype | str:
+    """``dtype="auto"``: float16 on CUDA (as the official command line); on a CPU
+    ``"bf16-mixed"`` where it has bf16 arithmetic and the fast path runs (``fast`` not False,
+    ``backend`` not ``"reference"``), bfloat16 there on the reference path, else float32
+    (``depthpro_fast.cpu.cpu_default_precision``)."""
+    if device.type == "cuda":
+        return torch.float16
+    from .cpu import cpu_default_precision
+
+    name = cpu_default_precision(fast is not False and backend != "reference")
+    return name if name == "bf16-mixed" else DTYPES[name]
+
+
+def _mixed_fast_options(fast: Any, device: torch.device) -> Any:
+    """The fast options of ``dtype='bf16-mixed'``: the given ones (or the defaults) with
+    ``gemm_dtype="bf16"``."""
+    from .fast.engine import FastOptions
+
+    if device.type != "cpu":
+        raise ValueError(option("dtype='bf16-mixed'", "--dtype bf16-mixed") + " runs on a CPU "
+                         f"(oneDNN's bf16 GEMMs and convolutions); this model is on {device}: "
+                         "use " + option("dtype=torch.bfloat16", "--dtype bf16") + " or "
+                         + option("dtype=torch.float16", "--dtype fp16") + " on a GPU")
+    if fast is False:
+        raise ValueError(option("dtype='bf16-mixed'", "--dtype bf16-mixed") + " runs on the "
+                         "fast path only (the reference path computes in one dtype); "
+                         + option("drop fast=False", "drop --no-fast") + ", or use "
+                         + option("dtype=torch.bfloat16", "--dtype bf16"))
+    opts = FastOptions.resolve(True if fast is None else fast)
+    if opts.gemm_dtype not in (None, "bf16"):
+        raise ValueError(f"dtype='bf16-mixed' with fast option gemm_dtype={opts.gemm_dtype!r}: "
+                         "drop one of them")
+    return dataclasses.replace(opts, gemm_dtype="bf16")
+
+
 def auto_dtype(device: torch.device) -> torch.dtype:
     """``dtype="auto"``, ``predict``'s default precision: float16 on CUDA (as the official
     command line), on a CPU bfloat16 where it has bf16 arithmetic (AVX512_BF16 / AMX / Arm
@@ -234,11 +284,16 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     returned in eval mode. ``use_fov``: build the FOV network (default None: the config's
     ``use_fov``, True unless it says otherwise); without it every image needs ``f_px``.
     ``dtype``: ``torch.float32`` (the default, None, as in the official code) / ``float16`` /
-    ``bfloat16`` (or their names), ``"auto"`` (``predict``'s choice: float16 on CUDA, as the
-    official command line; on a CPU bfloat16 where it has bf16 arithmetic, else float32), or
-    ``"fp8"``: the fp8 precision mode of the fast path, a bf16 model whose three ViTs run their
-    linears in e4m3 (per-output-channel weight scales, per-token activation scales; CUDA compute
-    capability >= 8.9; an emulation on a CPU, with a warning). fp8 implies ``fast=True``.
+    ``bfloat16`` (or their names), ``"bf16-mixed"``: the CPU fast path's mixed precision, an
+    fp32 model whose GEMMs and convolutions take bf16 inputs (fp32 accumulation, activations,
+    LayerNorm, softmax and residual stream; the bf16 speed of the arithmetic at a mean relative
+    error of about 1e-5 against fp32, where the all-bf16 model is at about 1e-3), ``"auto"``
+    (``predict``'s choice: float16 on CUDA, as the official command line; on a CPU
+    ``"bf16-mixed"`` where it has bf16 arithmetic, bfloat16 there when ``fast=False``, else
+    float32), or ``"fp8"``: the fp8 precision mode of the fast path, a bf16 model whose three
+    ViTs run their linears in e4m3 (per-output-channel weight scales, per-token activation
+    scales; CUDA compute capability >= 8.9; an emulation on a CPU, with a warning). fp8 and
+    bf16-mixed imply ``fast=True``.
     ``fast``: ``True`` (or a dict of ``depthpro_fast.fast.FastOptions`` fields) prepares the
     fast path once, here: exact conv folds, fused ViT epilogues, channels_last, and on CUDA a
     second stream, cuDNN autotuning and CUDA graphs; the FOV branch is then skipped when
@@ -253,12 +308,13 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
     cfg = resolve_config(config)
     dev = resolve_device(device)
     dtype_given = dtype is not None
-    if isinstance(dtype, str) and dtype.lower() == "auto":
-        dtype = auto_dtype(dev)
-    dt, fp8 = resolve_precision(torch.float32 if dtype is None else dtype)
     backend = backends.check_backend(backend)
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        dtype = auto_precision(dev, fast=fast, backend=backend)
+    mixed = is_bf16_mixed(dtype)
+    dt, fp8 = resolve_precision(torch.float32 if dtype is None or mixed else dtype)
     fast_asked = fast is not None
-    fast = default_fast(fast, dev, backend=backend, fp8=fp8)
+    fast = default_fast(fast, dev, backend=backend, fp8=fp8 or mixed)
     if use_fov is None:  # the config's own (True unless a JSON config says "use_fov": false)
         use_fov = cfg.use_fov
     if not isinstance(use_fov, bool):
@@ -267,6 +323,8 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
 
     if fp8:
         fast = _fp8_fast_options(fast)
+    if mixed:
+        fast = _mixed_fast_options(fast, dev)
     fast_options = FastOptions.resolve(fast)  # checked before the (slow) weight loading
     # a backend that cannot run here is refused now, not once per image later
     backends.require_backend(backend, dev)
@@ -283,7 +341,7 @@ def load(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = "au
                              + option("dtype='fp8'", "--dtype fp8"))
         warn_fp8_cpu(dev)
     else:
-        warn_slow_cpu_dtype(dev, dt)
+        warn_slow_cpu_dtype(dev, torch.bfloat16 if mixed else dt)
     if fast_options is not None and fast_asked and not dtype_given:
         warn_fp32_fast_on_gpu(dev)
 

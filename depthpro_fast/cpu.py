@@ -118,6 +118,16 @@ def half_precision_warning(dtype: torch.dtype) -> str | None:
     return None
 
 
+def cpu_default_precision(fast: bool = True) -> str:
+    """``dtype="auto"`` on this CPU: ``"bf16-mixed"`` where it has bf16 arithmetic and the fast
+    path runs (an fp32 model whose GEMMs and convolutions take bf16 inputs: the bf16 speed of
+    the arithmetic at fp32-level accuracy, MARE about 1e-5), ``"bfloat16"`` there on the
+    reference path (which has no mixed mode), else ``"float32"``."""
+    if not cpu_features().bf16:
+        return "float32"
+    return "bf16-mixed" if fast else "bfloat16"
+
+
 def fastest_cpu_dtype() -> torch.dtype:
     """The dtype a CPU forward should use by default: bf16 where the CPU has bf16 arithmetic
     (within the bf16 accuracy budget of ``depthpro_fast.accuracy``), else fp32."""

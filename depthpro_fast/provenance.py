@@ -132,10 +132,11 @@ def make_recipe(checkpoint: str | os.PathLike | None, *, config: Any, dtype: str
                 intrinsics: list[float] | None = None) -> Recipe:
     """The recipe of a run; ``checkpoint`` is a resolved path (never "auto") or None."""
     from . import __version__
-    from .api import DTYPES, is_fp8
+    from .api import DTYPES, is_bf16_mixed, is_fp8
 
     name, ident = config_identity(config)
-    dt = "fp8" if is_fp8(dtype) else str(DTYPES.get(dtype, dtype)).removeprefix("torch.")
+    dt = ("fp8" if is_fp8(dtype) else "bf16-mixed" if is_bf16_mixed(dtype)
+          else str(DTYPES.get(dtype, dtype)).removeprefix("torch."))
     if intrinsics is not None:
         focal = "given"
     elif f_px is not None:

@@ -106,7 +106,7 @@ class PredictOptions:
         from .commands.predict import resolve_dtype_choice, resolve_fast_choice
 
         return make_recipe(self.checkpoint, config=self.config,
-                           dtype=resolve_dtype_choice(self.dtype, device),
+                           dtype=resolve_dtype_choice(self.dtype, device, self.fast),
                            fast=resolve_fast_choice(self.fast, device, self.dtype) is not False,
                            f_px=self.f_px, ignore_exif=self.ignore_exif,
                            seed=self.seed if self.checkpoint is None else None,
@@ -148,7 +148,8 @@ class DepthProPredictor:
         loader = options.load or load
         self.model, self.transform = loader(
             options.checkpoint, config=options.config, device=device,
-            dtype=resolve_dtype_choice(options.dtype, device), backend=options.backend,
+            dtype=resolve_dtype_choice(options.dtype, device, options.fast),
+            backend=options.backend,
             fast=resolve_fast_choice(options.fast, device, options.dtype),
             **({"seed": options.seed} if options.checkpoint is None else {}))
         self.device = device

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from . import _ext, backends, checkpoint
-from .cpu import cpu_features, fastest_cpu_dtype
+from .cpu import cpu_default_precision, cpu_features
 
 
 def _version(dist: str) -> str | None:
@@ -55,7 +55,7 @@ def info() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "devices": devices,
         "cpu": {**cpu_features().as_dict(), "threads": torch.get_num_threads(),
-                "default_dtype": str(fastest_cpu_dtype()).removeprefix("torch.")},
+                "default_dtype": cpu_default_precision()},
         "extension": {"loaded": _ext.load() is not None, "why_not": _ext.unavailable_reason()},
         "backends": backend_report,
         "ops": backends.registered_ops(),

@@ -202,9 +202,17 @@ def test_default_variants():
         "reference eager", "reference torch.compile", "fast auto", "fast triton", "fast cuda",
         "fast auto + CUDA graph", "fast engine", "fast engine + CUDA graph",
         "transformers DepthPro", "onnxruntime", "openvino", "openvino", "fast engine",
-        "fast engine + CUDA graph", "fast engine"]
-    assert [v.dtype_label for v in cpu[-5:]] == ["fp32", "bf16", "fp8", "fp8", "bf16"]
-    assert {v.dtype for v in cpu[:-4]} == {torch.float32} and cpu[-1].dtype == torch.bfloat16
+        "fast engine + CUDA graph", "fast engine", "fast engine"]
+    assert [v.dtype_label for v in cpu[-6:]] == ["fp32", "bf16", "fp8", "fp8", "bf16",
+                                                 "bf16-mixed"]
+    assert {v.dtype for v in cpu[:-5]} == {torch.float32} and cpu[-2].dtype == torch.bfloat16
+    # bf16-mixed: the fp32 model with bf16 GEMM inputs; CPU only, and only when asked for
+    # once dtypes are named
+    assert cpu[-1].dtype == torch.float32 and cpu[-1].gemm_dtype == "bf16"
+    assert not any(v.gemm_dtype for v in default_variants(torch.device("cuda")))
+    named = default_variants(CPU, dtypes=[], bf16_mixed=True, fp8=False, compile=False,
+                             hf=False, onnxruntime=False, openvino=False)
+    assert [v.dtype_label for v in named] == ["bf16-mixed"]
     gpu = default_variants(torch.device("cuda"))  # a plan only: nothing touches CUDA
     names = [(v.name, dtype_name(v.dtype)) for v in gpu]
     for expected in [("reference eager", "fp32"), ("reference eager", "bf16"),
@@ -419,3 +427,28 @@ def test_engine_rows_first(monkeypatch):
         rows = runner.run(variants)
         assert ran == want
         assert [r.variant.name for r in rows] == [v.name for v in variants]
+
+
+def test_bf16_mixed_row_runs_with_fp32_level_accuracy(tmp_path):
+    """``--dtype bf16-mixed``: the fast engine's fp32 model with bf16 GEMM / conv inputs, timed
+    beside the fp32 reference; its error is far below bf16's and its JSON row says the mode."""
+    from depthpro_fast.cpu import cpu_features
+
+    (tmp_path / "micro.json").write_text(json.dumps(MICRO))
+    out = tmp_path / "r.json"
+    rc = main(["bench", "--config", str(tmp_path / "micro.json"), "--dtype", "fp32",
+               "bf16-mixed", "--runs", "1", "--warmup", "0", "--backends", "auto",
+               "--no-compile", "--no-openvino", "--no-onnxruntime", "--quiet",
+               "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    mixed = [r for r in rows if r["dtype"] == "bf16-mixed"]
+    assert len(mixed) == 1
+    if not cpu_features().bf16:  # emulated bf16 here: skipped, saying why
+        assert mixed[0]["status"] == "skipped"
+        assert "bf16-mixed times it anyway" in mixed[0]["reason"]
+        return
+    assert mixed[0]["status"] == "ok", mixed[0]["reason"]
+    assert 0 < mixed[0]["mare_vs_fp32_reference"] < 1e-3
+    with pytest.raises(SystemExit, match="precision mode of the whole model"):
+        main(["bench", "--micro", "--dtype", "bf16-mixed"])

@@ -208,11 +208,11 @@ def test_folder_run_corrupt_file_skip_and_overwrite(tmp_path, fake_model, capsys
     assert "broken.jpg" in captured.err and "corrupt" in captured.err
     assert "5 images: 4 written, 0 skipped (made the same way), 1 failed" in captured.out
     assert fake_model.loads[0][0] == "some.pt" and fake_model.loads[0][1]["config"] == "tiny"
-    # --dtype auto on a CPU: bf16 where it has bf16 arithmetic (AVX512_BF16 / AMX), else fp32
-    from depthpro_fast.cpu import fastest_cpu_dtype
+    # --dtype auto on a CPU (fast path): bf16-mixed where it has bf16 arithmetic (AVX512_BF16
+    # / AMX), else fp32
+    from depthpro_fast.cpu import cpu_default_precision
 
-    want = str(fastest_cpu_dtype()).removeprefix("torch.")
-    assert fake_model.loads[0][1]["dtype"] == want
+    assert fake_model.loads[0][1]["dtype"] == cpu_default_precision(True)
     assert sorted(fake_model.calls) == [2, 2]  # 4 readable images in batches of 2
 
     expected = ["a.jpg", "a.png", "sub/gray16", "sub/deeper/x"]
@@ -752,9 +752,10 @@ def test_second_ctrl_c_aborts_promptly_and_leaves_no_temporary_file(ctrl_c_run, 
 
 
 def test_cpu_defaults_fast_path_and_the_cpu_dtype(tmp_path, fake_model, capsys):
-    """Issue 14: on a CPU predict runs the fast path by default (--no-fast: the reference) and
-    --dtype auto is bf16 where the CPU has bf16 arithmetic, else fp32; the summary says which."""
-    from depthpro_fast.cpu import fastest_cpu_dtype
+    """On a CPU predict runs the fast path by default (--no-fast: the reference) and --dtype
+    auto is bf16-mixed where the CPU has bf16 arithmetic (bf16 with --no-fast), else fp32; the
+    summary says which."""
+    from depthpro_fast.cpu import cpu_default_precision
 
     img = tmp_path / "photo.png"
     Image.fromarray(noisy_rgb(10, 12)).save(img)
@@ -764,7 +765,7 @@ def test_cpu_defaults_fast_path_and_the_cpu_dtype(tmp_path, fake_model, capsys):
     assert cli.main(base) == 0
     kwargs = fake_model.loads[-1][1]
     assert kwargs["fast"] is True
-    assert kwargs["dtype"] == str(fastest_cpu_dtype()).removeprefix("torch.")
+    assert kwargs["dtype"] == cpu_default_precision(True)
     assert cli.main(base + ["--no-fast", "--dtype", "fp32"]) == 0
     assert fake_model.loads[-1][1]["fast"] is False
     assert "reference path, float32" in capsys.readouterr().out

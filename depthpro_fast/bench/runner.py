@@ -217,7 +217,8 @@ class Runner:
         model.set_backend(v.backend if v.path in ("fast", "engine") else "reference")
         if v.path == "engine":
             # the engine captures and replays its own CUDA graphs in mode "cudagraph"
-            model.prepare_fast({"cuda_graphs": v.mode == "cudagraph", "fp8": v.fp8})
+            model.prepare_fast({"cuda_graphs": v.mode == "cudagraph", "fp8": v.fp8,
+                                "gemm_dtype": v.gemm_dtype})
 
             def run_engine(x: torch.Tensor) -> Any:
                 with torch.no_grad():
@@ -303,6 +304,13 @@ class Runner:
                               "runs the same kernels)")
             if v.fp8:
                 self._check_fp8_row()
+            elif v.gemm_dtype is not None:
+                if cuda:
+                    raise SkipRow("bf16-mixed is a CPU mode (oneDNN's bf16 GEMMs and "
+                                  "convolutions); on a GPU the bf16 / fp16 rows are its match")
+                slow = half_precision_warning(torch.bfloat16)
+                if slow and "bf16-mixed" not in self.cpu_opt_in:
+                    raise SkipRow(f"{slow} (--dtype bf16-mixed times it anyway)")
             elif (not cuda and v.path in ("fast", "engine") and v.dtype != torch.float32
                     and dtype_name(v.dtype) not in self.cpu_opt_in):
                 slow = half_precision_warning(v.dtype)

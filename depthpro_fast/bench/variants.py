@@ -38,7 +38,9 @@ class Variant:
     OpenVINO export on its CPU plugin, ``bench/openvino_row.py``). ``mode``: ``eager``,
     ``compile`` (``torch.compile`` of the module) or ``cudagraph`` (one captured CUDA graph,
     replayed). ``fp8``: an ``engine`` row in the fp8 precision mode (``dtype`` is then the bf16
-    of the model around the e4m3 ViT GEMMs; the table says ``fp8``).
+    of the model around the e4m3 ViT GEMMs; the table says ``fp8``). ``gemm_dtype``: an
+    ``engine`` row of the fp32 model whose GEMMs and convolutions take bf16 inputs
+    (``FastOptions.gemm_dtype``; the table says ``bf16-mixed``).
     """
 
     path: str
@@ -46,10 +48,13 @@ class Variant:
     backend: str = "reference"
     mode: str = "eager"
     fp8: bool = False
+    gemm_dtype: str | None = None
 
     @property
     def dtype_label(self) -> str:
-        """The dtype column: ``fp32`` / ``bf16`` / ``fp16``, or ``fp8``."""
+        """The dtype column: ``fp32`` / ``bf16`` / ``fp16``, ``fp8`` or ``bf16-mixed``."""
+        if self.gemm_dtype is not None:
+            return f"{self.gemm_dtype}-mixed"
         return "fp8" if self.fp8 else dtype_name(self.dtype)
 
     @property
@@ -85,7 +90,8 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
                      compile: bool | None = None, cuda_graph: bool | None = None,
                      hf: bool | None = None, fp8: bool | None = None,
                      onnxruntime: bool | None = None,
-                     openvino: bool | None = None) -> list[Variant]:
+                     openvino: bool | None = None,
+                     bf16_mixed: bool | None = None) -> list[Variant]:
     """The rows of ``depthpro-fast bench``.
 
     GPU: the reference eager in fp32, bf16 and fp16; ``torch.compile`` of the reference, the
@@ -101,7 +107,9 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
     out;
     ``dtypes`` puts every row in each of the given dtypes instead. ``fp8``: the fast engine in
     the fp8 mode (eager and with its CUDA graphs; default: on, unless ``dtypes`` are given; the
-    runner skips them, saying why, below compute capability 8.9 and on a CPU).
+    runner skips them, saying why, below compute capability 8.9 and on a CPU). ``bf16_mixed``:
+    the fast engine in the bf16-mixed mode (an fp32 model, bf16 GEMM and conv inputs; default:
+    on a CPU unless ``dtypes`` are given; CPU only, skipped where bf16 would be emulated).
     """
     gpu = device.type == "cuda"
     if dtypes is not None:  # (an empty list with fp8: only the fp8 rows)
@@ -157,6 +165,9 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
         # the fast engine in bf16 too: the fastest CPU path where the CPU has bf16 arithmetic
         # (the runner skips it, saying why, where it has not)
         rows.append(Variant("engine", torch.bfloat16, backend=engine_backend))
+    if (bf16_mixed if bf16_mixed is not None else not gpu and dtypes is None) and fast_backends:
+        # the CPU's default low precision: bf16 arithmetic at fp32-level accuracy
+        rows.append(Variant("engine", torch.float32, backend=engine_backend, gemm_dtype="bf16"))
     return rows
 
 

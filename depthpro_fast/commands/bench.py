@@ -36,7 +36,8 @@ import time
 from ..install_hints import EXPORT_HINT, OPENVINO_HINT
 
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-           "fp16": "float16", "float16": "float16", "half": "float16", "fp8": "fp8"}
+           "fp16": "float16", "float16": "float16", "half": "float16", "fp8": "fp8",
+           "bf16-mixed": "bf16-mixed"}
 _FAST_BACKENDS = ("auto", "triton", "cuda")
 # On a CPU, configs above this many FLOPs per image get 2 timed runs by default (not 3).
 CPU_BIG_MODEL_FLOPS = 1e12
@@ -90,8 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", nargs="+", choices=sorted(_DTYPES), default=None,
                         help="time every row in these dtypes (default: GPU reference in fp32, "
                              "bf16 and fp16, the other rows in bf16, and the fast engine in fp8 "
-                             "(e4m3 ViT GEMMs; skipped below compute capability 8.9); CPU fp32; "
-                             "fp8: the fast engine's fp8 rows only)")
+                             "(e4m3 ViT GEMMs; skipped below compute capability 8.9); CPU fp32, "
+                             "the fast engine in bf16 and bf16-mixed; fp8 / bf16-mixed: the fast "
+                             "engine's rows in that mode only)")
     parser.add_argument("--backends", nargs="+", choices=_FAST_BACKENDS, default=None,
                         help="fast-path backends to time (default: auto triton cuda; on a CPU "
                              "the Triton interpreter is timed only when named here)")
@@ -148,6 +150,11 @@ def _run_micro(args: argparse.Namespace) -> int:
     argv = ["--device", args.device] if args.device else []
     if args.dtype:
         names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+        modes = sorted({d for d in args.dtype if _DTYPES[d] not in names})
+        if modes:
+            raise SystemExit(f"bench --micro: --dtype {' '.join(modes)} is a precision mode of "
+                             "the whole model, not a dtype of the micro-benchmarks; accepted "
+                             "there: fp32, bf16, fp16")
         argv += ["--dtype", *dict.fromkeys(names[_DTYPES[d]] for d in args.dtype)]
     for flag, value in (("--runs", args.runs), ("--warmup", args.warmup),
                         ("--json", args.json)):
@@ -204,11 +211,12 @@ def _run(args: argparse.Namespace) -> int:
     cfg = resolve_config(config_arg)
     config_name = config_arg if config_arg in PRESETS else os.path.basename(config_arg)
     dtypes = None
-    fp8 = None
+    fp8 = bf16_mixed = None
     if args.dtype:
         fp8 = any(_DTYPES[d] == "fp8" for d in args.dtype)
+        bf16_mixed = any(_DTYPES[d] == "bf16-mixed" for d in args.dtype)
         dtypes = list(dict.fromkeys(resolve_dtype(_DTYPES[d]) for d in args.dtype
-                                    if _DTYPES[d] != "fp8"))
+                                    if _DTYPES[d] not in ("fp8", "bf16-mixed")))
 
     flop_report = count_flops(cfg)
     flops_per_image = flop_report.per_image
@@ -221,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
                                    fast_backends=tuple(args.backends or _FAST_BACKENDS),
                                    compile=args.compile, cuda_graph=args.cuda_graph, hf=args.hf,
                                    fp8=fp8, onnxruntime=args.onnxruntime,
-                                   openvino=args.openvino)
+                                   openvino=args.openvino, bf16_mixed=bf16_mixed)
     env = environment(device)
     params = count_parameters(_meta_model(cfg))
 
@@ -237,7 +245,8 @@ def _run(args: argparse.Namespace) -> int:
                        allow_interpreter=args.backends is not None,
                        cpu_opt_in=[k for k in ("compile", "hf", "onnxruntime", "openvino")
                                    if getattr(args, k)]
-                       + [dtype_name(dt) for dt in dtypes or []] + (["fp8"] if fp8 else []),
+                       + [dtype_name(dt) for dt in dtypes or []] + (["fp8"] if fp8 else [])
+                       + (["bf16-mixed"] if bf16_mixed else []),
                        # no extra untimed forward for the accuracy columns where one takes
                        # minutes (the official model on a CPU without warm-up)
                        accuracy=gpu or not big,

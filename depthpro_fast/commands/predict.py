@@ -50,7 +50,8 @@ from .predict_video import (
 )
 
 DEFAULT_SAVE = "npz,color"
-DTYPE_CHOICES = ["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16", "fp8"]
+DTYPE_CHOICES = ["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16",
+                 "bf16-mixed", "fp8"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,9 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun "
                              "cuda:LOCAL_RANK)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                        help="auto = float16 on CUDA (as the official CLI); on a CPU bfloat16 "
-                             "where it has bf16 arithmetic (AVX512_BF16 / AMX), else float32 "
-                             "(`depthpro-fast info` says which); fp8 = the fast path's fp8 mode "
+                        help="auto = float16 on CUDA (as the official CLI); on a CPU "
+                             "bf16-mixed where it has bf16 arithmetic (AVX512_BF16 / AMX; "
+                             "bfloat16 with --no-fast), else float32 (`depthpro-fast info` says "
+                             "which); bf16-mixed = an fp32 model whose GEMMs and convolutions "
+                             "take bf16 inputs (CPU fast path; about 1e-5 from fp32, bf16 about "
+                             "1e-3); fp8 = the fast path's fp8 mode "
                              "(e4m3 ViT GEMMs, bf16 elsewhere; CUDA compute capability >= 8.9, "
                              "an emulation for tests on a CPU; implies --fast)")
     parser.add_argument("--backend", default="auto",
@@ -250,20 +254,21 @@ def resolve_checkpoint(choice: str | None) -> str | None:
     return os.fspath(find_checkpoint())
 
 
-def _resolve_dtype(dtype: str, device: Any) -> str:
+def _resolve_dtype(dtype: str, device: Any, fast: bool | None = None) -> str:
+    """``--dtype`` with ``auto`` resolved (``depthpro_fast.api.auto_precision``'s rule)."""
     if dtype != "auto":
         return dtype
     if device.type == "cuda":
         return "float16"
-    from ..cpu import fastest_cpu_dtype
+    from ..cpu import cpu_default_precision
 
-    return str(fastest_cpu_dtype()).removeprefix("torch.")
+    return cpu_default_precision(fast is not False)
 
 
 def _resolve_fast(fast: bool | None, device: Any, dtype: str = "") -> bool | None:
     """``--fast`` / ``--no-fast``, or by default: on for a CPU, off on CUDA; for fp8 (the fast
     path's mode) the default is None, which load() turns on (and --no-fast it refuses)."""
-    if dtype == "fp8" and fast is None:
+    if dtype in ("fp8", "bf16-mixed") and fast is None:
         return None
     return device.type == "cpu" if fast is None else fast
 
@@ -346,7 +351,7 @@ def _run(args: argparse.Namespace) -> int:
         named, clips = split_clips(named)  # videos: depthpro_fast.video, one folder each
         # what this run would make, known before the model loads: the resume rule needs it
         checkpoint = resolve_checkpoint(checkpoint)
-        dtype = _resolve_dtype(args.dtype, device)
+        dtype = _resolve_dtype(args.dtype, device, args.fast)
         fast = _resolve_fast(args.fast, device, args.dtype)
         recipe = make_recipe(checkpoint, config=args.config, dtype=dtype,
                              fast=fast is not False, f_px=args.f_px,
@@ -399,6 +404,8 @@ def _run(args: argparse.Namespace) -> int:
             engine = getattr(model, "fast_engine", None)
             if engine is not None and engine.options.fp8:
                 dtype_used = "fp8 (e4m3 ViT GEMMs, bfloat16 elsewhere)"
+            elif engine is not None and engine.options.gemm_dtype == "bf16":
+                dtype_used = "bf16-mixed (bf16 GEMM and conv inputs, float32 elsewhere)"
             head = (f"model loaded in {load_s:.1f} s on {device} ({weights}{path}, "
                     f"{dtype_used}, {model.backend} backend); ")
         else:  # every output exists and was made the same way: no model to load
