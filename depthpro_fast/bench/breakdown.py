@@ -18,6 +18,7 @@ the wall clock saw beyond it is reported as ``unaccounted``.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,26 +48,28 @@ class Profiled:
     root: Event
     wall_ms: float
     op_bytes: list[int]
-    #: wall time of an unprofiled forward just before (None: not measured)
+    #: median wall time of the unprofiled forwards just before (None: not measured)
     unprofiled_ms: float | None = None
 
 
 def profile_forward(fn: Callable[[torch.Tensor], Any], model: torch.nn.Module,
                     inputs: Sequence[torch.Tensor], *, warmup: int = 1,
-                    unprofiled: bool = True) -> Profiled:
-    """``warmup`` forwards, an unprofiled timed one (when ``unprofiled``), then one forward
-    under the profiler with the breakdown's labels installed. CPU only: on a GPU the
-    profiler's CPU times would be launch times."""
+                    unprofiled: int = 1) -> Profiled:
+    """``warmup`` forwards, ``unprofiled`` timed ones (their median is ``unprofiled_ms``: what
+    the profiler added is the difference), then one forward under the profiler with the
+    breakdown's labels installed. CPU only: on a GPU the profiler's CPU times would be launch
+    times."""
     from torch.profiler import ProfilerActivity, profile
 
     x = inputs[-1]
     for i in range(warmup):
         fn(inputs[i % len(inputs)])
-    plain = None
-    if unprofiled:
+    times = []
+    for _ in range(unprofiled):
         t0 = time.perf_counter()
         fn(x)
-        plain = (time.perf_counter() - t0) * 1e3
+        times.append((time.perf_counter() - t0) * 1e3)
+    plain = statistics.median(times) if times else None
     with labels(model) as log, profile(activities=[ProfilerActivity.CPU],
                                        record_shapes=True) as prof:
         t0 = time.perf_counter()

@@ -115,24 +115,22 @@ def _matmul_flops(a: list[int], b: list[int]) -> int:
     return 2 * batch * m * k * n
 
 
-def _conv_flops(e: Event, is_transposed: bool, stride_i: int, pad_i: int, dil_i: int) -> int:
+def _conv_flops(e: Event, is_transposed: bool, stride_i: int, pad_i: int,
+                dil_i: int) -> int | None:
+    """FLOPs of a convolution event, or None when its arguments were not all recorded (the
+    ``padding="same"`` overload records no padding: the ``convolution`` below it counts)."""
     x, w = _shape(e, 0), _shape(e, 1)
     if not x or not w:
-        return 0
-    spatial = len(w) - 2
+        return None
     if is_transposed:  # weight (Cin, Cout/g, k...): every input pixel scatters through the kernel
         return 2 * _prod(x) * _prod(w[1:])
-    stride = _pair(_concrete(e, stride_i, 1), spatial)
-    padding = _concrete(e, pad_i, 0)
-    dilation = _pair(_concrete(e, dil_i, 1), spatial)
-    if isinstance(padding, str):  # conv2d.padding: "same" (stride 1) or "valid"
-        pad_same = padding == "same"
-        out = [x[2 + i] if pad_same else x[2 + i] - dilation[i] * (w[2 + i] - 1)
-               for i in range(spatial)]
-    else:
-        pad = _pair(padding, spatial)
-        out = [(x[2 + i] + 2 * pad[i] - dilation[i] * (w[2 + i] - 1) - 1) // stride[i] + 1
-               for i in range(spatial)]
+    spatial = len(w) - 2
+    raw = [e.concrete[i] if i < len(e.concrete) else None for i in (stride_i, pad_i, dil_i)]
+    if any(v is None for v in raw):
+        return None
+    stride, pad, dilation = (_pair(v, spatial) for v in raw)
+    out = [(x[2 + i] + 2 * pad[i] - dilation[i] * (w[2 + i] - 1) - 1) // stride[i] + 1
+           for i in range(spatial)]
     # weight (Cout, Cin/g, k...): 2 x batch x Cout x out pixels x Cin/g x kernel
     return 2 * x[0] * _prod(w) * _prod(out)
 

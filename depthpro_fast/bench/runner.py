@@ -393,6 +393,10 @@ class Runner:
         if not cuda and v.path == "fast" and self.cpu_engine_rows_only:
             raise SkipRow("on a CPU at this size only with --backends (the fast engine row "
                           "runs the same kernels)")
+        gemm_dtype = v.fast_options.get("gemm_dtype")
+        if gemm_dtype is not None and v.dtype != torch.float32:
+            raise SkipRow(f"gemm_dtype={gemm_dtype!r} rounds an fp32 model's GEMM inputs (the "
+                          "fp32 rows only)")
         if v.fp8:
             self._check_fp8_row()
         elif (not cuda and v.path in ("fast", "engine") and v.dtype != torch.float32

@@ -3,9 +3,10 @@ against a floor measured in the same process (``depthpro_fast/bench/breakdown.py
 
 The rows are the bench's own (``bench/variants.py``: ``--dtype``, ``--backends``,
 ``--fast-options``), eager paths only (reference, fast, fast engine), on a CPU; each gets
-``--warmup`` forwards (default 1), one unprofiled timed forward (``--runs 0``: none; the
-default on models above 1 TFLOP per image, where a forward takes minutes) and one profiled
-forward. ``--breakdown engine`` (or ``reference``, ``fast``) keeps the rows of those paths.
+``--warmup`` forwards (default 1), ``--runs`` unprofiled timed forwards (default 1; none on
+models above 1 TFLOP per image, where a forward takes minutes: the median tells what the
+profiler added) and one profiled forward. ``--breakdown engine`` (or ``reference``, ``fast``)
+keeps the rows of those paths.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace, *, dtypes_arg: dict[str, str],
             # how much of the CPU this process got meanwhile (a shared machine distorts times)
             with machine_load.Span(reader, torch.get_num_threads()) as span:
                 profiled = profile_forward(fn, module, runner.inputs(v.dtype, b),
-                                           warmup=warmup, unprofiled=runs > 0)
+                                           warmup=warmup, unprofiled=runs)
             elem = torch.empty((), dtype=v.dtype).element_size()
             data = breakdown(profiled, floor, row=_row_info(v, b),
                              expected_flops=flop_by_batch[b].by_stage(), list_elem=elem)
