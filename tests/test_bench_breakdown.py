@@ -101,6 +101,12 @@ def test_categories_add_up_to_the_forward(engine_run):
     gemm = _category(data, "vit_gemm")
     assert gemm["floor_ms"] == pytest.approx(gemm["flops"] / 100e9 * 1e3)
     assert gemm["gap_ms"] == pytest.approx(gemm["time_ms"] - gemm["floor_ms"])
+    conv = _category(data, "conv")  # which ops the time went to
+    assert conv["top_ops"][0]["op"] == "aten::conv2d"
+    assert sum(o["calls"] for o in conv["top_ops"]) <= conv["ops"]
+    merge = _category(data, "merge")  # a labelled op: the ops it ran, and its Python
+    assert {o["op"] for o in merge["top_ops"]} & {"(Python in ops.merge_patches)"}
+    assert sum(o["time_ms"] for o in merge["top_ops"]) <= merge["time_ms"] + 1e-6
     split = _category(data, "split")  # memory-bound: bytes of the op's input and windows
     assert split["bytes"] >= 4 * 3 * (IMG_SIZE ** 2 + 35 * 384 ** 2)
     assert split["floor_ms"] == pytest.approx(split["bytes"] / 10e9 * 1e3)
@@ -350,7 +356,8 @@ def test_cli_prints_the_table(cli_run):
     assert "Where the time goes: fast engine fp32, batch 1" in text
     assert "floor, measured now" in text and "GFLOP/s" in text and "GB/s" in text
     for label in ("ViT GEMMs", "attention", "convolutions", "split (patch windows)",
-                  "sum of the categories", "unaccounted", "gap ms", "patch encoder"):
+                  "sum of the categories", "unaccounted", "gap ms", "patch encoder",
+                  "the ops of the three largest gaps"):
         assert label in text, label
     assert "reference eager" not in text  # --breakdown engine: the engine's rows only
     assert ("machine during this row" in text
@@ -371,7 +378,8 @@ def test_cli_json_schema(cli_run):
         assert c["key"] in keys
         assert {"label", "time_ms", "share", "ops", "flops", "flops_by_dtype",
                 "gflops_achieved", "bytes", "gbs_achieved", "floor_kind", "floor_ms",
-                "floor_basis", "gap_ms"} <= set(c)
+                "floor_basis", "gap_ms", "top_ops"} <= set(c)
+        assert all({"op", "time_ms", "calls"} == set(o) for o in c["top_ops"])
     for s in row["stages"]:
         assert {"stage", "time_ms", "share", "flops", "flops_expected", "flops_ratio"} <= set(s)
 

@@ -93,6 +93,15 @@ def aggregate(root: Event, op_bytes: Sequence[int] = (), *, list_elem: int = 4,
         categories[category].add(time_us, fl, n_bytes, ops)
         stages.setdefault(stage, Tally()).add(time_us, fl, n_bytes, ops)
 
+    def inside(e: Event, tally: Tally, python: str) -> None:
+        """The ops a labelled op ran (by name), its Python as ``python``."""
+        tally.add_op(python, e.self_us, 0)
+        for c in e.children:
+            if c.is_op():
+                tally.add_op(c.name, c.total_us)
+            else:
+                inside(c, tally, python)
+
     def visit(e: Event, stage: str) -> None:
         label = parse_label(e.name)
         if label is not None and label[0] == "op":
@@ -102,18 +111,22 @@ def aggregate(root: Event, op_bytes: Sequence[int] = (), *, list_elem: int = 4,
                 for dt, n in flops_by_dtype(c).items():
                     fl[dt] = fl.get(dt, 0) + n
             ideal = op_bytes[index] if index is not None and index < len(op_bytes) else 0
-            add(scope_category(op, stage), stage, e.total_us, fl, ideal, 1)
+            category = scope_category(op, stage)
+            add(category, stage, e.total_us, fl, ideal, 1)
+            inside(e, categories[category], f"(Python in ops.{op})")
             return
         if label is not None or not e.is_op():
             # the root, a stage, or another range: its own time is Python between ops
             if label is not None and label[0] == "stage":
                 stage = label[1]
             add("python", stage, e.self_us)
+            categories["python"].add_op(f"(in {stage})", e.self_us)
             for c in e.children:
                 visit(c, stage)
             return
-        add(classify(e, None if stage == BETWEEN else stage), stage, e.total_us,
-            flops_by_dtype(e), bytes_moved(e, list_elem), 1)
+        category = classify(e, None if stage == BETWEEN else stage)
+        add(category, stage, e.total_us, flops_by_dtype(e), bytes_moved(e, list_elem), 1)
+        categories[category].add_op(e.name, e.total_us)
 
     visit(root, BETWEEN)
     return categories, stages
@@ -163,7 +176,7 @@ def breakdown(profiled: Profiled, floor: Floor, *, row: Mapping[str, Any] | None
             "bytes": t.bytes,
             "gbs_achieved": t.bytes / (ms * 1e6) if t.bytes and ms > 0 else None,
             "floor_kind": FLOOR_KIND[key], "floor_ms": floor_ms, "floor_basis": basis,
-            "gap_ms": ms - floor_ms})
+            "gap_ms": ms - floor_ms, "top_ops": t.top_ops()})
     rows.sort(key=lambda r: -r["gap_ms"])
     stage_rows = []
     for name, t in stages.items():
@@ -209,6 +222,11 @@ def format_breakdown(data: Mapping[str, Any]) -> str:
                  f"({100 * (data['unaccounted_share'] or 0):.1f} %)")
     lines.append(f"{'floor (all categories)':<46} {data['floor_ms']:>9.1f}   "
                  f"{data['flops'] / 1e9:.2f} GFLOP")
+    lines.append("the ops of the three largest gaps:")
+    for r in data["categories"][:3]:
+        ops = ", ".join(f"{o['op']} {o['time_ms']:.1f} ms ({o['calls']}x)"
+                        for o in r.get("top_ops", [])[:3])
+        lines.append(f"  {r['label']}: {ops}")
     if data.get("unprofiled_ms") is not None:
         lines.append(f"unprofiled forward just before: {data['unprofiled_ms']:.1f} ms (the "
                      f"profiler added {100 * (wall / data['unprofiled_ms'] - 1):+.0f} %)")

@@ -283,6 +283,8 @@ class Tally:
     ops: int = 0
     #: FLOPs by the dtype they ran in (for the floor: each at its own peak rate)
     flops_by_dtype: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: op name -> [time in us, calls]: which ops the time went to
+    by_op: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     @property
     def flops(self) -> int:
@@ -295,3 +297,13 @@ class Tally:
         self.ops += ops
         for dt, n in (flops_by_dtype or {}).items():
             self.flops_by_dtype[dt] = self.flops_by_dtype.get(dt, 0) + n
+
+    def add_op(self, name: str, time_us: float, calls: int = 1) -> None:
+        entry = self.by_op.setdefault(name, [0.0, 0])
+        entry[0] += time_us
+        entry[1] += calls
+
+    def top_ops(self, n: int = 5) -> list[dict[str, float | int | str]]:
+        """The ``n`` ops that took the most time: ``{"op", "time_ms", "calls"}``."""
+        ranked = sorted(self.by_op.items(), key=lambda kv: -kv[1][0])[:n]
+        return [{"op": op, "time_ms": t / 1e3, "calls": int(c)} for op, (t, c) in ranked]

@@ -24,6 +24,11 @@ The fp32 reference rows (the accuracy reference) run with TF32 off in cuBLAS and
 cuDNN default is TF32); the table's note and the JSON's ``tf32`` field say so. The "1st call
 c/w" column is the time to first depth map of a fresh model, cold (a new process) and warm (a
 second fresh model in it): ``depthpro_fast/bench/first_call.py`` says exactly what is timed.
+
+``--breakdown`` profiles one CPU forward per row instead and splits its time by category and
+stage against a floor measured in the same run (``commands/bench_breakdown.py``,
+``bench/breakdown.py``); ``--fast-options`` runs the fast engine rows once per set of
+``FastOptions`` fields (e.g. ``gemm_dtype="bf16"``).
 """
 
 from __future__ import annotations
