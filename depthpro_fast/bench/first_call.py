@@ -32,7 +32,7 @@ import torch
 
 from .runner import RowResult, Runner
 from .timing import dtype_name, synchronize, tf32_disabled
-from .variants import Variant
+from .variants import Variant, fast_options_key
 
 #: ``--first-call`` choices of ``depthpro-fast bench``.
 MODES = ("default", "engine", "all", "none")
@@ -96,7 +96,8 @@ def in_subprocess(config: str, device: torch.device, v: Variant, batch: int, *, 
     argv = [sys.executable, "-m", "depthpro_fast.bench.first_call", "--config", config,
             "--device", str(device), "--path", v.path, "--backend", v.backend,
             "--mode", v.mode, "--dtype", dtype_name(v.dtype), "--batch", str(batch),
-            "--seed", str(seed)] + (["--fp8"] if v.fp8 else [])
+            "--seed", str(seed)] + (["--fp8"] if v.fp8 else []) + (
+                ["--fast-options", v.options] if v.options else [])
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="depthpro_fast-first-call-") as tmp:
         if empty_disk_caches:
@@ -166,12 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mode", choices=("eager", "compile", "cudagraph"), default="eager")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     p.add_argument("--fp8", action="store_true")
+    p.add_argument("--fast-options", default="", metavar="JSON",
+                   help="the fast engine row's further FastOptions fields")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    options = fast_options_key(json.loads(args.fast_options)) if args.fast_options else ""
     v = Variant(args.path, _DTYPES[args.dtype], backend=args.backend, mode=args.mode,
-                fp8=args.fp8)
+                fp8=args.fp8, options=options)
     runner = Runner(resolve_config(args.config), device, batches=[args.batch], runs=1,
                     warmup=0, seed=args.seed, allow_interpreter=True, accuracy=False)
     if v.tf32_off:

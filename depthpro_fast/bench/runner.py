@@ -82,6 +82,8 @@ class RowResult:
             "tf32": self.tf32, "first_call_cold_ms": self.first_call_cold_ms,
             "first_call_warm_ms": self.first_call_warm_ms,
         }
+        if v.options:
+            d["fast_options"] = v.fast_options
         if self.first_call_error:
             d["first_call_error"] = self.first_call_error
         if self.engine is not None:
@@ -217,8 +219,8 @@ class Runner:
         model.set_backend(v.backend if v.path in ("fast", "engine") else "reference")
         if v.path == "engine":
             # the engine captures and replays its own CUDA graphs in mode "cudagraph"
-            model.prepare_fast({"cuda_graphs": v.mode == "cudagraph", "fp8": v.fp8,
-                                "gemm_dtype": v.gemm_dtype})
+            model.prepare_fast({**v.fast_options, "cuda_graphs": v.mode == "cudagraph",
+                                "fp8": v.fp8})
 
             def run_engine(x: torch.Tensor) -> Any:
                 with torch.no_grad():
@@ -284,67 +286,7 @@ class Runner:
         cuda = self.device.type == "cuda"
         cleanup: Callable[[], None] = lambda: None  # noqa: E731
         try:
-            if v.path in ("fast", "engine"):
-                ok, why = backends.backend_status(v.backend, self.device)
-                if not ok:
-                    raise SkipRow(f"backend {v.backend!r} unavailable: {why}")
-                if (v.backend == "triton" and self.device.type == "cpu"
-                        and not self.allow_interpreter):
-                    raise SkipRow("on a CPU Triton runs in its interpreter, which is a "
-                                  "correctness tool, not a performance path")
-                row.ops = resolved_ops(v.backend, self.device)
-                if (self.skip_same_as_reference and v.mode == "eager" and v.path == "fast"
-                        and all(b == "reference" for b in row.ops.values())):
-                    raise SkipRow(f"{v.backend} runs the reference for every op on "
-                                  f"{self.device.type} (timed in the reference row)")
-            elif v.path == "reference":
-                row.ops = {op: "reference" for op in OPS}
-            if not cuda and v.path == "fast" and self.cpu_engine_rows_only:
-                raise SkipRow("on a CPU at this size only with --backends (the fast engine row "
-                              "runs the same kernels)")
-            if v.fp8:
-                self._check_fp8_row()
-            elif v.gemm_dtype is not None:
-                if cuda:
-                    raise SkipRow("bf16-mixed is a CPU mode (oneDNN's bf16 GEMMs and "
-                                  "convolutions); on a GPU the bf16 / fp16 rows are its match")
-                slow = half_precision_warning(torch.bfloat16)
-                if slow and "bf16-mixed" not in self.cpu_opt_in:
-                    raise SkipRow(f"{slow} (--dtype bf16-mixed times it anyway)")
-            elif (not cuda and v.path in ("fast", "engine") and v.dtype != torch.float32
-                    and dtype_name(v.dtype) not in self.cpu_opt_in):
-                slow = half_precision_warning(v.dtype)
-                if slow:
-                    raise SkipRow(f"{slow} (--dtype {dtype_name(v.dtype)} times it anyway)")
-            if v.mode == "cudagraph" and not cuda:
-                raise SkipRow("CUDA graphs need a CUDA device")
-            if v.path == "hf" and hf_unavailable(self.config):
-                raise SkipRow(hf_unavailable(self.config))
-            if not cuda and v.mode == "compile" and "compile" not in self.cpu_opt_in:
-                raise SkipRow("on a CPU only with --compile (compilation takes minutes)")
-            if not cuda and v.path == "hf" and "hf" not in self.cpu_opt_in:
-                raise SkipRow("on a CPU only with --hf (one more full forward)")
-            if v.path == "onnxruntime":
-                from .onnxruntime_row import onnxruntime_unavailable
-
-                why = onnxruntime_unavailable(self.device)
-                if why:
-                    raise SkipRow(why)
-                if not cuda and "onnxruntime" not in self.cpu_opt_in:
-                    raise SkipRow("on a CPU only with --onnxruntime (an ONNX export, then "
-                                  "its forwards)")
-            if v.path == "openvino":
-                from .openvino_row import openvino_unavailable
-
-                why = openvino_unavailable(self.device)
-                if why:
-                    raise SkipRow(why)
-                if "openvino" not in self.cpu_opt_in:
-                    raise SkipRow("on a CPU only with --openvino (an OpenVINO export, then "
-                                  "its forwards)")
-                slow = half_precision_warning(v.dtype)
-                if slow:
-                    raise SkipRow(f"{slow} (OpenVINO would compute in f32)")
+            row.ops = self.admit(v, row)
             if v.path == "hf":
                 self._free()  # make room: transformers' model is built in _callable
             else:  # built before the memory baseline: weights added below
@@ -421,6 +363,84 @@ class Runner:
             except Exception:  # noqa: BLE001  (a poisoned context fails here too)
                 pass
         return row
+
+    def admit(self, v: Variant, row: RowResult | None = None) -> dict[str, str] | None:
+        """Whether row ``v`` runs here: raises ``SkipRow`` with the reason when it cannot (or,
+        on a CPU, runs only when asked for); else returns the implementation of each op it
+        reports (None for rows of other runtimes). ``row.ops`` is set as soon as they are
+        known (a row skipped after that still reports them)."""
+        cuda = self.device.type == "cuda"
+        ops = None
+        if v.path in ("fast", "engine"):
+            ok, why = backends.backend_status(v.backend, self.device)
+            if not ok:
+                raise SkipRow(f"backend {v.backend!r} unavailable: {why}")
+            if (v.backend == "triton" and self.device.type == "cpu"
+                    and not self.allow_interpreter):
+                raise SkipRow("on a CPU Triton runs in its interpreter, which is a "
+                              "correctness tool, not a performance path")
+            ops = resolved_ops(v.backend, self.device)
+            if row is not None:
+                row.ops = ops
+            if (self.skip_same_as_reference and v.mode == "eager" and v.path == "fast"
+                    and all(b == "reference" for b in ops.values())):
+                raise SkipRow(f"{v.backend} runs the reference for every op on "
+                              f"{self.device.type} (timed in the reference row)")
+        elif v.path == "reference":
+            ops = {op: "reference" for op in OPS}
+            if row is not None:
+                row.ops = ops
+        if not cuda and v.path == "fast" and self.cpu_engine_rows_only:
+            raise SkipRow("on a CPU at this size only with --backends (the fast engine row "
+                          "runs the same kernels)")
+        gemm_dtype = v.fast_options.get("gemm_dtype")
+        if gemm_dtype is not None and v.dtype != torch.float32:
+            raise SkipRow(f"gemm_dtype={gemm_dtype!r} rounds an fp32 model's GEMM inputs (the "
+                          "fp32 rows only)")
+        if v.fp8:
+            self._check_fp8_row()
+        elif gemm_dtype is not None:
+            if cuda:
+                raise SkipRow("bf16-mixed (gemm_dtype) is a CPU mode (oneDNN's bf16 GEMMs and "
+                              "convolutions); on a GPU the bf16 / fp16 rows are its match")
+            slow = half_precision_warning(torch.bfloat16)
+            if slow and "bf16-mixed" not in self.cpu_opt_in:
+                raise SkipRow(f"{slow} (--dtype bf16-mixed times it anyway)")
+        elif (not cuda and v.path in ("fast", "engine") and v.dtype != torch.float32
+                and dtype_name(v.dtype) not in self.cpu_opt_in):
+            slow = half_precision_warning(v.dtype)
+            if slow:
+                raise SkipRow(f"{slow} (--dtype {dtype_name(v.dtype)} times it anyway)")
+        if v.mode == "cudagraph" and not cuda:
+            raise SkipRow("CUDA graphs need a CUDA device")
+        if v.path == "hf" and hf_unavailable(self.config):
+            raise SkipRow(hf_unavailable(self.config))
+        if not cuda and v.mode == "compile" and "compile" not in self.cpu_opt_in:
+            raise SkipRow("on a CPU only with --compile (compilation takes minutes)")
+        if not cuda and v.path == "hf" and "hf" not in self.cpu_opt_in:
+            raise SkipRow("on a CPU only with --hf (one more full forward)")
+        if v.path == "onnxruntime":
+            from .onnxruntime_row import onnxruntime_unavailable
+
+            why = onnxruntime_unavailable(self.device)
+            if why:
+                raise SkipRow(why)
+            if not cuda and "onnxruntime" not in self.cpu_opt_in:
+                raise SkipRow("on a CPU only with --onnxruntime (an ONNX export, then "
+                              "its forwards)")
+        if v.path == "openvino":
+            from .openvino_row import openvino_unavailable
+
+            why = openvino_unavailable(self.device)
+            if why:
+                raise SkipRow(why)
+            if "openvino" not in self.cpu_opt_in:
+                raise SkipRow("on a CPU only with --openvino (an OpenVINO export, then "
+                              "its forwards)")
+            slow = half_precision_warning(v.dtype)
+            if slow:
+                raise SkipRow(f"{slow} (OpenVINO would compute in f32)")
+        return ops
 
     def _check_fp8_row(self) -> None:
         """An fp8 row runs where FP8 GEMMs do (compute capability >= 8.9); on a CPU, where it

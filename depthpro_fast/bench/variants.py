@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -38,9 +40,9 @@ class Variant:
     OpenVINO export on its CPU plugin, ``bench/openvino_row.py``). ``mode``: ``eager``,
     ``compile`` (``torch.compile`` of the module) or ``cudagraph`` (one captured CUDA graph,
     replayed). ``fp8``: an ``engine`` row in the fp8 precision mode (``dtype`` is then the bf16
-    of the model around the e4m3 ViT GEMMs; the table says ``fp8``). ``gemm_dtype``: an
-    ``engine`` row of the fp32 model whose GEMMs and convolutions take bf16 inputs
-    (``FastOptions.gemm_dtype``; the table says ``bf16-mixed``).
+    of the model around the e4m3 ViT GEMMs; the table says ``fp8``). ``options``: an ``engine``
+    row's further ``FastOptions`` fields as canonical JSON (``fast_options_key``; "" none),
+    e.g. ``{"gemm_dtype": "bf16"}``: the fp32 model with bf16 GEMM inputs.
     """
 
     path: str
@@ -48,12 +50,23 @@ class Variant:
     backend: str = "reference"
     mode: str = "eager"
     fp8: bool = False
-    gemm_dtype: str | None = None
+    options: str = ""
+
+    @property
+    def fast_options(self) -> dict[str, Any]:
+        """The ``FastOptions`` fields of ``options`` (empty: the engine's defaults)."""
+        return json.loads(self.options) if self.options else {}
+
+    @property
+    def gemm_dtype(self) -> str | None:
+        """``FastOptions.gemm_dtype`` of an ``engine`` row (None: off)."""
+        return self.fast_options.get("gemm_dtype")
 
     @property
     def dtype_label(self) -> str:
-        """The dtype column: ``fp32`` / ``bf16`` / ``fp16``, ``fp8`` or ``bf16-mixed``."""
-        if self.gemm_dtype is not None:
+        """The dtype column: ``fp32`` / ``bf16`` / ``fp16``, ``fp8``, or ``bf16-mixed`` (the
+        fp32 model whose GEMMs and convolutions take bf16 inputs, ``gemm_dtype="bf16"``)."""
+        if self.gemm_dtype is not None and self.dtype == torch.float32:
             return f"{self.gemm_dtype}-mixed"
         return "fp8" if self.fp8 else dtype_name(self.dtype)
 
@@ -71,7 +84,10 @@ class Variant:
             base = f"fast {self.backend}"
         mode = {"eager": " eager" if self.path == "reference" else "",
                 "compile": " torch.compile", "cudagraph": " + CUDA graph"}[self.mode]
-        return base + mode
+        # (gemm_dtype of an fp32 row is said by the dtype column: bf16-mixed)
+        extra = ", ".join(f"{k}={v}" for k, v in self.fast_options.items()
+                          if not (k == "gemm_dtype" and self.dtype_label.endswith("-mixed")))
+        return base + mode + (f" ({extra})" if extra else "")
 
     @property
     def is_fp32_reference(self) -> bool:
@@ -85,12 +101,30 @@ class Variant:
         return self.path == "reference" and self.dtype == torch.float32
 
 
+def fast_options_key(options: Mapping[str, Any]) -> str:
+    """``options`` as ``Variant.options``: checked against ``FastOptions`` (an unknown field or
+    a bad value is refused here, with the engine's message), canonical JSON ("" when empty)."""
+    from ..fast.engine import FastOptions
+
+    if not isinstance(options, Mapping):
+        raise ValueError(f"fast options must be a JSON object of FastOptions fields, got "
+                         f"{options!r}")
+    try:
+        FastOptions(**options)
+    except TypeError as e:
+        raise ValueError(f"fast options {dict(options)!r}: {e} (fields: "
+                         f"{', '.join(f.name for f in dataclasses.fields(FastOptions))})"
+                         ) from None
+    return json.dumps(dict(options), sort_keys=True) if options else ""
+
+
 def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | None = None,
                      fast_backends: Sequence[str] = ("auto", "triton", "cuda"),
                      compile: bool | None = None, cuda_graph: bool | None = None,
                      hf: bool | None = None, fp8: bool | None = None,
                      onnxruntime: bool | None = None,
                      openvino: bool | None = None,
+                     fast_options: Sequence[Mapping[str, Any]] | None = None,
                      bf16_mixed: bool | None = None) -> list[Variant]:
     """The rows of ``depthpro-fast bench``.
 
@@ -107,10 +141,15 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
     out;
     ``dtypes`` puts every row in each of the given dtypes instead. ``fp8``: the fast engine in
     the fp8 mode (eager and with its CUDA graphs; default: on, unless ``dtypes`` are given; the
-    runner skips them, saying why, below compute capability 8.9 and on a CPU). ``bf16_mixed``:
-    the fast engine in the bf16-mixed mode (an fp32 model, bf16 GEMM and conv inputs; default:
-    on a CPU unless ``dtypes`` are given; CPU only, skipped where bf16 would be emulated).
+    runner skips them, saying why, below compute capability 8.9 and on a CPU).
+    ``fast_options``: each fast engine row once per mapping of ``FastOptions`` fields (``{}``:
+    the defaults), e.g. ``[{}, {"gemm_dtype": "bf16"}]``; None: once, with the defaults.
+    ``bf16_mixed``: the fast engine in the bf16-mixed mode (an fp32 model, bf16 GEMM and conv
+    inputs; default: on a CPU unless ``dtypes`` are given; CPU only, skipped where bf16 would
+    be emulated).
     """
+    keys = [fast_options_key(o) for o in fast_options] if fast_options else [""]
+    keys = list(dict.fromkeys(keys))
     gpu = device.type == "cuda"
     if dtypes is not None:  # (an empty list with fp8: only the fp8 rows)
         ref_dtypes = fast_dtypes = list(dtypes)
@@ -123,11 +162,14 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
                       if fast_backends else None)
 
     def engine_rows(dt: torch.dtype, *, in_fp8: bool = False) -> list[Variant]:
-        """The fast engine eager, and with its CUDA graphs unless those rows are off."""
-        out = [Variant("engine", dt, backend=engine_backend, fp8=in_fp8)]
-        if cuda_graph is not False:
-            out.append(Variant("engine", dt, backend=engine_backend, mode="cudagraph",
-                               fp8=in_fp8))
+        """The fast engine eager, and with its CUDA graphs unless those rows are off (once
+        per ``fast_options`` entry)."""
+        out = []
+        for key in keys:
+            out.append(Variant("engine", dt, backend=engine_backend, fp8=in_fp8, options=key))
+            if cuda_graph is not False:
+                out.append(Variant("engine", dt, backend=engine_backend, mode="cudagraph",
+                                   fp8=in_fp8, options=key))
         return out
 
     rows = [Variant("reference", dt) for dt in ref_dtypes]
@@ -164,10 +206,12 @@ def default_variants(device: torch.device, *, dtypes: Sequence[torch.dtype] | No
     if not gpu and dtypes is None and fast_backends:
         # the fast engine in bf16 too: the fastest CPU path where the CPU has bf16 arithmetic
         # (the runner skips it, saying why, where it has not)
-        rows.append(Variant("engine", torch.bfloat16, backend=engine_backend))
+        rows += [Variant("engine", torch.bfloat16, backend=engine_backend, options=key)
+                 for key in keys]
     if (bf16_mixed if bf16_mixed is not None else not gpu and dtypes is None) and fast_backends:
         # the CPU's default low precision: bf16 arithmetic at fp32-level accuracy
-        rows.append(Variant("engine", torch.float32, backend=engine_backend, gemm_dtype="bf16"))
+        rows.append(Variant("engine", torch.float32, backend=engine_backend,
+                            options=fast_options_key({"gemm_dtype": "bf16"})))
     return rows
 
 

@@ -24,6 +24,11 @@ The fp32 reference rows (the accuracy reference) run with TF32 off in cuBLAS and
 cuDNN default is TF32); the table's note and the JSON's ``tf32`` field say so. The "1st call
 c/w" column is the time to first depth map of a fresh model, cold (a new process) and warm (a
 second fresh model in it): ``depthpro_fast/bench/first_call.py`` says exactly what is timed.
+
+``--breakdown`` profiles one CPU forward per row instead and splits its time by category and
+stage against a floor measured in the same run (``commands/bench_breakdown.py``,
+``bench/breakdown.py``); ``--fast-options`` runs the fast engine rows once per set of
+``FastOptions`` fields (e.g. ``gemm_dtype="bf16"``).
 """
 
 from __future__ import annotations
@@ -68,6 +73,22 @@ def _int_at_least(minimum: int):
         return value
 
     return parse
+
+
+def _fast_options(text: str) -> dict:
+    """An argparse ``type``: a JSON object of ``FastOptions`` fields."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object of FastOptions fields such "
+                                         f"as '{{\"gemm_dtype\": \"bf16\"}}', got {text!r} "
+                                         f"({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of FastOptions fields such as "
+                                         f"'{{\"gemm_dtype\": \"bf16\"}}', got {text!r}")
+    return value
 
 
 _positive_int = _int_at_least(1)
@@ -129,6 +150,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "by a time limit keeps them)")
     parser.add_argument("--stages", action="store_true",
                         help="add the per-stage breakdown of the eager rows")
+    parser.add_argument("--breakdown", nargs="*", choices=("reference", "fast", "engine"),
+                        default=None, metavar="PATH",
+                        help="instead of the table: where one forward's time goes (CPU), per "
+                             "category (ViT GEMMs, attention, LayerNorm/GELU passes, convs, "
+                             "casts, copies, ...) and stage, against a floor measured now "
+                             "(GEMM / conv rate, copy bandwidth), sorted by the gap; one "
+                             "profiled forward per row after --warmup; optionally only the "
+                             "rows of these paths (reference fast engine)")
+    parser.add_argument("--fast-options", nargs="+", type=_fast_options, default=None,
+                        metavar="JSON",
+                        help="the fast engine rows once per JSON object of FastOptions "
+                             "fields, e.g. '{}' '{\"gemm_dtype\": \"bf16\"}' (the fp32 "
+                             "model with bf16 GEMM inputs); default: the engine's defaults")
     parser.add_argument("--flops", action="store_true", help="print the FLOP count per module")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="write the results as JSON (a directory: <date>-<device>.json in it)")
@@ -173,6 +207,12 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.micro:
         return _run_micro(args)
+    if args.breakdown is not None:
+        from . import bench_breakdown
+
+        return bench_breakdown.run(args, dtypes_arg=_DTYPES,
+                                   fast_backends=tuple(args.backends or _FAST_BACKENDS),
+                                   big_flops=CPU_BIG_MODEL_FLOPS)
     import torch
 
     from ..accuracy import FOV_BUDGET_DEG, FP8_FOV_BUDGET_DEG, FP8_MARE_BUDGET, MARE_BUDGET
@@ -229,7 +269,8 @@ def _run(args: argparse.Namespace) -> int:
                                    fast_backends=tuple(args.backends or _FAST_BACKENDS),
                                    compile=args.compile, cuda_graph=args.cuda_graph, hf=args.hf,
                                    fp8=fp8, onnxruntime=args.onnxruntime,
-                                   openvino=args.openvino, bf16_mixed=bf16_mixed)
+                                   openvino=args.openvino, fast_options=args.fast_options,
+                                   bf16_mixed=bf16_mixed)
     env = environment(device)
     params = count_parameters(_meta_model(cfg))
 
