@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import _ext, backends, checkpoint
+from . import _ext, backends, checkpoint, cpu_memory
 from .cpu import cpu_default_precision, cpu_features
 
 
@@ -56,6 +56,8 @@ def info() -> dict[str, Any]:
         "devices": devices,
         "cpu": {**cpu_features().as_dict(), "threads": torch.get_num_threads(),
                 "default_dtype": cpu_default_precision()},
+        # glibc malloc tuning for repeated CPU forwards (cpu_memory.py) and huge pages
+        "cpu_allocator": cpu_memory.allocator_state(),
         "extension": {"loaded": _ext.load() is not None, "why_not": _ext.unavailable_reason()},
         "backends": backend_report,
         "ops": backends.registered_ops(),
@@ -94,6 +96,8 @@ def format_info(report: dict[str, Any] | None = None) -> str:
                      f"{'native' if c['bf16'] else 'slow (' + str(c['bf16_why_not']) + ')'}; "
                      f"fp16 {'native' if c['fp16'] else 'slow'}; CPU default dtype "
                      f"{c['default_dtype']}")
+    if r.get("cpu_allocator"):
+        lines += cpu_memory.describe(r["cpu_allocator"])
     ext = r["extension"]
     lines.append("extension depthpro_fast._C: " + ("loaded" if ext["loaded"] else
                                                    f"not available ({ext['why_not']})"))

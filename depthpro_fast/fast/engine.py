@@ -44,6 +44,7 @@ import torch
 
 from .. import backends, dataflow, qualification
 from ..config import NUM_TOKENS
+from ..cpu_memory import tune_cpu_allocator
 from ..device_guard import on_device
 from ..fp8_format import Fp8UnavailableError, fp8_problem
 from . import attention_choice, folds, fp8, lockstep, mixed_gemm
@@ -598,6 +599,10 @@ class FastEngine:
 
     def _prepare_locked(self) -> None:
         with torch.no_grad():
+            if next(self.model.parameters()).device.type == "cpu":
+                # freed activations stay in the heap for the next forward (no page faults
+                # per forward; cpu_memory.py), before the prepared copies are allocated
+                tune_cpu_allocator()
             self._prepared = _Prepared(self.model, self.options)
         self._derived = None  # listed again (e.g. after load_state_dict(assign=True))
         self._fingerprint = self._current_fingerprint()

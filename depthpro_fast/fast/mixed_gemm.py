@@ -15,11 +15,13 @@ the arithmetic, not in the storage"):
   AMX: measured, its results were the fp32 ones), so each GEMM's output is rounded once to bf16:
   proj / fc2 (the residual branches) are widened to fp32 by the fp32 residual + LayerNorm pass
   that adds them (``ops.add_layer_norm`` takes a bf16 ``delta`` on an fp32 stream; without the
-  fused pass, ``widen_branches``, here); qkv's output (bias in oneDNN's fp32 epilogue) stays bf16 and the attention
-  (SDPA) runs in bf16 on it (fp32 softmax statistics inside); fc1's bias + exact GELU run in
-  oneDNN's fp32 epilogue and its bf16 output is fc2's input, which would be rounded to bf16
-  there anyway. The only roundings beyond OpenVINO's design are thus the GEMM outputs' (and
-  the qkv / fc1 biases', rounded to bf16 for oneDNN).
+  fused pass, ``widen_branches``, here); qkv's output (bias in oneDNN's fp32 epilogue) stays
+  bf16 and the attention (SDPA) runs in bf16 on it (fp32 softmax statistics inside); fc1's
+  bias + exact GELU run in oneDNN's fp32 epilogue and its bf16 output is fc2's input, which
+  would be rounded to bf16 there anyway. The only roundings beyond OpenVINO's design are thus
+  the GEMM outputs' (and the qkv / fc1 biases', rounded to bf16 for oneDNN).
+- **Convolutions** (``gemm_dtype_convs``, ``folds.FoldedLayer.gemm_dtype``): the same rule,
+  bf16 weights and inputs, the bf16 output widened before the fp32 bias.
 
 CPU only for now: on CUDA the 16-bit model with ``residual_fp32`` is the corresponding route.
 """
