@@ -140,6 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--device, --dtype, --runs, --warmup, --json, --quiet apply; "
                              "more options: python -m depthpro_fast.bench.micro --help")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    from . import bench_peers
+
+    bench_peers.add_arguments(parser)
 
 
 def _run_micro(args: argparse.Namespace) -> int:
@@ -166,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.micro:
         return _run_micro(args)
+    if args.peers or args.list:
+        from . import bench_peers
+
+        return bench_peers.run(args)
     import torch
 
     from ..accuracy import FOV_BUDGET_DEG, FP8_FOV_BUDGET_DEG, FP8_MARE_BUDGET, MARE_BUDGET
