@@ -215,11 +215,11 @@ class Race:
     def reference_once(self) -> None:
         """The reference output, when the reference contestant is not racing."""
         ref = reference_contestant(self.table)
-        if any(c.reference for c in self.runnable) or not any(c.comparable
-                                                               for c in self.runnable):
-            self.data["reference"] = {"source": "the reference contestant, round 1"
-                                      if any(c.reference for c in self.runnable) else None,
-                                      "contestant": ref.name}
+        racing = any(c.reference for c in self.runnable)
+        if racing or ref is None or not any(c.comparable for c in self.runnable):
+            self.data["reference"] = {
+                "contestant": ref.name if ref is not None else None,
+                "source": "the reference contestant, round 1" if racing else None}
             return
         self.log(f"[race {self.elapsed()}] computing the accuracy reference once ({ref.name})")
         outcome = self.child({"job": "contestant", "contestant": ref.to_dict(), "warmup": 0,

@@ -20,7 +20,7 @@ import dataclasses
 import importlib
 import importlib.util
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +116,10 @@ CONTESTANTS: tuple[Contestant, ...] = (
 )
 
 
-def reference_contestant(contestants: tuple[Contestant, ...] = CONTESTANTS) -> Contestant:
-    """The accuracy reference of the table."""
-    return next(c for c in contestants if c.reference)
+def reference_contestant(contestants: Sequence[Contestant] = CONTESTANTS,
+                         ) -> Contestant | None:
+    """The accuracy reference of the table (None: it has none)."""
+    return next((c for c in contestants if c.reference), None)
 
 
 def select(contestants: tuple[Contestant, ...], only: list[str] | None,
@@ -158,11 +159,17 @@ class Built:
 
 
 def why_not(c: Contestant, config: Any) -> str | None:
-    """Why ``c`` cannot run on this machine with ``config`` (a ``DepthProConfig``), or None."""
+    """Why ``c`` cannot run on this machine with ``config`` (a ``DepthProConfig``), or None:
+    its software first (not installed, wrong config), then the CPU (bf16 arithmetic)."""
     from ..cpu import cpu_features
 
-    if c.needs_bf16 and not cpu_features().bf16:
-        return f"bf16: {cpu_features().bf16_why_not}"
+    reason = _kind_unavailable(c, config)
+    if reason is None and c.needs_bf16 and not cpu_features().bf16:
+        reason = f"bf16: {cpu_features().bf16_why_not}"
+    return reason
+
+
+def _kind_unavailable(c: Contestant, config: Any) -> str | None:
     if c.kind == "openvino":
         from .openvino_row import openvino_unavailable
 

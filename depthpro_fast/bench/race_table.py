@@ -139,7 +139,7 @@ def notes(data: dict[str, Any]) -> list[str]:
         else:
             out.append(f"{fmt} export FAILED: {e.get('error')}")
     ref = data.get("reference") or {}
-    if ref.get("source", "").startswith("computed once"):
+    if (ref.get("source") or "").startswith("computed once"):
         out.append(f"accuracy reference: {ref['contestant']} {ref['source']}"
                    + (f", FAILED: {ref.get('error')}" if ref.get("status") == "failed" else ""))
     for rec in data.get("contestants", []):

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                        warmup=args.warmup if args.warmup is not None else 1, seed=args.seed,
                        threads=args.threads, only=args.only or (), skip=args.skip or (),
                        json=args.json, timeout_s=args.timeout_s, scratch=args.scratch,
-                       gemm_floor=not args.no_gemm_floor, gemm_rows=args.gemm_rows, quiet=args.quiet)
+                       gemm_floor=not args.no_gemm_floor, gemm_rows=args.gemm_rows,
+                       quiet=args.quiet)
     opts.json = json_path_for(args.json, os.path.splitext(os.path.basename(config))[0])
     try:
         data = run_race(opts)
