@@ -4,6 +4,8 @@
     python bench/make_table.py                      # markdown on stdout
     python bench/make_table.py --readme README.md   # replace the table between the markers
     python bench/make_table.py a.json b.json --all  # chosen files, skipped rows too
+    python bench/make_table.py --race race.json     # the CPU race (bench --peers) as markdown
+    python bench/make_table.py --race race.json --readme README.md
 
 Each results file (written by ``depthpro-fast bench --json``) becomes one block: a line naming
 the device (on a GPU its host CPU too), the date, the commit, the versions it was measured with
@@ -11,6 +13,12 @@ and the machine's state during the timed rows (idle or shared, other processes' 
 average: ``machine_load`` in the file), then its rows, with the "CPU got" column where the file
 has it. In the README the table sits between ``<!-- bench-table:start -->`` and
 ``<!-- bench-table:end -->``.
+
+``--race FILE`` renders one CPU race (``depthpro-fast bench --peers``, schema
+``depthpro_fast.race/1``) with ``depthpro_fast.bench.race_table``: the CPU model and flags,
+threads, versions, commit and date, the machine's verdict, the GEMM floor and one row per
+contestant; in the README it sits between ``<!-- race-table:start -->`` and
+``<!-- race-table:end -->``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from typing import Any
 
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
+RACE_START = "<!-- race-table:start -->"
+RACE_END = "<!-- race-table:end -->"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -146,15 +156,28 @@ def render(paths: list[str], include_all: bool = False) -> str:
     return "\n\n".join(blocks)
 
 
-def update_readme(readme: str, text: str) -> None:
+def update_readme(readme: str, text: str, start: str = START, end: str = END) -> None:
     with open(readme, encoding="utf-8") as f:
         content = f.read()
-    if START not in content or END not in content or content.index(START) > content.index(END):
-        raise SystemExit(f"{readme}: add the markers {START} and {END} where the table goes")
-    head, rest = content.split(START, 1)
-    _, tail = rest.split(END, 1)
+    if start not in content or end not in content or content.index(start) > content.index(end):
+        raise SystemExit(f"{readme}: add the markers {start} and {end} where the table goes")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
     with open(readme, "w", encoding="utf-8") as f:
-        f.write(f"{head}{START}\n{text}\n{END}{tail}")
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def render_race(path: str) -> str:
+    """The markdown of one CPU race file (``depthpro-fast bench --peers``)."""
+    from depthpro_fast.bench.race import SCHEMA
+    from depthpro_fast.bench.race_table import markdown
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("schema") != SCHEMA:
+        raise SystemExit(f"{path}: not a CPU race file (schema {data.get('schema')!r}, "
+                         f"expected {SCHEMA!r}: written by depthpro-fast bench --peers)")
+    return markdown(data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="*", help="results JSON files (default: bench/results/)")
     parser.add_argument("--readme", help="replace the table between the markers in this file")
     parser.add_argument("--all", action="store_true", help="include skipped and failed rows")
+    parser.add_argument("--race", metavar="FILE",
+                        help="render one CPU race file (depthpro-fast bench --peers) instead")
     args = parser.parse_args(argv)
+    if args.race:
+        if args.files:
+            parser.error("--race takes one file; give no other results files")
+        text = render_race(args.race)
+        if args.readme:
+            update_readme(args.readme, text, RACE_START, RACE_END)
+            print(f"updated {args.readme} (race {args.race})")
+        else:
+            print(text)
+        return 0
     paths = args.files or sorted(glob.glob(os.path.join(RESULTS, "*.json")))
     text = render(paths, include_all=args.all)
     if args.readme:

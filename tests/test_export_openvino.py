@@ -111,6 +111,17 @@ def test_default_precision_is_openvinos_choice(ir):
     assert runner.precision == ("bf16" if "BF16" in caps else "f32")
 
 
+def test_compile_options_reach_openvino(ir, tmp_path):
+    """``options``: more compile properties (the race sets the thread count with them)."""
+    runner = load_exported(ir.path, precision="f32", options={"INFERENCE_NUM_THREADS": 1})
+    assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert runner.precision == "f32"
+    with pytest.raises(ExportError, match="pass the precision as precision="):
+        load_exported(ir.path, options={"INFERENCE_PRECISION_HINT": "f32"})
+    with pytest.raises(ExportError, match="precision= and options= apply to an OpenVINO .xml"):
+        load_exported(tmp_path / "m.pt2", options={"INFERENCE_NUM_THREADS": 1})
+
+
 def test_refusals(fp32_model, ir, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="exists"):
         export(fp32_model, ir.path, overwrite=False)
@@ -120,7 +131,7 @@ def test_refusals(fp32_model, ir, tmp_path, monkeypatch):
         export(fp32_model, tmp_path / "m.onnx", format="openvino")
     with pytest.raises(ExportError, match="bfloat16 model is not offered.*float32"):
         export(tiny_model(torch.bfloat16), tmp_path / "m.xml")
-    with pytest.raises(ExportError, match="precision= applies to an OpenVINO .xml only"):
+    with pytest.raises(ExportError, match="precision= and options= apply to an OpenVINO .xml"):
         load_exported(tmp_path / "m.pt2", precision="f32")
     with pytest.raises(FileNotFoundError):
         load_exported(tmp_path / "none.xml")

@@ -13,6 +13,11 @@
   decoder conv, split / merge vs a plain copy): ``python -m depthpro_fast.bench.micro``.
 - ``smoke``: a quick correctness check of every op and of the fast engine on the device
   (``python -m depthpro_fast.bench.smoke``), run first by ``bench/gpu_check.sh``.
+- ``race`` (``depthpro-fast bench --peers``): the CPU race of our engine against its peers,
+  each contestant in a process of its own per round; ``race_contestants`` (the table of
+  contestants and how each is built), ``race_child`` (one job in a child), ``race_children``
+  (starting and waiting for one), ``race_floor`` (the GEMM floor), ``race_summary`` (order,
+  summaries, the machine's verdict), ``race_table`` (the markdown).
 - ``journal``: a JSON file of independent cases written after each one, so that a case that
   crashes or poisons the CUDA context costs only itself (the next process resumes).
 

@@ -49,24 +49,41 @@ def onnxruntime_callable(model: Any, device: torch.device,
                          ) -> tuple[Callable[[torch.Tensor], Any], Callable[[], None], str, str]:
     """Export ``model`` (its dtype) to a temporary .onnx, open an ONNX Runtime session;
     returns (the function to time, the clean-up, the providers used, the export's summary)."""
-    import onnxruntime as ort
-
     from ..exporters import export
 
     folder = Path(tempfile.mkdtemp(prefix="depthpro-bench-onnx-"))
     try:
         result = export(model, folder / "depth_pro.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if device.type == "cpu":
-            # ONNX Runtime's CPU arena keeps every intermediate it ever allocated: at 1536² in
-            # fp32 the process (with the torch model beside it) passed 18 GB and was killed on a
-            # 24 GB machine (2026-12-02); without the arena buffers are freed as they die
-            options.enable_cpu_mem_arena = False
-        session = ort.InferenceSession(str(result.path), options, providers=providers(device))
+        run, used = onnxruntime_run(result.path, device)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+    def cleanup() -> None:
+        nonlocal run
+        run = None  # (the session goes with the function)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    return (lambda x: run(x)), cleanup, used, result.summary()
+
+
+def onnxruntime_run(path: str | Path, device: torch.device, threads: int | None = None,
+                    ) -> tuple[Callable[[torch.Tensor], Any], str]:
+    """An ONNX Runtime session on an exported ``.onnx`` (``threads``: its intra-op threads;
+    None: ONNX Runtime's default); returns (the function, ``x`` -> (canonical inverse depth,
+    FOV or None), and the execution providers used)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    if device.type == "cpu":
+        # ONNX Runtime's CPU arena keeps every intermediate it ever allocated: at 1536² in
+        # fp32 the process (with the torch model beside it) passed 18 GB and was killed on a
+        # 24 GB machine (2026-12-02); without the arena buffers are freed as they die
+        options.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(str(path), options, providers=providers(device))
     names = [o.name for o in session.get_outputs()]
 
     def run(x: torch.Tensor) -> Any:
@@ -75,9 +92,4 @@ def onnxruntime_callable(model: Any, device: torch.device,
         fov = torch.from_numpy(out[1]).to(x.device) if len(out) > 1 else None
         return cid, fov
 
-    def cleanup() -> None:
-        nonlocal session
-        session = None
-        shutil.rmtree(folder, ignore_errors=True)
-
-    return run, cleanup, ",".join(session.get_providers()), result.summary()
+    return run, ",".join(session.get_providers())

@@ -42,24 +42,37 @@ def openvino_callable(model: Any, dtype: torch.dtype,
     """Export ``model`` (fp32) to a temporary .xml and compile it on the CPU with the precision
     of ``dtype``; returns (the function to time, the clean-up, the precision OpenVINO compiled
     for, the export's summary)."""
-    from ..exporters import export, load_exported
+    from ..exporters import export
 
     folder = Path(tempfile.mkdtemp(prefix="depthpro-bench-openvino-"))
     try:
         result = export(model, folder / "depth_pro.xml")
-        runner: Any = load_exported(result.path, "CPU", precision=PRECISIONS[dtype])
+        run, precision = openvino_run(result.path, PRECISIONS[dtype])
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    precision = runner.precision
+
+    def cleanup() -> None:
+        nonlocal run
+        run = None  # (the compiled model and its request go with the function)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    return (lambda x: run(x)), cleanup, precision, result.summary()
+
+
+def openvino_run(path: str | Path, precision: str | None, threads: int | None = None,
+                 ) -> tuple[Callable[[torch.Tensor], Any], str]:
+    """Compile an exported IR (``path``, .xml) on the CPU with ``precision`` (OpenVINO's
+    ``INFERENCE_PRECISION_HINT``; None: no hint, OpenVINO's own choice) and ``threads``
+    (``INFERENCE_NUM_THREADS``; None: OpenVINO's default); returns (the function, ``x`` ->
+    (canonical inverse depth, FOV or None), and the precision OpenVINO compiled for)."""
+    from ..exporters import load_exported
+
+    options = {} if threads is None else {"INFERENCE_NUM_THREADS": int(threads)}
+    runner: Any = load_exported(path, "CPU", precision=precision, options=options)
 
     def run(x: torch.Tensor) -> Any:
         out = runner(x)
         return out[0], (out[1] if len(out) > 1 else None)
 
-    def cleanup() -> None:
-        nonlocal runner
-        runner = None
-        shutil.rmtree(folder, ignore_errors=True)
-
-    return run, cleanup, precision, result.summary()
+    return run, runner.precision

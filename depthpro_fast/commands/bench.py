@@ -176,6 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--device, --dtype, --runs, --warmup, --json, --quiet apply; "
                              "more options: python -m depthpro_fast.bench.micro --help")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    from . import bench_peers
+
+    bench_peers.add_arguments(parser)
 
 
 def _run_micro(args: argparse.Namespace) -> int:
@@ -213,6 +216,10 @@ def _run(args: argparse.Namespace) -> int:
         return bench_breakdown.run(args, dtypes_arg=_DTYPES,
                                    fast_backends=tuple(args.backends or _FAST_BACKENDS),
                                    big_flops=CPU_BIG_MODEL_FLOPS)
+    if args.peers or args.list:
+        from . import bench_peers
+
+        return bench_peers.run(args)
     import torch
 
     from ..accuracy import FOV_BUDGET_DEG, FP8_FOV_BUDGET_DEG, FP8_MARE_BUDGET, MARE_BUDGET

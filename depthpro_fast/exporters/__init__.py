@@ -110,7 +110,8 @@ def export(model: Any, path: str | os.PathLike, format: str | None = None, *,
 
 
 def load_exported(path: str | os.PathLike, device: Any = None, *,
-                  precision: str | None = None) -> Any:
+                  precision: str | None = None,
+                  options: dict[str, Any] | None = None) -> Any:
     """Reload a ``.pt2`` or ``.xml`` written by :func:`export`: a callable ``f(image) ->
     outputs``.
 
@@ -118,16 +119,18 @@ def load_exported(path: str | os.PathLike, device: Any = None, *,
     runner. The package's custom ops are registered first (importing their modules), so a
     graph that holds them loads in a fresh process. An OpenVINO ``.xml`` is compiled on
     ``device`` (OpenVINO's name, default ``CPU``) with ``precision`` (its
-    ``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16``; None: OpenVINO's default for the device),
-    and returns an ``OpenVINORunner`` (torch tensors or numpy in, torch tensors out).
+    ``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16``; None: no hint at all, OpenVINO's default
+    for the device) and ``options`` (more compile properties, e.g.
+    ``{"INFERENCE_NUM_THREADS": 2}``), and returns an ``OpenVINORunner`` (torch tensors or numpy
+    in, torch tensors out).
     """
     if Path(path).suffix.lower() == ".xml":
         from .to_openvino import load_openvino
 
-        return load_openvino(path, device, precision)
-    if precision is not None:
-        raise ExportError("precision= applies to an OpenVINO .xml only (a .pt2 runs in the "
-                          "dtype it was exported in)")
+        return load_openvino(path, device, precision, options)
+    if precision is not None or options:
+        raise ExportError("precision= and options= apply to an OpenVINO .xml only (a .pt2 runs "
+                          "in the dtype it was exported in)")
     from .to_pt2 import load_pt2
 
     return load_pt2(path, device)

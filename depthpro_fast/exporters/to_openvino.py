@@ -91,10 +91,12 @@ class OpenVINORunner:
 
 
 def load_openvino(path: str | os.PathLike, device: Any = None,
-                  precision: str | None = None) -> OpenVINORunner:
+                  precision: str | None = None,
+                  options: dict[str, Any] | None = None) -> OpenVINORunner:
     """Compile the IR at ``path`` on OpenVINO ``device`` (default ``CPU``; a torch ``cpu``
     device is accepted) with ``precision`` (``INFERENCE_PRECISION_HINT``: ``f32``, ``bf16``,
-    ``f16``; None: OpenVINO's choice for the device)."""
+    ``f16``; None: no hint, OpenVINO's choice for the device) and ``options`` (more compile
+    properties, e.g. ``{"INFERENCE_NUM_THREADS": 2}``; the precision goes in ``precision``)."""
     import openvino as ov
 
     p = Path(path)
@@ -105,7 +107,9 @@ def load_openvino(path: str | os.PathLike, device: Any = None,
                           f"{p.with_suffix('.bin').name}, written with it by export)")
     name = "CPU" if device is None else str(device)
     name = "CPU" if name.lower() == "cpu" else name
-    options = {} if precision is None else {PRECISION_KEY: precision}
+    if options and PRECISION_KEY in options:
+        raise ExportError(f"pass the precision as precision=, not as options[{PRECISION_KEY!r}]")
+    options = {**(options or {}), **({} if precision is None else {PRECISION_KEY: precision})}
     try:
         compiled = ov.Core().compile_model(os.fspath(p), name, options)
     except Exception as e:  # noqa: BLE001  (OpenVINO raises its own RuntimeError flavours)
