@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..interrupts import TwoStageStop, abort_hint
 from ..provenance import Recipe, input_identity
 from ..workers import DaemonPool
 from .predict_inputs import Source, output_paths
@@ -207,7 +208,8 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
     reads: deque[tuple[_Job, Future]] = deque()
     writes: deque[tuple[_Job, Future]] = deque()
     queue = iter(todo)
-    abort = threading.Event()  # set by a second Ctrl-C: writers start no further file
+    stop = TwoStageStop(writers)
+    abort = stop.abort  # set by a second Ctrl-C: writers start no further file
 
     def read_ahead() -> None:  # keep two batches decoding while the model runs
         while len(reads) < 2 * batch_size:
@@ -226,7 +228,6 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             else:
                 summary.written += 1
 
-    aborted = False
     warmed = False
     try:
         read_ahead()
@@ -276,27 +277,28 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
         summary.interrupted = True
         readers.shutdown(wait=False, cancel=True)
         reads.clear()
-        try:
+        prefix = f"{label}: " if label else ""
+
+        def wait() -> None:
             if writes:
                 files = sum(len(job.outputs) for job, _ in writes)
-                announce(bar.bar, f"{label + ': ' if label else ''}interrupted: finishing the "
+                announce(bar.bar, f"{prefix}interrupted: finishing the "
                          f"{_plural(files, 'output')} of {_plural(len(writes), 'image')} "
-                         "already computed (Ctrl-C again to abort them; no partial file is "
-                         "left)")
+                         f"already computed ({abort_hint('them')})")
             finish_writes(limit=0)
-        except KeyboardInterrupt:
-            aborted = True
-            abort.set()
-            writers.shutdown(wait=False, cancel=True)
+
+        def abandon() -> None:
             summary.abandoned = len(writes)
             remove_temp_files([p for job, _ in writes for p in job.outputs.values()])
-            announce(bar.bar, f"{label + ': ' if label else ''}aborted: the outputs of "
+            announce(bar.bar, f"{prefix}aborted: the outputs of "
                      f"{_plural(len(writes), 'image')} were not written (a rerun computes "
                      f"{'it' if len(writes) == 1 else 'them'})")
+
+        stop.finish(wait, abandon)
     finally:
         interrupted = summary.interrupted
         readers.shutdown(wait=not interrupted, cancel=True)
-        writers.shutdown(wait=not aborted, cancel=True)  # no write is cut off halfway
+        stop.close()  # no write is cut off halfway, unless a second Ctrl-C abandoned them
         bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
