@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from .video_io import PREVIEW_FILE, VideoError, iter_frames, probe, read_frame_text
+from .words import plural
 
 FOCAL_SAMPLES = 8  # frames whose focal estimates make the clip's median
 PREVIEW_RANGE_FRAMES = 64  # frames whose inverse depth sets the preview's colour scale
@@ -358,13 +359,13 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
         def wait() -> None:
             if writes:
                 announce(bar, f"{path.name}: interrupted: finishing the "
-                         f"{_plural(len(writes), 'frame')} already computed ({abort_hint()})")
+                         f"{plural(len(writes), 'frame')} already computed ({abort_hint()})")
             collect(limit=0)
 
         def abandon() -> None:
             summary.abandoned = len(writes)
             remove_temp_files([frame_path(out, i) for i, _ in writes])
-            announce(bar, f"{path.name}: aborted: {_plural(len(writes), 'computed frame')} "
+            announce(bar, f"{path.name}: aborted: {plural(len(writes), 'computed frame')} "
                      "not written (a rerun computes them)")
 
         stop.finish(wait, abandon)
@@ -398,9 +399,6 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
     _write_record(out, record)
     summary.complete = True
 
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _frames_on_disk(frames_dir: Path) -> set[int]:

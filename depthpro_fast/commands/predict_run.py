@@ -26,6 +26,7 @@ from typing import Any
 
 from ..interrupts import TwoStageStop, abort_hint
 from ..provenance import Recipe, input_identity
+from ..words import plural
 from ..workers import DaemonPool
 from .predict_inputs import Source, output_paths
 from .predict_post import BANDED_ABOVE_PIXELS, infer_batch  # noqa: F401 (infer_batch: public)
@@ -252,7 +253,7 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             if not batch:
                 continue
             if not warmed:  # the first forward: warm-up (plans, autotuning, graphs) included
-                with bar.step(f"first forward ({_plural(len(batch), 'image')}, with warm-up)"):
+                with bar.step(f"first forward ({plural(len(batch), 'image')}, with warm-up)"):
                     results = _run_batch(model, transform, batch)
                 warmed = True
             else:
@@ -283,7 +284,7 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             if writes:
                 files = sum(len(job.outputs) for job, _ in writes)
                 announce(bar.bar, f"{prefix}interrupted: finishing the "
-                         f"{_plural(files, 'output')} of {_plural(len(writes), 'image')} "
+                         f"{plural(files, 'output')} of {plural(len(writes), 'image')} "
                          f"already computed ({abort_hint('them')})")
             finish_writes(limit=0)
 
@@ -291,7 +292,7 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             summary.abandoned = len(writes)
             remove_temp_files([p for job, _ in writes for p in job.outputs.values()])
             announce(bar.bar, f"{prefix}aborted: the outputs of "
-                     f"{_plural(len(writes), 'image')} were not written (a rerun computes "
+                     f"{plural(len(writes), 'image')} were not written (a rerun computes "
                      f"{'it' if len(writes) == 1 else 'them'})")
 
         stop.finish(wait, abandon)
@@ -350,6 +351,3 @@ def _free_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
