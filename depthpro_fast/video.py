@@ -241,7 +241,8 @@ def predict_video(model: Any, path: str | os.PathLike, out_dir: str | os.PathLik
 
 def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: VideoOptions,
               summary: ClipSummary) -> None:
-    from .commands.predict_run import announce, remove_temp_files
+    from .atomic_files import remove_temp_files
+    from .commands.predict_run import announce
     from .interrupts import TwoStageStop, abort_hint
     from .workers import DaemonPool
 

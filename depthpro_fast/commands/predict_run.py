@@ -12,7 +12,6 @@ abandons them, removing their temporaries); the returned ``Summary`` says it was
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import threading
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import remove_temp_files
 from ..interrupts import TwoStageStop, abort_hint
 from ..provenance import Recipe, input_identity
 from ..words import plural
@@ -308,16 +308,6 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
 def announce(bar: Any, text: str) -> None:
     """A line on stderr that does not tear the progress bar."""
     bar.write(text, file=sys.stderr)
-
-
-def remove_temp_files(paths: Sequence[Path]) -> None:
-    """Delete the hidden temporary files that abandoned atomic writes of ``paths`` left."""
-    import contextlib
-
-    for path in paths:
-        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
 
 def _run_batch(model: Any, transform: Callable, batch: list[_Job]) -> list[tuple[_Job, Any]]:
