@@ -125,6 +125,18 @@ def _flip(fields: dict[str, str], rule: _Rule) -> dict[str, str] | None:
     return out
 
 
+def _first_rule(table: list[tuple[re.Pattern[str], _Rule]], key: str,
+                ) -> tuple[_Rule, dict[str, str]] | None:
+    """(rule, its index fields after ``_flip``) of the first rule of ``table`` that matches
+    ``key``; None when none matches, or when the first match's index leaves the valid range."""
+    for regex, rule in table:
+        m = regex.match(key)
+        if m is not None:
+            fields = _flip(m.groupdict(), rule)
+            return None if fields is None else (rule, fields)
+    return None
+
+
 def is_hf_state_dict(state_dict: Mapping[str, object]) -> bool:
     """True if the keys are in the Hugging Face layout (any key with an HF-only prefix)."""
     return any(isinstance(k, str) and k.startswith(HF_PREFIXES) for k in state_dict)
@@ -134,36 +146,28 @@ def apple_key_to_hf(key: str, naming: str = "4.x") -> list[str] | None:
     """The HF key(s) of one Apple key (three for a fused qkv), or None if it has no rule."""
     if naming not in NAMINGS:
         raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
-    for regex, rule in _APPLE_RE:
-        m = regex.match(key)
-        if m is None:
-            continue
-        fields = _flip(m.groupdict(), rule)
-        if fields is None:
-            return None
-        template = rule.hf[NAMINGS.index(naming)]
-        if rule.qkv:
-            return [template.format(**fields, part=part) for part in _QKV_NAMES[naming]]
-        return [template.format(**fields)]
-    return None
+    found = _first_rule(_APPLE_RE, key)
+    if found is None:
+        return None
+    rule, fields = found
+    template = rule.hf[NAMINGS.index(naming)]
+    if rule.qkv:
+        return [template.format(**fields, part=part) for part in _QKV_NAMES[naming]]
+    return [template.format(**fields)]
 
 
 def hf_key_to_apple(key: str) -> tuple[str, int | None] | None:
     """(Apple key, qkv row block 0/1/2 or None) of one HF key, or None if it has no rule."""
-    for regex, rule in _HF_RE:
-        m = regex.match(key)
-        if m is None:
-            continue
-        fields = _flip(m.groupdict(), rule)
-        if fields is None:
-            return None
-        part = fields.pop("part", None)
-        block = None
-        if part is not None:
-            block = next(i for names in _QKV_NAMES.values() for i, n in enumerate(names)
-                         if n == part)
-        return rule.apple.format(**fields), block
-    return None
+    found = _first_rule(_HF_RE, key)
+    if found is None:
+        return None
+    rule, fields = found
+    part = fields.pop("part", None)
+    block = None
+    if part is not None:
+        block = next(i for names in _QKV_NAMES.values() for i, n in enumerate(names)
+                     if n == part)
+    return rule.apple.format(**fields), block
 
 
 def apple_to_hf(state_dict: Mapping[str, torch.Tensor], naming: str = "4.x",

@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from .atomic_files import remove_temp_files
 from .commands.predict_inputs import Source, output_paths
 from .commands.predict_resume import PlyOptions, plan_work
-from .commands.predict_run import Summary, predict_sources, remove_temp_files
+from .commands.predict_run import Summary, predict_sources
 from .provenance import Recipe, make_recipe, mismatch
 from .ray_inputs import fetch, is_uri, rows
 

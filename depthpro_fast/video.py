@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from .video_io import PREVIEW_FILE, VideoError, iter_frames, probe, read_frame_text
+from .words import plural
 
 FOCAL_SAMPLES = 8  # frames whose focal estimates make the clip's median
 PREVIEW_RANGE_FRAMES = 64  # frames whose inverse depth sets the preview's colour scale
@@ -241,7 +241,9 @@ def predict_video(model: Any, path: str | os.PathLike, out_dir: str | os.PathLik
 
 def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: VideoOptions,
               summary: ClipSummary) -> None:
-    from .commands.predict_run import announce, remove_temp_files
+    from .atomic_files import remove_temp_files
+    from .commands.predict_run import announce
+    from .interrupts import TwoStageStop, abort_hint
     from .workers import DaemonPool
 
     info = probe(path)
@@ -306,7 +308,8 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
 
     writers = DaemonPool(opts.workers, "depthpro-video-write")
     writes: deque[tuple[int, Future]] = deque()
-    abort = threading.Event()
+    stop = TwoStageStop(writers)
+    abort = stop.abort  # set by a second Ctrl-C: writers start no further frame
     text = {"focallength_source": focal["source"], "depth_unit": "millimetre"}
     if opts.random_weights:
         text["random_weights"] = "true"
@@ -331,7 +334,6 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
             bar.update(1)
 
     decoded = -1
-    aborted = False
     try:
         batch: list[tuple[int, np.ndarray]] = []
 
@@ -354,25 +356,25 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
         collect(limit=0)
     except KeyboardInterrupt:
         summary.interrupted = True
-        try:
+
+        def wait() -> None:
             if writes:
                 announce(bar, f"{path.name}: interrupted: finishing the "
-                         f"{_plural(len(writes), 'frame')} already computed (Ctrl-C again to "
-                         "abort; no partial file is left)")
+                         f"{plural(len(writes), 'frame')} already computed ({abort_hint()})")
             collect(limit=0)
-        except KeyboardInterrupt:
-            aborted = True
-            abort.set()
-            writers.shutdown(wait=False, cancel=True)
+
+        def abandon() -> None:
             summary.abandoned = len(writes)
             remove_temp_files([frame_path(out, i) for i, _ in writes])
-            announce(bar, f"{path.name}: aborted: {_plural(len(writes), 'computed frame')} "
+            announce(bar, f"{path.name}: aborted: {plural(len(writes), 'computed frame')} "
                      "not written (a rerun computes them)")
+
+        stop.finish(wait, abandon)
     except BaseException:
         collect(limit=0)  # keep the frames already computed, then report the failure
         raise
     finally:
-        writers.shutdown(wait=not aborted, cancel=True)
+        stop.close()
         bar.close()
     if summary.interrupted:
         return
@@ -398,9 +400,6 @@ def _run_clip(model: Any, transform: Callable, path: Path, out: Path, opts: Vide
     _write_record(out, record)
     summary.complete = True
 
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _frames_on_disk(frames_dir: Path) -> set[int]:

@@ -327,7 +327,7 @@ def test_cpu_flags_are_read_from_proc_cpuinfo():
 @pytest.fixture(scope="module")
 def micro_model():
     """A small random model: these tests are about f_px's handling, not about the network."""
-    from tests.test_fast_path import MICRO
+    from tests.model_helpers import MICRO
 
     torch.manual_seed(5)
     return depthpro_fast.load(None, config=MICRO, device="cpu", backend="reference")
@@ -404,7 +404,7 @@ def test_bad_f_px_lists_say_which_entry(pair, f_px, error, match):
 
 
 def test_no_fov_network_needs_every_focal_length():
-    from tests.test_fast_path import MICRO
+    from tests.model_helpers import MICRO
 
     model, _ = depthpro_fast.load(None, config=MICRO, device="cpu", use_fov=False)
     x = torch.zeros(2, 3, 8, 8)
@@ -419,7 +419,7 @@ def test_no_fov_network_needs_every_focal_length():
 
 
 def test_load_defaults_to_the_fast_path_on_a_cpu_and_keeps_the_reference_when_asked():
-    from tests.test_fast_path import MICRO
+    from tests.model_helpers import MICRO
 
     torch.manual_seed(3)
     default, transform = depthpro_fast.load(None, config=MICRO, device="cpu")
@@ -459,7 +459,7 @@ def test_auto_dtype_is_predicts_choice(monkeypatch):
     for fastest in (torch.bfloat16, torch.float32):
         monkeypatch.setattr(cpu, "fastest_cpu_dtype", lambda fastest=fastest: fastest)
         assert api.auto_dtype(torch.device("cpu")) == fastest
-    from tests.test_fast_path import MICRO
+    from tests.model_helpers import MICRO
 
     model, transform = depthpro_fast.load(None, config=MICRO, device="cpu", dtype="auto")
     assert transform.dtype == torch.float32 and model.fast_engine is not None

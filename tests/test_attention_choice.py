@@ -18,7 +18,7 @@ import depthpro_fast
 from depthpro_fast import device_cache
 from depthpro_fast.fast import attention_choice as ac
 from depthpro_fast.fast import cpu_gemm, timed_choice
-from tests.test_fast_path import MICRO, _input, _random_model, max_rel
+from tests.model_helpers import MICRO, max_rel, model_input, random_model
 from tests.test_timed_choice import as_another_process, fresh_store, noisy_clock
 
 CPU = torch.device("cpu")
@@ -144,8 +144,8 @@ def test_pinned_sdpa_backend_is_what_runs():
 
 
 def test_engine_measures_with_auto_and_uses_the_choice(monkeypatch):
-    model, _ = _random_model(MICRO, seed=31)
-    x = _input(seed=5)
+    model, _ = random_model(MICRO, seed=31)
+    x = model_input(seed=5)
     with torch.no_grad():
         ref, _ = model(x)
     fast = copy.deepcopy(model)
@@ -185,10 +185,10 @@ def test_engine_measures_with_auto_and_uses_the_choice(monkeypatch):
 
 
 def test_engine_keeps_an_explicit_backend():
-    model, _ = _random_model(MICRO, seed=32)
+    model, _ = random_model(MICRO, seed=32)
     fast = copy.deepcopy(model).prepare_fast(True)  # backend "reference"
     with torch.no_grad():
-        fast(_input(seed=6))
+        fast(model_input(seed=6))
     status = fast.fast_engine.status()
     assert status["attention"] == {}
     assert "backend is 'reference'" in status["notes"]["attention_choice"]
@@ -199,7 +199,7 @@ def test_warm_up_runs_without_the_side_stream_before_the_graph_runner(monkeypatc
     graph runner (whose own warm-up and capture hit the tuned caches); once per input key."""
     from depthpro_fast.fast.engine import FastEngine
 
-    model, _ = _random_model(MICRO, seed=33)
+    model, _ = random_model(MICRO, seed=33)
     fast = copy.deepcopy(model)
     fast.set_backend("auto")
     fast.prepare_fast(True)
@@ -221,7 +221,7 @@ def test_warm_up_runs_without_the_side_stream_before_the_graph_runner(monkeypatc
 
     monkeypatch.setattr(engine, "_forward", forward)
     monkeypatch.setattr(engine.graphs, "run", graphs_run)
-    x = _input(seed=7)
+    x = model_input(seed=7)
     with torch.no_grad():
         fast(x)
         fast(x)
@@ -272,7 +272,7 @@ def test_three_loads_under_a_noisy_timer_give_bitwise_identical_outputs(monkeypa
     # the premise: this timer alone picks different attention kernels for one shape
     winners = {ac.measure(2, 2, 33, 16, torch.float32, CPU)["choice"] for _ in range(8)}
     assert len(winners) > 1, winners
-    x = _input(seed=8)
+    x = model_input(seed=8)
     outs, notes = [], []
     for _ in range(3):
         torch.manual_seed(41)  # the same random weights each time

@@ -10,7 +10,7 @@ import depthpro_fast
 from depthpro_fast import dataflow
 from depthpro_fast.bench.stages import staged_forward
 from depthpro_fast.fast.stages import FastStages
-from tests.test_fast_path import MICRO, _input
+from tests.model_helpers import MICRO, model_input
 
 
 def _model():
@@ -21,7 +21,7 @@ def _model():
 
 def test_every_path_runs_the_one_flow(monkeypatch):
     model = _model()
-    x = _input(seed=3)
+    x = model_input(seed=3)
     seen = []
     real = dataflow.run_network
 
@@ -44,7 +44,7 @@ def test_a_stage_swapped_in_the_flow_changes_both_paths(monkeypatch):
     """The wiring is shared: a change made in ``dataflow`` (here one encoder output replaced
     by zeros) shows on both paths alike."""
     model = _model()
-    x = _input(seed=4)
+    x = model_input(seed=4)
     with torch.no_grad():
         ref, _ = model(x)
         model.prepare_fast(True)

@@ -18,17 +18,14 @@ import torch
 
 import depthpro_fast
 from depthpro_fast import backends
-from depthpro_fast.config import DepthProConfig
 from depthpro_fast.fast import epilogue_backends as eb
 from depthpro_fast.fast.epilogue_backends import EPILOGUE_OPS, EpilogueBackends, op_backend
+from tests.model_helpers import MICRO
 
 FAST_DIR = Path(eb.__file__).parent
 #: ops the engine runs on the model's (or the measured attention's) backend, not the epilogues'
 MODEL_BACKEND_OPS = {"attention", "split_patches", "merge_patches"}
 
-MICRO = DepthProConfig(embed_dim=64, depth=2, num_heads=1, mlp_ratio=2.0,
-                       encoder_feature_layer_ids=(0, 1), encoder_feature_dims=(8, 16, 32, 64),
-                       decoder_features=16)
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ import torch
 from depthpro_fast.fast import FastOptions
 from depthpro_fast.fast.engine import _Prepared
 from tests.conftest import requires_triton
-from tests.test_fast_path import MICRO, _fast_copy, _random_model, max_rel
+from tests.model_helpers import MICRO, fast_copy, max_rel, random_model
 
 SWITCHES = dict(decoder_epilogues=True, head_tail=True)
 
 
 @pytest.fixture(scope="module")
 def micro_model():
-    model, _ = _random_model(MICRO, seed=21)
+    model, _ = random_model(MICRO, seed=21)
     return model
 
 
@@ -90,14 +90,14 @@ def test_tail_biases_are_carried(micro_model):
 def test_whole_engine_switches_on_and_off_fp32():
     """Tiny config, fp32: the engine with the switches on equals the one without and the
     reference modules, up to float32 rounding."""
-    model, _ = _random_model("tiny", seed=11)
-    from tests.test_fast_path import _input
+    model, _ = random_model("tiny", seed=11)
+    from tests.model_helpers import model_input
 
-    x = _input(seed=1)
+    x = model_input(seed=1)
     with torch.no_grad():
         cid, fov = model(x)
-        off_cid, off_fov = _fast_copy(model)(x)
-        on = _fast_copy(model, **SWITCHES)
+        off_cid, off_fov = fast_copy(model)(x)
+        on = fast_copy(model, **SWITCHES)
         on_cid, on_fov = on(x)
     assert any("fused epilogue" in f for f in on.fast_engine.status()["folds"])
     assert max_rel(on_cid, cid) <= 1e-5 and abs(float(on_fov) - float(fov)) <= 1e-4

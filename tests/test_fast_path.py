@@ -17,47 +17,20 @@ import torch
 
 import depthpro_fast
 from depthpro_fast.accuracy import FOV_BUDGET_DEG, MARE_BUDGET, mean_abs_rel_error
-from depthpro_fast.config import DepthProConfig
 from depthpro_fast.fast import FastEngine, FastOptions
 from depthpro_fast.fast.graphs import GraphRunner
 from tests.conftest import HAS_CUDA, requires_cuda, requires_triton
-
-# A smaller model than the tiny fixture config, for the runs that go through the Triton
-# interpreter (which is slow, erf in particular).
-MICRO = DepthProConfig(embed_dim=64, depth=2, num_heads=1, mlp_ratio=2.0,
-                       encoder_feature_layer_ids=(0, 1), encoder_feature_dims=(8, 16, 32, 64),
-                       decoder_features=16)
+from tests.model_helpers import MICRO, fast_copy, max_rel, model_input, random_model
 
 # Accuracy budget: one definition, in depthpro_fast.accuracy.
 mare = mean_abs_rel_error
 
 
-def max_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
-
-
-def _random_model(config, seed: int, device: str = "cpu"):
-    torch.manual_seed(seed)
-    model, transform = depthpro_fast.load(None, config=config, device=device,
-                                          backend="reference")
-    return model, transform
-
-
-def _input(batch: int = 1, seed: int = 0, device: str = "cpu") -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    # a smooth image plus noise: closer to a photo than white noise
-    base = torch.rand(batch, 3, 24, 24, generator=g)
-    x = torch.nn.functional.interpolate(base, size=(1536, 1536), mode="bilinear",
-                                        align_corners=False)
-    x = x + 0.05 * torch.randn(batch, 3, 1536, 1536, generator=g)
-    return (x.clamp(0, 1) * 2 - 1).to(device)
-
-
 @pytest.fixture(scope="module")
 def tiny_reference():
     """The tiny config with plausible random weights, fp32 reference modules, one input."""
-    model, _ = _random_model("tiny", seed=11)
-    x = _input(seed=1)
+    model, _ = random_model("tiny", seed=11)
+    x = model_input(seed=1)
     with torch.no_grad():
         cid, fov = model(x)
     return model, x, cid, fov
@@ -65,8 +38,8 @@ def tiny_reference():
 
 @pytest.fixture(scope="module")
 def micro_reference():
-    model, _ = _random_model(MICRO, seed=12)
-    x = _input(seed=2)
+    model, _ = random_model(MICRO, seed=12)
+    x = model_input(seed=2)
     with torch.no_grad():
         cid, fov = model(x)
     return model, x, cid, fov
@@ -83,11 +56,6 @@ def check_budget(fast, x: torch.Tensor, cid: torch.Tensor, fov: torch.Tensor,
     assert abs(float(out_fov) - float(fov)) <= FOV_BUDGET_DEG
 
 
-def _fast_copy(model, dtype=torch.float32, **options):
-    fast = copy.deepcopy(model).to(dtype)
-    return fast.prepare_fast(options or True)
-
-
 # ---------------------------------------------------------------------------------------------
 # accuracy (CPU)
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +64,7 @@ def _fast_copy(model, dtype=torch.float32, **options):
 def test_fast_fp32_matches_reference(tiny_reference):
     """All CPU-runnable parts (folds, fused epilogue ops, channels_last): float32 rounding."""
     model, x, cid, fov = tiny_reference
-    fast = _fast_copy(model)
+    fast = fast_copy(model)
     with torch.no_grad():
         out_cid, out_fov = fast(x)
     assert fast.fast_engine.calls == 1
@@ -109,7 +77,7 @@ def test_fast_fp32_matches_reference(tiny_reference):
 def test_fast_fp16_accuracy_budget(tiny_reference):
     """Issue 6 budget in fp16: MARE <= 1e-3 and FOV within 0.05 deg of the fp32 reference."""
     model, x, cid, fov = tiny_reference
-    fast = _fast_copy(model, torch.float16)
+    fast = fast_copy(model, torch.float16)
     check_budget(fast, x, cid, fov, torch.float16)
 
 
@@ -117,7 +85,7 @@ def test_fast_fp16_accuracy_budget(tiny_reference):
 def test_fast_triton_epilogues_fp16_budget(micro_reference):
     """The Triton epilogue kernels (interpreter on CPU) inside the whole model, fp16."""
     model, x, cid, fov = micro_reference
-    fast = _fast_copy(model, torch.float16, epilogue_backend="triton")
+    fast = fast_copy(model, torch.float16, epilogue_backend="triton")
     check_budget(fast, x, cid, fov, torch.float16)
 
 
@@ -125,7 +93,7 @@ def test_fast_triton_epilogues_fp16_budget(micro_reference):
 @pytest.mark.slow
 def test_fast_triton_epilogues_fp32_tiny(tiny_reference):
     model, x, cid, fov = tiny_reference
-    fast = _fast_copy(model, epilogue_backend="triton")
+    fast = fast_copy(model, epilogue_backend="triton")
     with torch.no_grad():
         out_cid, out_fov = fast(x)
     assert max_rel(out_cid, cid) <= 1e-5
@@ -141,7 +109,7 @@ def test_cpu_gemm_libraries_match_reference(tiny_reference, gemm):
     if gemm == "onednn" and not onednn_linear_available(torch.float32)[0]:
         pytest.skip(onednn_linear_available(torch.float32)[1])
     model, x, cid, fov = tiny_reference
-    fast = _fast_copy(model, cpu_gemm=gemm)
+    fast = fast_copy(model, cpu_gemm=gemm)
     fast.set_backend("torch")
     with torch.no_grad():
         out_cid, out_fov = fast(x)
@@ -152,7 +120,7 @@ def test_cpu_gemm_libraries_match_reference(tiny_reference, gemm):
 
 def test_cpu_gemm_auto_measures_and_says_why(tiny_reference):
     model, x, cid, _ = tiny_reference
-    fast = _fast_copy(model)  # cpu_gemm="auto" is the default
+    fast = fast_copy(model)  # cpu_gemm="auto" is the default
     why = fast.fast_engine.status()["cpu_gemm"]
     assert why.split(":")[0] in ("aten", "onednn")
     assert "measured" in why or "unavailable" in why
@@ -163,7 +131,7 @@ def test_cpu_gemm_auto_measures_and_says_why(tiny_reference):
 def test_fast_bf16_on_cpu_accuracy_budget(tiny_reference):
     """bf16 on a CPU (slow where the CPU has no bf16 arithmetic, but it must stay in budget)."""
     model, x, cid, fov = tiny_reference
-    fast = _fast_copy(model, torch.bfloat16)
+    fast = fast_copy(model, torch.bfloat16)
     fast.set_backend("auto")
     check_budget(fast, x, cid, fov, torch.bfloat16)
 
@@ -171,7 +139,7 @@ def test_fast_bf16_on_cpu_accuracy_budget(tiny_reference):
 def test_everything_off_matches_reference(micro_reference):
     """The unfused variants (kept to measure each step) compute the same function."""
     model, x, cid, fov = micro_reference
-    fast = _fast_copy(model, epilogues="torch", fold_convs=False, head_subpixel=False,
+    fast = fast_copy(model, epilogues="torch", fold_convs=False, head_subpixel=False,
                       channels_last=False)
     with torch.no_grad():
         out_cid, out_fov = fast(x)
@@ -187,7 +155,7 @@ def test_everything_off_matches_reference(micro_reference):
     {"epilogues": "torch", "fold_layerscale": True, "residual_in_gemm": True}])
 def test_each_option_matches_reference(micro_reference, options):
     model, x, cid, fov = micro_reference
-    fast = _fast_copy(model, **options)
+    fast = fast_copy(model, **options)
     with torch.no_grad():
         out_cid, out_fov = fast(x)
     assert max_rel(out_cid, cid) <= 1e-5 and abs(float(out_fov) - float(fov)) <= 1e-4
@@ -203,7 +171,7 @@ def test_infer_with_f_px_skips_the_fov_branch(micro_reference, monkeypatch):
     image = torch.rand(3, 40, 60) * 2 - 1
     with torch.no_grad():
         expected = model.infer(image, f_px=50.0)  # reference: computes the FOV anyway
-    fast = _fast_copy(model)
+    fast = fast_copy(model)
 
     def boom(*args):
         raise AssertionError("the FOV encoder ran although f_px was given")
@@ -240,7 +208,7 @@ def test_one_fov_rule_on_reference_and_fast_paths(micro_reference):
     """fov_deg is the FOV of the focal length used, identical on both paths when it is given;
     fov_deg_estimated is there exactly when the FOV network ran."""
     model, *_ = micro_reference
-    fast = _fast_copy(model)
+    fast = fast_copy(model)
     image = torch.rand(3, 45, 600) * 2 - 1  # 600 px wide, as in the issue
     implied = math.degrees(2 * math.atan(0.5 * 600 / 833.3))  # 39.60 degrees
     ref_given, fast_given = model.infer(image, f_px=833.3), fast.infer(image, f_px=833.3)
@@ -271,7 +239,7 @@ def test_one_fov_rule_on_reference_and_fast_paths(micro_reference):
 def test_engine_is_not_in_the_state_dict_and_copies(micro_reference):
     model, *_ = micro_reference
     keys = list(model.state_dict())
-    fast = _fast_copy(model)
+    fast = fast_copy(model)
     assert list(fast.state_dict()) == keys
     assert isinstance(fast.fast_engine, FastEngine)
     dup = copy.deepcopy(fast)
@@ -282,7 +250,7 @@ def test_engine_is_not_in_the_state_dict_and_copies(micro_reference):
 
 def test_weight_change_in_place_re_prepares(micro_reference):
     model, *_ = micro_reference
-    fast = _fast_copy(model)
+    fast = fast_copy(model)
     engine = fast.fast_engine
     before = engine._ensure_prepared()
     assert engine._ensure_prepared() is before  # nothing changed: nothing rebuilt
@@ -297,7 +265,7 @@ def test_weight_change_in_place_re_prepares(micro_reference):
 
 def test_forward_routes_to_engine_only_without_grad(micro_reference, monkeypatch):
     model, x, *_ = micro_reference
-    fast = _fast_copy(model)
+    fast = fast_copy(model)
     calls = []
 
     class Spy(FastEngine):
@@ -373,8 +341,8 @@ def official_reference():
     """Official config, plausible random weights, fp32 reference on the GPU."""
     if not HAS_CUDA:
         pytest.skip("needs a CUDA device")
-    model, _ = _random_model(None, seed=21, device="cuda")
-    x = _input(seed=3, device="cuda")
+    model, _ = random_model(None, seed=21, device="cuda")
+    x = model_input(seed=3, device="cuda")
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference (TF32 convs: ~1e-3 error)
     try:
@@ -543,6 +511,6 @@ def test_gpu_ablation_runs():
 def test_fast_all_triton_fp16_budget(micro_reference):
     """Every op through Triton (split, attention, merge, epilogues; interpreter on CPU: ~4 min)."""
     model, x, cid, fov = micro_reference
-    fast = _fast_copy(model, torch.float16)
+    fast = fast_copy(model, torch.float16)
     fast.set_backend("triton")
     check_budget(fast, x, cid, fov, torch.float16)

@@ -26,7 +26,7 @@ from depthpro_fast.fast import fp8 as fp8_mod
 from depthpro_fast.fast.vit import fused_forward_with_hooks
 from depthpro_fast.fp8_format import E4M3, Fp8UnavailableError, fp8_problem
 from depthpro_fast.ops.quantize_fp8 import dequantize_rows
-from tests.test_fast_path import MICRO, _input
+from tests.model_helpers import MICRO, model_input
 
 
 def _load(config, seed, **kw):
@@ -44,7 +44,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def tiny_fp8_run():
     """tiny config: fp32 reference, fp8 fast path (row and tensor scaling) on one input."""
     ref = _load("tiny", 11, backend="reference")
-    x = _input(seed=1)
+    x = model_input(seed=1)
     with torch.no_grad():
         cid, fov = ref(x)
     out = {}
@@ -174,7 +174,7 @@ def test_fp8_runs_every_vit_linear_through_the_fp8_gemm(monkeypatch):
     real = fp8_mod.fp8_matmul
     monkeypatch.setattr(fp8_mod, "fp8_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
-        m(_input(seed=2).bfloat16())
+        m(model_input(seed=2).bfloat16())
     # 3 ViTs x 2 blocks x 4 linears
     assert len(calls) == 3 * MICRO.depth * 4
 
@@ -182,7 +182,7 @@ def test_fp8_runs_every_vit_linear_through_the_fp8_gemm(monkeypatch):
 def test_fp8_reference_backend_works():
     """backend='reference': the engine with every op pure PyTorch and plain _scaled_mm (auto
     on a CPU differs only by PyTorch's flash attention)."""
-    x = _input(seed=2).bfloat16()
+    x = model_input(seed=2).bfloat16()
     outs = []
     for backend in ("reference", "auto"):
         m = _load(MICRO, 12, dtype="fp8", backend=backend)
@@ -195,7 +195,7 @@ def test_fp8_reference_backend_works():
 
 def test_fp8_weight_change_in_place_re_prepares():
     m = _load(MICRO, 12, dtype="fp8")
-    x = _input(seed=2).bfloat16()
+    x = model_input(seed=2).bfloat16()
     with torch.no_grad():
         before = m(x)[0]
         m.encoder.patch_encoder.blocks[0].mlp.fc1.weight.mul_(3.0)
@@ -261,7 +261,7 @@ def test_fp8_official_size_within_budget():
     """Official config, seeded random weights, one 1536x1536 input: fp8 vs the fp32 reference
     (the figures go in docs/fast_path.md). ``flock /tmp/depthpro_big.lock pytest ...``."""
     ref = _load("official", 0, backend="reference")
-    x = _input(seed=1)
+    x = model_input(seed=1)
     with torch.no_grad():
         cid, fov = ref(x)
     del ref

@@ -16,7 +16,7 @@ import depthpro_fast
 from depthpro_fast.fast.freshness import SameTensor, tensor_state
 from depthpro_fast.fast.graphs import GraphRunner
 from tests.graph_fakes import FakeGraphs
-from tests.test_fast_path import MICRO, _input
+from tests.model_helpers import MICRO, model_input
 
 
 def _load(config="tiny", seed: int = 5, fast=True):
@@ -79,7 +79,7 @@ def test_loaded_in_inference_mode_prepares_once_and_sees_replacements():
 
 
 def test_load_and_run_inside_inference_mode_then_outside():
-    x = _input(seed=4)
+    x = model_input(seed=4)
     with torch.inference_mode():
         model = _load()
         prepared = model.fast_engine._prepared
@@ -93,7 +93,7 @@ def test_load_and_run_inside_inference_mode_then_outside():
 
 
 def test_load_outside_then_run_inside_and_outside():
-    x = _input(seed=6)
+    x = model_input(seed=6)
     model = _load()
     prepared = model.fast_engine._prepared
     with torch.inference_mode():
@@ -115,7 +115,7 @@ def test_graph_path_captured_inside_inference_mode_serves_calls_outside(monkeypa
     engine = model.fast_engine
     engine.graphs = GraphRunner(backend=FakeGraphs(), warmup=1)
     monkeypatch.setattr(engine, "uses_graphs", lambda device: True)
-    x1, x2 = _input(seed=8), _input(seed=9)
+    x1, x2 = model_input(seed=8), model_input(seed=9)
     with torch.inference_mode():
         first = model(x1)  # capture: static buffers allocated here
     with torch.no_grad():

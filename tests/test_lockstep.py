@@ -21,13 +21,10 @@ import torch.nn.functional as F
 
 import depthpro_fast
 from depthpro_fast import ops
-from depthpro_fast.config import DepthProConfig
 from depthpro_fast.fast import FastOptions, lockstep
 from tests.conftest import poison_, requires_cuda, requires_triton
+from tests.model_helpers import MICRO
 
-MICRO = DepthProConfig(embed_dim=64, depth=2, num_heads=1, mlp_ratio=2.0,
-                       encoder_feature_layer_ids=(0, 1), encoder_feature_dims=(8, 16, 32, 64),
-                       decoder_features=16)
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3}
 _CASE = itertools.count()
 

@@ -1,6 +1,6 @@
 """``FastOptions(gemm_dtype="bf16")`` (``fast/mixed_gemm.py``): an fp32 model whose fused-ViT
 linears take bf16 inputs, activations in fp32. Tiny model with LayerScale and biases made large
-(``test_vit_epilogues._model``) so that the ViT's GEMMs dominate the error."""
+(``model_helpers.model_with_large_layerscale``) so that the ViT's GEMMs dominate the error."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ import torch
 
 from depthpro_fast.accuracy import mean_abs_rel_error
 from depthpro_fast.fast import FastOptions
-from tests.test_fast_path import _input
-from tests.test_vit_epilogues import _model
+from tests.model_helpers import model_input, model_with_large_layerscale
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = _model(seed=31)
-    x = _input(seed=7)
+    model = model_with_large_layerscale(seed=31)
+    x = model_input(seed=7)
     with torch.no_grad():
         cid, _ = model(x)
     return model, x, cid
@@ -62,7 +61,7 @@ def test_prepared_copies_refreshed_after_load_state_dict(tiny):
     engine = fast.fast_engine
     before = engine._ensure_prepared()
     assert engine._ensure_prepared() is before
-    other = _model(seed=32)
+    other = model_with_large_layerscale(seed=32)
     fast.load_state_dict(other.state_dict())
     assert engine._ensure_prepared() is not before
     fresh = copy.deepcopy(other).prepare_fast(dict(gemm_dtype="bf16"))

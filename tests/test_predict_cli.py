@@ -462,7 +462,7 @@ def micro_models():
     import copy
 
     import depthpro_fast
-    from tests.test_fast_path import MICRO
+    from tests.model_helpers import MICRO
 
     torch.manual_seed(12)
     model, _ = depthpro_fast.load(None, config=MICRO, device="cpu", backend="reference")

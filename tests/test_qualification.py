@@ -20,12 +20,12 @@ import torch
 
 import depthpro_fast
 from depthpro_fast import backends, device_cache, ops, qualification
-from depthpro_fast.config import DepthProConfig
 from depthpro_fast.fast import FastOptions
 from depthpro_fast.qualification_cases import CHECKS, check
 from depthpro_fast.qualification_child import blamed, describe_exit
 from tests import qualification_fakes as fakes
 from tests.conftest import requires_triton
+from tests.model_helpers import MICRO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +47,6 @@ def clean(monkeypatch, tmp_path):
 
 def _install(clean, **kinds):
     clean.append(fakes.install(kinds))
-
-
-# Smaller than the tiny fixture config (the CPU runs a dozen forwards here); same structure.
-MICRO = DepthProConfig(embed_dim=64, depth=2, num_heads=1, mlp_ratio=2.0,
-                       encoder_feature_layer_ids=(0, 1), encoder_feature_dims=(8, 16, 32, 64),
-                       decoder_features=16)
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,7 @@ def test_checkpoint_without_fov_network_says_how_to_load_it(tiny_state_dict):
 
 def test_unknown_knobs_are_guessed_key_by_key(tiny_state_dict):
     from depthpro_fast.checkpoint import guess_config
-    from tests.test_fast_path import MICRO
+    from tests.model_helpers import MICRO
 
     micro = build_model(MICRO, device="meta").state_dict()
     with pytest.raises(CheckpointError) as err:

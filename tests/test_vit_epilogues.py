@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import depthpro_fast
 from depthpro_fast.accuracy import FOV_BUDGET_DEG, MARE_BUDGET, mean_abs_rel_error
 from depthpro_fast.fast import FastOptions
 from depthpro_fast.fast.cpu_gemm import CpuGemm, addmm_fp32_out_available
@@ -30,7 +29,7 @@ from depthpro_fast.fast.vit import (
     fused_forward_with_hooks,
 )
 from tests.conftest import requires_triton
-from tests.test_fast_path import MICRO, _input, max_rel
+from tests.model_helpers import MICRO, max_rel, model_input, model_with_large_layerscale
 
 _SEED = itertools.count(100)
 
@@ -41,19 +40,6 @@ EXACT = {
     # fp32 model: residual_fp32 is a no-op, but the path (out_dtype plumbing) runs
     "fold+residual_in_gemm+residual_fp32": (True, ViTEpilogues(True, "erf", True)),
 }
-
-
-def _model(config="tiny", seed: int | None = None):
-    torch.manual_seed(next(_SEED) if seed is None else seed)
-    model, _ = depthpro_fast.load(None, config=config, device="cpu", backend="reference")
-    with torch.no_grad():  # LayerScale ~0.1-0.5 and O(1) biases: a misplaced one shows
-        for vit in (model.encoder.patch_encoder, model.encoder.image_encoder):
-            for blk in vit.blocks:
-                blk.ls1.gamma.uniform_(0.05, 0.5)
-                blk.ls2.gamma.uniform_(0.05, 0.5)
-                blk.attn.proj.bias.normal_(0.0, 0.5)
-                blk.mlp.fc2.bias.normal_(0.0, 0.5)
-    return model
 
 
 def _vit_input(batch: int, dtype=torch.float32) -> torch.Tensor:
@@ -74,7 +60,7 @@ def _vit_err(out, hooks, ref, ref_hooks) -> float:
 
 
 def test_fold_layerscale_is_exact_and_leaves_the_model_alone():
-    model = _model()
+    model = model_with_large_layerscale(seed=next(_SEED))
     vit = model.encoder.patch_encoder
     before = {k: v.clone() for k, v in vit.state_dict().items()}
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
@@ -111,7 +97,7 @@ def test_fused_vit_switches_match_reference(name, gemm_name):
     if gemm_name == "onednn" and not onednn_linear_available(torch.float32)[0]:
         pytest.skip("no oneDNN here")
     use_fold, epilogues = EXACT[name]
-    model = _model()
+    model = model_with_large_layerscale(seed=next(_SEED))
     vit = model.encoder.patch_encoder
     x = _vit_input(3)
     hook_ids = (len(vit.blocks) - 1, 0)  # out of order: the contract keeps the order asked
@@ -136,7 +122,7 @@ def test_fused_vit_switches_match_reference(name, gemm_name):
 @requires_triton
 def test_fused_vit_residual_in_gemm_triton_interpreter():
     """The same with the LayerNorm passes (shift, out_dtype) in the Triton kernel."""
-    model = _model(MICRO)
+    model = model_with_large_layerscale(MICRO, seed=next(_SEED))
     vit = model.encoder.patch_encoder
     x = _vit_input(2)
     with torch.no_grad():
@@ -159,7 +145,7 @@ def _with_tanh_gelu(vit):
 def test_fc1_gelu_tanh_matches_a_tanh_reference(residual_in_gemm):
     """``fc1_gelu="tanh"`` is the model with the tanh GELU (what the GPU's epilogue computes;
     on a CPU ``_addmm_activation`` is exact, so the CPU path is addmm + tanh GELU)."""
-    model = _model()
+    model = model_with_large_layerscale(seed=next(_SEED))
     vit = model.encoder.patch_encoder
     x = _vit_input(2)
     with torch.no_grad():
@@ -217,8 +203,8 @@ def test_residual_addmm_in_place_and_fp32_stream():
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = _model(seed=21)
-    x = _input(seed=5)
+    model = model_with_large_layerscale(seed=21)
+    x = model_input(seed=5)
     with torch.no_grad():
         cid, fov = model(x)
     return model, x, cid, fov
@@ -309,7 +295,7 @@ def test_options_validation():
     with pytest.raises(ValueError, match="residual_fp32 keeps the stream"):
         ViTEpilogues(residual_fp32=True)
     # the fused forward itself refuses the fp8 GEMM with these options, and a missing fold
-    model = _model(MICRO)
+    model = model_with_large_layerscale(MICRO, seed=next(_SEED))
     vit, x = model.encoder.patch_encoder, _vit_input(1)
     with pytest.raises(ValueError, match="fp8 mode"):
         fused_forward_with_hooks(vit, x, backend=None, epilogue_backend=None, gemm=Fp8Gemm({}),

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # (runner.py imports this module)
+if TYPE_CHECKING:
     from ..config import DepthProConfig
-    from .runner import RowResult
+    from .rows import RowResult
 
 SCHEMA = "depthpro_fast.bench/1"
 

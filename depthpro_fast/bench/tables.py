@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 
 from .machine_load import format_pct
-from .runner import RowResult
+from .rows import RowResult
 from .stages import STAGE_NAMES
 
 

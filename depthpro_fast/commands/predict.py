@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any
 
+from ..words import plural
 from .predict_inputs import (  # noqa: F401 (the command's public names, kept here)
     IMAGE_SUFFIXES,
     Source,
@@ -35,7 +36,6 @@ from .predict_progress import Progress
 from .predict_resume import PlyOptions, plan_work, recomputed_lines
 from .predict_run import (  # noqa: F401
     Summary,
-    _plural,
     announce,
     infer_batch,
     predict_sources,
@@ -156,12 +156,12 @@ def format_summary(s: Summary, outdir: str | os.PathLike, *,
     thousands of images per second."""
     rate = f" ({s.written / s.seconds:.2f} images/s)" if s.written and s.seconds > 0 else ""
     not_done = f", {s.not_done} not done" if s.interrupted else ""
-    text = (f"{'interrupted: ' if s.interrupted else ''}{_plural(s.total, 'image')}: "
+    text = (f"{'interrupted: ' if s.interrupted else ''}{plural(s.total, 'image')}: "
             f"{s.written} written, {s.skipped} skipped (made the same way), {len(s.failed)} "
             "failed"
             f"{not_done}" + (f", in {s.seconds:.1f} s{rate}" if s.seconds > 0 else ""))
     if s.missing:
-        text += f"; {_plural(len(s.missing), 'argument')} matched no image"
+        text += f"; {plural(len(s.missing), 'argument')} matched no image"
     if s.left_out:
         text += f"; {left_out_note(s.left_out)}"
     text += f"; outputs in {outdir}"
@@ -183,13 +183,13 @@ def size_notes(s: Summary, ply_max_points: int = PlyOptions.max_points,
     """What was chosen for big images: the PLY stride (auto) and the banded resize."""
     notes = []
     for stride, n in sorted(s.ply_strides.items()):
-        notes.append(f"PLY: stride {stride} for {_plural(n, 'image')} (at most "
+        notes.append(f"PLY: stride {stride} for {plural(n, 'image')} (at most "
                      f"{ply_max_points} points; --ply-stride 1 keeps every pixel)")
     if s.big_images:
         mp = max(s.big_images) / 1e6
         npz = ("" if npz_compress else f"; npz {max(s.big_images) * 4 / 1e6:.0f} MB "
                "uncompressed (--npz-compress deflates it)")
-        notes.append(f"{_plural(len(s.big_images), 'image')} above "
+        notes.append(f"{plural(len(s.big_images), 'image')} above "
                      f"{BANDED_ABOVE_PIXELS / 1e6:.1f} MP (largest {mp:.1f} MP): depth "
                      f"resized back in bands of rows{npz}")
     return notes
@@ -198,7 +198,7 @@ def size_notes(s: Summary, ply_max_points: int = PlyOptions.max_points,
 def left_out_note(left_out: dict[str, int]) -> str:
     n = sum(left_out.values())
     where = ", ".join(left_out)
-    return (f"{_plural(n, 'sub-folder')} of {where} not searched (-r / --recursive takes "
+    return (f"{plural(n, 'sub-folder')} of {where} not searched (-r / --recursive takes "
             f"{'it' if n == 1 else 'them'})")
 
 
@@ -434,7 +434,7 @@ def _run(args: argparse.Namespace) -> int:
             total, written, skipped, failed, seconds = distributed.sum_counts(
                 [summary.total, summary.written, summary.skipped, failed, summary.seconds])
             if rank == 0:
-                print(f"all {world} ranks: {_plural(int(total), 'image')}: {int(written)} "
+                print(f"all {world} ranks: {plural(int(total), 'image')}: {int(written)} "
                       f"written, {int(skipped)} skipped, {int(failed)} failed")
         return 1 if failed else 0
     finally:

@@ -12,7 +12,6 @@ abandons them, removing their temporaries); the returned ``Summary`` says it was
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import threading
@@ -24,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import remove_temp_files
+from ..interrupts import TwoStageStop, abort_hint
 from ..provenance import Recipe, input_identity
+from ..words import plural
 from ..workers import DaemonPool
 from .predict_inputs import Source, output_paths
 from .predict_post import BANDED_ABOVE_PIXELS, infer_batch  # noqa: F401 (infer_batch: public)
@@ -207,7 +209,8 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
     reads: deque[tuple[_Job, Future]] = deque()
     writes: deque[tuple[_Job, Future]] = deque()
     queue = iter(todo)
-    abort = threading.Event()  # set by a second Ctrl-C: writers start no further file
+    stop = TwoStageStop(writers)
+    abort = stop.abort  # set by a second Ctrl-C: writers start no further file
 
     def read_ahead() -> None:  # keep two batches decoding while the model runs
         while len(reads) < 2 * batch_size:
@@ -226,7 +229,6 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             else:
                 summary.written += 1
 
-    aborted = False
     warmed = False
     try:
         read_ahead()
@@ -251,7 +253,7 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
             if not batch:
                 continue
             if not warmed:  # the first forward: warm-up (plans, autotuning, graphs) included
-                with bar.step(f"first forward ({_plural(len(batch), 'image')}, with warm-up)"):
+                with bar.step(f"first forward ({plural(len(batch), 'image')}, with warm-up)"):
                     results = _run_batch(model, transform, batch)
                 warmed = True
             else:
@@ -276,27 +278,28 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
         summary.interrupted = True
         readers.shutdown(wait=False, cancel=True)
         reads.clear()
-        try:
+        prefix = f"{label}: " if label else ""
+
+        def wait() -> None:
             if writes:
                 files = sum(len(job.outputs) for job, _ in writes)
-                announce(bar.bar, f"{label + ': ' if label else ''}interrupted: finishing the "
-                         f"{_plural(files, 'output')} of {_plural(len(writes), 'image')} "
-                         "already computed (Ctrl-C again to abort them; no partial file is "
-                         "left)")
+                announce(bar.bar, f"{prefix}interrupted: finishing the "
+                         f"{plural(files, 'output')} of {plural(len(writes), 'image')} "
+                         f"already computed ({abort_hint('them')})")
             finish_writes(limit=0)
-        except KeyboardInterrupt:
-            aborted = True
-            abort.set()
-            writers.shutdown(wait=False, cancel=True)
+
+        def abandon() -> None:
             summary.abandoned = len(writes)
             remove_temp_files([p for job, _ in writes for p in job.outputs.values()])
-            announce(bar.bar, f"{label + ': ' if label else ''}aborted: the outputs of "
-                     f"{_plural(len(writes), 'image')} were not written (a rerun computes "
+            announce(bar.bar, f"{prefix}aborted: the outputs of "
+                     f"{plural(len(writes), 'image')} were not written (a rerun computes "
                      f"{'it' if len(writes) == 1 else 'them'})")
+
+        stop.finish(wait, abandon)
     finally:
         interrupted = summary.interrupted
         readers.shutdown(wait=not interrupted, cancel=True)
-        writers.shutdown(wait=not aborted, cancel=True)  # no write is cut off halfway
+        stop.close()  # no write is cut off halfway, unless a second Ctrl-C abandoned them
         bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
@@ -305,16 +308,6 @@ def predict_sources(named: Sequence[tuple[Source, str]], model: Any, transform: 
 def announce(bar: Any, text: str) -> None:
     """A line on stderr that does not tear the progress bar."""
     bar.write(text, file=sys.stderr)
-
-
-def remove_temp_files(paths: Sequence[Path]) -> None:
-    """Delete the hidden temporary files that abandoned atomic writes of ``paths`` left."""
-    import contextlib
-
-    for path in paths:
-        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
 
 def _run_batch(model: Any, transform: Callable, batch: list[_Job]) -> list[tuple[_Job, Any]]:
@@ -348,6 +341,3 @@ def _free_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"

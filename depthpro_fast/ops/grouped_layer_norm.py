@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 from .. import backends
 from .layer_norm import (
-    _check_tensor,
     add_layer_norm_reference,
     check_delta,
     check_eps,
+    check_float_tensor,
     layer_norm_reference,
     residual_update_reference,
 )
@@ -121,7 +121,7 @@ def grouped_add_layer_norm_reference(x: torch.Tensor, delta: torch.Tensor, weigh
 
 
 def _check_rows_2d(op: str, x: object) -> torch.Tensor:
-    _check_tensor(op, "x", x)
+    check_float_tensor(op, "x", x)
     assert isinstance(x, torch.Tensor)
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"{op}: x must be 2-D (rows of all ViTs, channels) with channels > 0, "
@@ -130,7 +130,7 @@ def _check_rows_2d(op: str, x: object) -> torch.Tensor:
 
 
 def _check_stacked(op: str, name: str, v: object, x: torch.Tensor, groups: int) -> None:
-    _check_tensor(op, name, v)
+    check_float_tensor(op, name, v)
     assert isinstance(v, torch.Tensor)
     if v.dim() != 2 or v.shape != (groups, x.shape[1]):
         raise ValueError(f"{op}: {name} must be the ViTs' vectors stacked, shape "

@@ -95,7 +95,8 @@ def add_layer_norm_torch(x: torch.Tensor, delta: torch.Tensor, weight: torch.Ten
     return r, normed
 
 
-def _check_tensor(op: str, name: str, t: object) -> torch.Tensor:
+def check_float_tensor(op: str, name: str, t: object) -> torch.Tensor:
+    """``t``: a torch tensor of a float dtype the LayerNorm ops accept."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
@@ -106,7 +107,7 @@ def _check_tensor(op: str, name: str, t: object) -> torch.Tensor:
 
 def check_vector(op: str, name: str, v: object, x: torch.Tensor) -> None:
     """A per-channel parameter: 1-D, the width of ``x``, on its device."""
-    _check_tensor(op, name, v)
+    check_float_tensor(op, name, v)
     assert isinstance(v, torch.Tensor)
     if v.dim() != 1 or v.shape[0] != x.shape[-1]:
         raise ValueError(f"{op}: {name} must be 1-D of length {x.shape[-1]} (the last axis of "
@@ -117,14 +118,14 @@ def check_vector(op: str, name: str, v: object, x: torch.Tensor) -> None:
 
 def check_rows(op: str, x: object) -> None:
     """``x``: a float tensor with at least one axis and a non-empty last axis."""
-    _check_tensor(op, "x", x)
+    check_float_tensor(op, "x", x)
     assert isinstance(x, torch.Tensor)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last axis, got shape {tuple(x.shape)}")
 
 
 def check_delta(op: str, delta: object, x: torch.Tensor) -> None:
-    _check_tensor(op, "delta", delta)
+    check_float_tensor(op, "delta", delta)
     assert isinstance(delta, torch.Tensor)
     if delta.shape != x.shape:
         raise ValueError(f"{op}: delta must have the shape of x {tuple(x.shape)}, got "
@@ -144,6 +145,23 @@ def check_eps(op: str, eps: object) -> float:
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{op}: eps must be finite and > 0, got {eps}")
     return eps
+
+
+def check_add_layer_norm(op: str, x: object, delta: object, weight: object, bias: object,
+                         eps: object, delta_bias: object = None, gamma: object = None) -> float:
+    """The arguments of ``add_layer_norm`` (and its fp8 form): rows ``x``, ``delta`` like
+    ``x``, per-channel ``weight``, ``bias`` and the optional ``delta_bias``, ``gamma``; returns
+    ``eps`` as a float."""
+    check_rows(op, x)
+    assert isinstance(x, torch.Tensor)
+    check_delta(op, delta, x)
+    check_vector(op, "weight", weight, x)
+    check_vector(op, "bias", bias, x)
+    if delta_bias is not None:
+        check_vector(op, "delta_bias", delta_bias, x)
+    if gamma is not None:
+        check_vector(op, "gamma", gamma, x)
+    return check_eps(op, eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
@@ -176,15 +194,7 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     ``delta_bias`` (a GEMM's bias) and ``gamma`` (LayerScale) are optional per-channel vectors.
     """
     op = "add_layer_norm"
-    check_rows(op, x)
-    check_delta(op, delta, x)
-    check_vector(op, "weight", weight, x)
-    check_vector(op, "bias", bias, x)
-    if delta_bias is not None:
-        check_vector(op, "delta_bias", delta_bias, x)
-    if gamma is not None:
-        check_vector(op, "gamma", gamma, x)
-    eps = check_eps(op, eps)
+    eps = check_add_layer_norm(op, x, delta, weight, bias, eps, delta_bias, gamma)
     if delta.dtype != x.dtype:
         # a 16-bit delta on an fp32 stream: the implementations that widen it themselves
         # (the kernels take one dtype)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from .layer_norm import (
-    check_delta,
+    check_add_layer_norm,
     check_eps,
     check_rows,
     check_vector,
@@ -72,15 +72,7 @@ def add_layer_norm_fp8(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tenso
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``r = x + gamma * (delta + delta_bias)`` and ``LN(r)`` quantised: ``(r, q, scale)``."""
     op = "add_layer_norm_fp8"
-    check_rows(op, x)
-    check_delta(op, delta, x)
-    check_vector(op, "weight", weight, x)
-    check_vector(op, "bias", bias, x)
-    if delta_bias is not None:
-        check_vector(op, "delta_bias", delta_bias, x)
-    if gamma is not None:
-        check_vector(op, "gamma", gamma, x)
-    eps = check_eps(op, eps)
+    eps = check_add_layer_norm(op, x, delta, weight, bias, eps, delta_bias, gamma)
     if per_tensor:
         return add_layer_norm_fp8_reference(x, delta, weight, bias, eps, delta_bias, gamma,
                                             per_tensor=True)
