@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from depthpro_fast.fast import FastOptions
-from depthpro_fast.fast.engine import _Prepared
+from depthpro_fast.fast.engine import PreparedLayers
 from tests.conftest import requires_triton
 from tests.model_helpers import MICRO, fast_copy, max_rel, random_model
 
@@ -35,7 +35,7 @@ def _encodings(config, dtype, seed, side=3):
 
 
 def _run_prepared(model, options, encodings, backend):
-    p = _Prepared(model, FastOptions(epilogues="torch", **options))
+    p = PreparedLayers(model, FastOptions(epilogues="torch", **options))
     cl = options.get("channels_last", True)
     if cl:
         encodings = [e.contiguous(memory_format=torch.channels_last) for e in encodings]
@@ -77,12 +77,12 @@ def test_prepared_decoder_and_head_triton_fp32(micro_model, channels_last):
 
 
 def test_tail_biases_are_carried(micro_model):
-    p = _Prepared(micro_model, FastOptions(epilogues="torch", **SWITCHES))
+    p = PreparedLayers(micro_model, FastOptions(epilogues="torch", **SWITCHES))
     # fusions 1..4 end in a deconv whose bias moves into the fusion below
     assert p.epilogue_decoder.carried == len(micro_model.decoder.fusions) - 1
     assert all(block[2] == [] or block[2][-1].bias is None
                for block in p.epilogue_decoder.blocks)
-    off = _Prepared(micro_model, FastOptions(epilogues="torch", head_subpixel=False,
+    off = PreparedLayers(micro_model, FastOptions(epilogues="torch", head_subpixel=False,
                                              **SWITCHES))
     assert off.fused_tail is None  # the fused tail is the sub-pixel head's
 

@@ -19,10 +19,7 @@ ROOT = TESTS.parent
 PACKAGE = ROOT / "depthpro_fast"
 
 #: Known exceptions, each with why it is not fixed yet. A test below fails once one is gone.
-KNOWN = {
-    # engine.py is being edited elsewhere; the stage runner shares its prepared-weights record
-    "depthpro_fast/fast/stages.py: depthpro_fast.fast.engine._Prepared",
-}
+KNOWN: set[str] = set()  # exceptions still to fix (none now)
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -51,7 +51,7 @@ def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class EpilogueDecoder(folds.FoldedLayer):
-    """The prepared decoder (``_Prepared.dec_convs`` / ``fusions``) rearranged for the epilogue
+    """The prepared decoder (``PreparedLayers.dec_convs`` / ``fusions``) rearranged for the epilogue
     ops: bias-less convs, their biases, the tails' biases carried one fusion down."""
 
     def __init__(self, dec_convs: list, fusions: list):

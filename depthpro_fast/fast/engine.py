@@ -296,7 +296,7 @@ def cudnn_benchmark(enabled: bool) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 
 
-class _Prepared:
+class PreparedLayers:
     """The conv layers of the fast path, built from the model's modules."""
 
     def __init__(self, model: DepthPro, opts: FastOptions):
@@ -521,7 +521,7 @@ class FastEngine:
         self.model = model
         self.options = options or FastOptions()
         self._lock = threading.Lock()
-        self._prepared: _Prepared | None = None
+        self._prepared: PreparedLayers | None = None
         self._fingerprint: tuple | None = None
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.graphs = GraphRunner(max_graphs=self.options.max_graphs,
@@ -603,14 +603,14 @@ class FastEngine:
                 # freed activations stay in the heap for the next forward (no page faults
                 # per forward; cpu_memory.py), before the prepared copies are allocated
                 tune_cpu_allocator()
-            self._prepared = _Prepared(self.model, self.options)
+            self._prepared = PreparedLayers(self.model, self.options)
         self._derived = None  # listed again (e.g. after load_state_dict(assign=True))
         self._fingerprint = self._current_fingerprint()
         self.graphs.reset()
         # resolved eagerly: a torch.compile trace of the forward then only reads the result
         self.epilogue_backends(next(self.model.parameters()).device)
 
-    def _ensure_prepared(self) -> _Prepared:
+    def _ensure_prepared(self) -> PreparedLayers:
         if torch.compiler.is_compiling():
             # Inside torch.compile the weights are the graph's constants: the freshness check
             # (data pointers) cannot be traced, and preparing inside a trace would be wrong.
@@ -693,7 +693,7 @@ class FastEngine:
             return False, "off: epilogues='torch' runs the reference modules' attention"
         return True, "measured at warm-up"
 
-    def _warm_up(self, x: torch.Tensor, prepared: _Prepared, compute_fov: bool,
+    def _warm_up(self, x: torch.Tensor, prepared: PreparedLayers, compute_fov: bool,
                  key: tuple) -> None:
         """Once per input key: time the attention implementations for this batch's shapes
         (``fast/attention_choice.py``), then on CUDA one eager forward with the side stream
@@ -835,7 +835,7 @@ class FastEngine:
                                                    mode=o.compile_mode)
             return vit.forward_with_hooks(x, hook_ids)
 
-    def _forward(self, x: torch.Tensor, p: _Prepared, compute_fov: bool, *,
+    def _forward(self, x: torch.Tensor, p: PreparedLayers, compute_fov: bool, *,
                  streams: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The network's one data flow (``dataflow.run_network``) over the fast stages
         (``streams=False``: no side stream, as at warm-up)."""

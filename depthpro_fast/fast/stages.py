@@ -7,7 +7,7 @@
   runs on the caller's stream; both read the level-2 windows of ``split_patches`` (spec §15:
   the same tensor as the FOV's 0.25 resize);
 - merges written straight in channels_last, the folded / converted conv layers of
-  ``_Prepared`` (``fast/folds.py``);
+  ``PreparedLayers`` (``fast/folds.py``);
 - the decoder's and head's epilogue ops when ``FastOptions.decoder_epilogues`` /
   ``head_tail`` are on (``fast/decoder.py``), on the epilogue backend.
 
@@ -30,7 +30,7 @@ from ..dataflow import Mark, Ready, Stages, ViTOutputs, decode
 from ..op_common import tokens_to_maps
 
 if TYPE_CHECKING:
-    from .engine import FastEngine, _Prepared
+    from .engine import FastEngine, PreparedLayers
 
 
 class _OnSideStream:
@@ -52,7 +52,7 @@ class FastStages(Stages):
     """The stages of the fast path for one call (``engine``, its prepared layers, the side
     stream or None)."""
 
-    def __init__(self, engine: FastEngine, prepared: _Prepared,
+    def __init__(self, engine: FastEngine, prepared: PreparedLayers,
                  side: torch.cuda.Stream | None):
         m = engine.model
         super().__init__(m.encoder, m.decoder, m.head, m.fov)
