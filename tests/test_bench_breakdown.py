@@ -309,7 +309,8 @@ def test_fast_options_rows():
                             openvino=False, fast_options=[{}, {"gemm_dtype": "bf16"}])
     engine = [v for v in rows if v.path == "engine"]
     assert [v.options for v in engine] == ["", '{"gemm_dtype": "bf16"}']
-    assert engine[1].name == "fast engine (gemm_dtype=bf16)"
+    # gemm_dtype on the fp32 model is the bf16-mixed mode: said by the dtype column
+    assert engine[1].name == "fast engine" and engine[1].dtype_label == "bf16-mixed"
     assert engine[1].fast_options == {"gemm_dtype": "bf16"}
     with pytest.raises(ValueError, match="gemm_dtype must be one of"):
         fast_options_key({"gemm_dtype": "fp16"})
