@@ -255,14 +255,13 @@ def resolve_checkpoint(choice: str | None) -> str | None:
 
 
 def _resolve_dtype(dtype: str, device: Any, fast: bool | None = None) -> str:
-    """``--dtype`` with ``auto`` resolved (``depthpro_fast.api.auto_precision``'s rule)."""
+    """``--dtype`` with ``auto`` resolved by ``depthpro_fast.api.auto_precision``, as a name."""
     if dtype != "auto":
         return dtype
-    if device.type == "cuda":
-        return "float16"
-    from ..cpu import cpu_default_precision
+    from ..api import auto_precision
 
-    return cpu_default_precision(fast is not False)
+    chosen = auto_precision(device, fast=fast)
+    return chosen if isinstance(chosen, str) else str(chosen).removeprefix("torch.")
 
 
 def _resolve_fast(fast: bool | None, device: Any, dtype: str = "") -> bool | None:
